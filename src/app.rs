@@ -1,0 +1,174 @@
+//! The application: binds the listener, builds the router, starts the pipeline, and owns the
+//! shutdown order (SPEC §9).
+//!
+//! ```text
+//! signal ─▶ not ready ─▶ stop accepting, finish in-flight HTTP requests (their acks still flow)
+//!        ─▶ close admission ─▶ batcher drains ─▶ writer commits and acks the rest ─▶ exit 0
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::handlers::{self, AppState};
+use crate::pipeline::{Health, Pipeline};
+use crate::services::{DeviceState, Services};
+use crate::store::StoreReader;
+use crate::telemetry::metrics::Metrics;
+
+/// A built, not yet running, Sluice.
+pub struct Application {
+    /// The bound HTTP listener.
+    listener: TcpListener,
+    /// The address it is bound to (the real port when 0 was asked).
+    addr: SocketAddr,
+    /// Handler state, shared by the router.
+    state: AppState,
+    /// The pipeline tasks, drained on shutdown.
+    pipeline: Pipeline,
+}
+
+/// The HTTP routes, with their state. Public so tests can drive it without a socket.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/readings", post(handlers::http::ingest))
+        .route("/v1/devices", get(handlers::query::list_devices))
+        .route("/v1/devices/{device_id}", get(handlers::query::get_device))
+        .route(
+            "/v1/devices/{device_id}/readings",
+            get(handlers::query::readings),
+        )
+        .route("/metrics", get(handlers::ops::metrics))
+        .route("/healthz", get(handlers::ops::healthz))
+        .route("/readyz", get(handlers::ops::readyz))
+        .fallback(|| async {
+            handlers::problem::Problem::not_found("no such endpoint; see the README for the API")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::ops::track,
+        ))
+        .with_state(state)
+}
+
+impl Application {
+    /// Binds `server.listen` and starts the pipeline. The store opens in the background: if it
+    /// cannot, Sluice still serves `/healthz`, and `/readyz` and ingest answer 503 until it can.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (server.listen)", settings.server.listen))?;
+        let addr = listener.local_addr().context("listener address")?;
+
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
+        let devices = Arc::new(DeviceState::new());
+        let services = Arc::new(Services::new(vec![devices.clone()]));
+        let pipeline = Pipeline::start(&settings, metrics.clone(), health.clone(), services);
+        let state = AppState {
+            settings: settings.clone(),
+            admission: pipeline.admission.clone(),
+            metrics,
+            health,
+            devices,
+            reader: Arc::new(StoreReader::new(&settings.storage)),
+        };
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            pipeline,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down in order. Fails if the shutdown takes
+    /// longer than `server.shutdown_timeout`.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            addr,
+            state,
+            pipeline,
+        } = self;
+        let timeout = state.settings.server.shutdown_timeout;
+        let health = state.health.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown signal received: not ready, finishing in-flight requests");
+            health.set_shutting_down();
+            let _ = stop_tx.send(());
+        };
+        tracing::info!(%addr, "sluice listening");
+        let app = router(state);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await
+        });
+        // Wait for the signal first, then bound everything that follows by the timeout.
+        let _ = stop_rx.await;
+        let drain = async {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
+                Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
+            }
+            tracing::info!("HTTP drained; draining the pipeline");
+            pipeline.drain().await;
+        };
+        tokio::time::timeout(timeout, drain).await.map_err(|_| {
+            anyhow::anyhow!(
+                "shutdown took longer than server.shutdown_timeout ({})",
+                humantime::format_duration(timeout)
+            )
+        })?;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,376 @@
+//! Configuration: read once at start, before anything else runs.
+//!
+//! Layers, lowest first: the built-in defaults below, the TOML file from `--config FILE` or
+//! `SLUICE_CONFIG`, then environment variables `SLUICE__SECTION__KEY`. Every struct denies
+//! unknown fields, so a typo stops the start (exit code 2) instead of being silently ignored.
+//! [`Settings::validate`] checks the relations between keys that serde cannot see.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "SLUICE";
+/// Separator between prefix, section and key: `SLUICE__SERVER__LISTEN`.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// HTTP listener and shutdown.
+    pub server: ServerSettings,
+    /// Limits applied to every reading and request at the edge.
+    pub limits: LimitSettings,
+    /// Sizes of the admission queue and the batcher.
+    pub pipeline: PipelineSettings,
+    /// The embedded SQLite store.
+    pub storage: StorageSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address the HTTP (and WebSocket) listener binds. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Longest time a graceful shutdown may take before Sluice gives up and exits non-zero.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            shutdown_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest request body, counted after gzip decompression.
+    pub max_body_bytes: usize,
+    /// Most readings one request (or frame, or MQTT message) may carry.
+    pub max_readings_per_request: usize,
+    /// How far in the future a reading's `ts` may be.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// How far in the past a reading's `ts` may be.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_readings_per_request: 10_000,
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    /// Readings admitted but not yet committed. When full, ingest is shed (503).
+    pub queue_capacity: usize,
+    /// The batcher flushes once a batch holds this many readings.
+    pub batch_max: usize,
+    /// ... or once the oldest reading in the batch has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_delay: Duration,
+    /// The `Retry-After` given to shed clients.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 100_000,
+            batch_max: 5_000,
+            batch_max_delay: Duration::from_millis(5),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// SQLite `synchronous` pragma: how hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// No fsync: fastest, loses recent commits on power loss (and not only then).
+    Off,
+    /// WAL is synced at checkpoints only: survives a process crash, not a power loss.
+    Normal,
+    /// Every commit is synced: survives a kill -9 and a power loss. The default.
+    Full,
+    /// As `full`, and also syncs the directory after a WAL reset.
+    Extra,
+}
+
+impl Synchronous {
+    /// The pragma value.
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Directory holding `sluice.db` (and its WAL). Created if missing.
+    pub data_dir: PathBuf,
+    /// Durability of each commit. See [`Synchronous`].
+    pub synchronous: Synchronous,
+    /// Readings whose `ts` is older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the retention sweep runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Fault injection: an artificial pause before each commit. Zero in production; tests and
+    /// demos use it to show what a slow disk does to the pipeline.
+    #[serde(with = "humantime_serde")]
+    pub commit_delay: Duration,
+}
+
+impl StorageSettings {
+    /// The database file inside `data_dir`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("sluice.db")
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            synchronous: Synchronous::Full,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            retention_interval: Duration::from_secs(60),
+            commit_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter such as `info` or `sluice=debug,info`. `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration that cannot be used. The message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a key is unknown or has a bad value.
+    #[error("{0}")]
+    Load(String),
+    /// Keys that parse but do not make sense together.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `pipeline.batch_max`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Settings {
+    /// Layers defaults, the optional TOML file and `SLUICE__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError::Load(format!("built-in defaults: {e}")))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {}: not found or not a regular file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.limits.max_readings_per_request == 0 {
+            return invalid("limits.max_readings_per_request", "must be at least 1".into());
+        }
+        if self.limits.max_body_bytes < 64 {
+            return invalid("limits.max_body_bytes", "must be at least 64".into());
+        }
+        if self.pipeline.queue_capacity < self.limits.max_readings_per_request {
+            return invalid(
+                "pipeline.queue_capacity",
+                format!(
+                    "must be at least limits.max_readings_per_request ({}), or a full request could never be admitted",
+                    self.limits.max_readings_per_request
+                ),
+            );
+        }
+        if self.pipeline.batch_max == 0 {
+            return invalid("pipeline.batch_max", "must be at least 1".into());
+        }
+        if self.pipeline.retry_after.is_zero() {
+            return invalid("pipeline.retry_after", "must be more than 0s".into());
+        }
+        if self.storage.retention.is_zero() {
+            return invalid("storage.retention", "must be more than 0s".into());
+        }
+        if self.storage.retention_interval.is_zero() {
+            return invalid("storage.retention_interval", "must be more than 0s".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                format!("`{}` is not a valid filter", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets redacted, for `--check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen.port(), 8080);
+        assert_eq!(s.storage.db_path(), PathBuf::from("./data/sluice.db"));
+        assert_eq!(s.storage.synchronous, Synchronous::Full);
+        assert_eq!(s.limits.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(s.storage.retention, Duration::from_secs(7 * 86400));
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn env_overrides_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[pipeline]\nbatch_max = 7\n[server]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&path),
+            env(&[
+                ("SLUICE__SERVER__LISTEN", "127.0.0.1:9"),
+                ("SLUICE__STORAGE__RETENTION", "1h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.pipeline.batch_max, 7);
+        assert_eq!(s.server.listen.port(), 9);
+        assert_eq!(s.storage.retention, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = Settings::load_from(None, env(&[("SLUICE__SERVER__LISTENN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listenn"), "{err}");
+        let err = Settings::load_from(None, env(&[("SLUICE__PIPELINE__BATCH_MAX", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_max"), "{err}");
+        let err = Settings::load_from(None, env(&[("SLUICE__PIPELINE__QUEUE_CAPACITY", "10")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let s = Settings::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("effective.toml");
+        std::fs::write(&path, s.to_toml()).unwrap();
+        assert_eq!(Settings::load_from(Some(&path), env(&[])).unwrap(), s);
+    }
+}

@@ -1,0 +1,343 @@
+//! `POST /v1/readings`: device → **HTTP handler** → admission → … → ack → 200.
+//!
+//! The handler reads the body up to `limits.max_body_bytes` (after gzip), parses it at the edge,
+//! counts what it received and rejected, submits the valid readings, and answers only after
+//! the ack: 200 with counts, 422 when every reading was rejected, 503 with `Retry-After` when
+//! the pipeline sheds, or a problem document for a request that cannot be read at all.
+
+use std::io::Read;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::problem::Problem;
+use super::AppState;
+use crate::pipeline::{Ack, Refusal};
+use crate::reading::{
+    self, now_ms, BatchError, ParseContext, ParsedBatch, RejectReason, Rejection,
+};
+use crate::telemetry::metrics::Transport;
+
+/// Bodies larger than this are parsed on a blocking thread, so a 4 MiB batch never holds an
+/// event-loop worker for milliseconds.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// The answer to an ingest request that was read (SPEC §3).
+#[derive(Debug, Serialize)]
+pub struct IngestResponse {
+    /// Readings stored by this request.
+    pub accepted: usize,
+    /// Readings already stored before (same `(device_id, seq)`).
+    pub duplicates: usize,
+    /// Readings refused, by index.
+    pub rejected: Vec<RejectedItem>,
+}
+
+/// One refused reading.
+#[derive(Debug, Serialize)]
+pub struct RejectedItem {
+    /// Position in the batch.
+    pub index: usize,
+    /// `field: reason`.
+    pub error: String,
+}
+
+impl From<&Rejection> for RejectedItem {
+    fn from(r: &Rejection) -> Self {
+        Self {
+            index: r.index,
+            error: r.error.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Json,
+    Ndjson,
+}
+
+/// The ingest handler.
+pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let received = Instant::now();
+    let response = match ingest_inner(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(problem) => problem.into_response(),
+    };
+    state
+        .metrics
+        .ack_latency
+        .with_label_values(&[Transport::Http.as_str()])
+        .observe(received.elapsed().as_secs_f64());
+    response
+}
+
+/// Counts a request-level rejection: `n` readings (1 when the count is unknown).
+fn reject_request(state: &AppState, reason: RejectReason, n: usize, problem: Problem) -> Problem {
+    let t = Transport::Http;
+    state
+        .metrics
+        .readings_received
+        .with_label_values(&[t.as_str()])
+        .inc_by(n as u64);
+    state.metrics.rejected(t, reason, n as u64);
+    problem
+}
+
+fn content_format(state: &AppState, headers: &HeaderMap) -> Result<Format, Problem> {
+    let ct = match headers.get(header::CONTENT_TYPE) {
+        None => return Ok(Format::Json),
+        Some(v) => v.to_str().unwrap_or("").to_ascii_lowercase(),
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    match mime {
+        "application/json" => Ok(Format::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::Ndjson),
+        other => Err(reject_request(
+            state,
+            RejectReason::UnsupportedMediaType,
+            1,
+            Problem::unsupported(format!(
+                "content type `{other}` is not accepted; use application/json or application/x-ndjson"
+            )),
+        )),
+    }
+}
+
+fn is_gzip(state: &AppState, headers: &HeaderMap) -> Result<bool, Problem> {
+    let Some(v) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(false);
+    };
+    match v.to_str().unwrap_or("").trim().to_ascii_lowercase().as_str() {
+        "gzip" | "x-gzip" => Ok(true),
+        "identity" | "" => Ok(false),
+        other => Err(reject_request(
+            state,
+            RejectReason::UnsupportedMediaType,
+            1,
+            Problem::unsupported(format!(
+                "content encoding `{other}` is not accepted; use gzip or none"
+            )),
+        )),
+    }
+}
+
+/// Decompresses at most `limit` bytes; more is a 413, whatever the compressed size.
+fn gunzip(compressed: &[u8], limit: usize) -> Result<Vec<u8>, GunzipError> {
+    let mut out = Vec::with_capacity((compressed.len() * 4).min(limit + 1));
+    flate2::read::MultiGzDecoder::new(compressed)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| GunzipError::Corrupt(e.to_string()))?;
+    if out.len() > limit {
+        return Err(GunzipError::TooLarge);
+    }
+    Ok(out)
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+enum GunzipError {
+    TooLarge,
+    Corrupt(String),
+}
+
+async fn ingest_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let limits = &state.settings.limits;
+    let format = content_format(state, headers)?;
+    let gzip = is_gzip(state, headers)?;
+    let too_large = |state: &AppState| {
+        reject_request(
+            state,
+            RejectReason::TooLarge,
+            1,
+            Problem::too_large(format!("body exceeds {} bytes", limits.max_body_bytes)),
+        )
+    };
+    let bytes: Bytes = match axum::body::to_bytes(body, limits.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) if is_length_limit(&e) => return Err(too_large(state)),
+        Err(e) => return Err(Problem::bad_request(format!("cannot read body: {e}"))),
+    };
+    let bytes = if gzip {
+        let limit = limits.max_body_bytes;
+        let decoded = if bytes.len() > INLINE_PARSE_BYTES / 4 {
+            tokio::task::spawn_blocking(move || gunzip(&bytes, limit))
+                .await
+                .map_err(|_| Problem::bad_request("gzip body could not be decoded"))?
+        } else {
+            gunzip(&bytes, limit)
+        };
+        match decoded {
+            Ok(v) => Bytes::from(v),
+            Err(GunzipError::TooLarge) => {
+                return Err(reject_request(
+                    state,
+                    RejectReason::TooLarge,
+                    1,
+                    Problem::too_large(format!(
+                        "body exceeds {} bytes after decompression",
+                        limits.max_body_bytes
+                    )),
+                ))
+            }
+            Err(GunzipError::Corrupt(e)) => {
+                return Err(reject_request(
+                    state,
+                    RejectReason::Malformed,
+                    1,
+                    Problem::bad_request(format!("invalid gzip body: {e}")),
+                ))
+            }
+        }
+    } else {
+        bytes
+    };
+
+    let parse = {
+        let settings = state.settings.clone();
+        move |bytes: Bytes| -> Result<ParsedBatch, BatchError> {
+            let text = std::str::from_utf8(&bytes).map_err(|e| {
+                BatchError::Malformed(format!(
+                    "body is not UTF-8: invalid byte at offset {}",
+                    e.valid_up_to()
+                ))
+            })?;
+            let ctx = ParseContext {
+                now_ms: now_ms(),
+                max_future_skew: settings.limits.max_future_skew,
+                max_age: settings.limits.max_age,
+                max_readings: settings.limits.max_readings_per_request,
+                bound_device: None,
+            };
+            match format {
+                Format::Json => reading::parse_json_batch(text, &ctx),
+                Format::Ndjson => reading::parse_ndjson_batch(text, &ctx),
+            }
+        }
+    };
+    let parsed = if bytes.len() > INLINE_PARSE_BYTES {
+        tokio::task::spawn_blocking(move || parse(bytes))
+            .await
+            .map_err(|_| Problem::bad_request("body could not be parsed"))?
+    } else {
+        parse(bytes)
+    };
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(BatchError::Malformed(detail)) => {
+            return Err(reject_request(
+                state,
+                RejectReason::Malformed,
+                1,
+                Problem::bad_request(detail),
+            ))
+        }
+        Err(e @ BatchError::TooMany { count, .. }) => {
+            return Err(reject_request(
+                state,
+                RejectReason::TooManyReadings,
+                count,
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too-many-readings",
+                    "Too many readings",
+                    e.to_string(),
+                ),
+            ))
+        }
+    };
+
+    let t = Transport::Http;
+    let metrics = &state.metrics;
+    metrics
+        .readings_received
+        .with_label_values(&[t.as_str()])
+        .inc_by(parsed.total() as u64);
+    for r in &parsed.rejected {
+        metrics.rejected(t, r.error.kind, 1);
+    }
+    let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
+    if parsed.readings.is_empty() {
+        let status = if rejected.is_empty() {
+            StatusCode::OK // an empty array or body: nothing to do, nothing wrong
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        return Ok(answer(status, Ack { accepted: 0, duplicates: 0 }, rejected));
+    }
+
+    let retry = state.settings.pipeline.retry_after;
+    let ack_rx = match state.admission.submit(t, parsed.readings) {
+        Ok(rx) => rx,
+        Err(refusal) => {
+            let problem = match refusal {
+                Refusal::Overloaded { .. } => {
+                    Problem::unavailable("overloaded", "Overloaded", refusal.to_string(), retry)
+                }
+                Refusal::Unavailable => Problem::unavailable(
+                    "unavailable",
+                    "Store unavailable",
+                    state
+                        .health
+                        .readiness()
+                        .err()
+                        .unwrap_or_else(|| "store unavailable".into()),
+                    retry,
+                ),
+                Refusal::ShuttingDown => Problem::unavailable(
+                    "shutting-down",
+                    "Shutting down",
+                    "the server is shutting down; retry against another instance",
+                    retry,
+                ),
+            };
+            return Err(problem);
+        }
+    };
+    match ack_rx.await {
+        Ok(Ok(ack)) => Ok(answer(StatusCode::OK, ack, rejected)),
+        Ok(Err(e)) => Err(Problem::unavailable(
+            "unavailable",
+            "Store unavailable",
+            e.to_string(),
+            retry,
+        )),
+        Err(_) => Err(Problem::unavailable(
+            "unavailable",
+            "Store unavailable",
+            "the pipeline stopped before committing",
+            retry,
+        )),
+    }
+}
+
+fn answer(status: StatusCode, ack: Ack, rejected: Vec<RejectedItem>) -> Response {
+    (
+        status,
+        Json(IngestResponse {
+            accepted: ack.accepted,
+            duplicates: ack.duplicates,
+            rejected,
+        }),
+    )
+        .into_response()
+}

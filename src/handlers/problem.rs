@@ -1,0 +1,92 @@
+//! RFC 9457 problem documents (`application/problem+json`), the shape of every HTTP error
+//! except per-reading rejections (SPEC §3).
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An HTTP error answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// `urn:sluice:<slug>`, stable for clients to match on.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short, fixed summary of the type.
+    pub title: &'static str,
+    /// The HTTP status, repeated in the body.
+    pub status: u16,
+    /// What happened in this case.
+    pub detail: String,
+    /// Sent as `Retry-After` (whole seconds, at least 1).
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+}
+
+impl Problem {
+    /// A problem with the given status, type slug, title and detail.
+    pub fn new(status: StatusCode, slug: &str, title: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            kind: format!("urn:sluice:{slug}"),
+            title,
+            status: status.as_u16(),
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After`.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// 400: the body is not JSON / NDJSON, or a parameter is invalid.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed", "Malformed request", detail)
+    }
+
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 413.
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", detail)
+    }
+
+    /// 415.
+    pub fn unsupported(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            detail,
+        )
+    }
+
+    /// 503 with `Retry-After`.
+    pub fn unavailable(slug: &str, title: &'static str, detail: impl Into<String>, after: Duration) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, title, detail).retry_after(after)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut res = (status, body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}

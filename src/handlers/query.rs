@@ -1,0 +1,134 @@
+//! Query endpoints: read back what the pipeline committed.
+//!
+//! - `GET /v1/devices` and `GET /v1/devices/{id}` answer from the device-state service (memory).
+//! - `GET /v1/devices/{id}/readings` queries the store on a blocking thread.
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::problem::Problem;
+use super::AppState;
+use crate::reading::{check_metric_name, parse_ts, DeviceId};
+use crate::store::{Order, ReadingsQuery, StoredReading};
+
+/// Default and largest `limit` of a readings query (SPEC §3).
+pub const DEFAULT_LIMIT: usize = 1000;
+/// Largest `limit`.
+pub const MAX_LIMIT: usize = 10_000;
+
+/// `GET /v1/devices`
+pub async fn list_devices(State(state): State<AppState>) -> Response {
+    let devices = state.devices.list();
+    Json(serde_json::json!({ "devices": devices })).into_response()
+}
+
+fn device_path(id: &str) -> Result<DeviceId, Problem> {
+    DeviceId::parse(id).map_err(|e| Problem::bad_request(format!("device_id: {e}")))
+}
+
+/// `GET /v1/devices/{device_id}`
+pub async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let id = match device_path(&id) {
+        Ok(id) => id,
+        Err(p) => return p.into_response(),
+    };
+    match state.devices.get(id.as_str()) {
+        Some(d) => Json(d).into_response(),
+        None => Problem::not_found(format!("device `{id}` has no stored readings")).into_response(),
+    }
+}
+
+/// Query string of `GET /v1/devices/{id}/readings`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadingsParams {
+    /// Inclusive lower bound: RFC 3339 or epoch ms.
+    from: Option<String>,
+    /// Exclusive upper bound: RFC 3339 or epoch ms.
+    to: Option<String>,
+    /// Only readings carrying this metric, narrowed to it.
+    metric: Option<String>,
+    /// At most this many (default 1000, max 10 000).
+    limit: Option<String>,
+    /// `asc` (default) or `desc`.
+    order: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ReadingsBody {
+    device_id: String,
+    readings: Vec<StoredReading>,
+}
+
+fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Problem> {
+    let ts = |name: &str, v: Option<String>, default: i64| -> Result<i64, Problem> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_ts(&s).ok_or_else(|| {
+                Problem::bad_request(format!("{name}: `{s}` is not RFC 3339 or epoch milliseconds"))
+            }),
+        }
+    };
+    let from_ms = ts("from", p.from, i64::MIN)?;
+    let to_ms = ts("to", p.to, i64::MAX)?;
+    let limit = match p.limit {
+        None => DEFAULT_LIMIT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(Problem::bad_request(format!(
+                    "limit: `{s}` must be an integer from 1 to {MAX_LIMIT}"
+                )))
+            }
+        },
+    };
+    let order = match p.order.as_deref() {
+        None | Some("asc") => Order::Asc,
+        Some("desc") => Order::Desc,
+        Some(o) => return Err(Problem::bad_request(format!("order: `{o}` must be asc or desc"))),
+    };
+    if let Some(m) = &p.metric {
+        check_metric_name(m).map_err(|e| Problem::bad_request(format!("metric: {e}")))?;
+    }
+    Ok(ReadingsQuery {
+        device_id: id.as_str().to_owned(),
+        from_ms,
+        to_ms,
+        metric: p.metric,
+        limit,
+        order,
+    })
+}
+
+/// `GET /v1/devices/{device_id}/readings?from=&to=&metric=&limit=&order=`
+pub async fn readings(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<ReadingsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        let id = device_path(&id)?;
+        let Query(params) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
+        let q = readings_query(id, params)?;
+        let reader = state.reader.clone();
+        let retry = state.settings.pipeline.retry_after;
+        let unavailable = |detail: String| {
+            Problem::unavailable("unavailable", "Store unavailable", detail, retry)
+        };
+        let device_id = q.device_id.clone();
+        let rows = tokio::task::spawn_blocking(move || reader.readings(&q))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        match rows {
+            Some(readings) => Ok(Json(ReadingsBody { device_id, readings }).into_response()),
+            None => Err(Problem::not_found(format!(
+                "device `{device_id}` has no stored readings"
+            ))),
+        }
+    }
+    .await;
+    result.unwrap_or_else(|p| p.into_response())
+}

@@ -1,0 +1,24 @@
+//! Sluice: a high-concurrency IoT ingestion service.
+//!
+//! The flow, and the modules that implement it:
+//!
+//! ```text
+//! device ─▶ handlers (parse at the edge: reading) ─▶ pipeline::Admission (bounded, in readings)
+//!        ─▶ pipeline batcher ─▶ services (before commit) ─▶ store (one transaction per batch)
+//!        ─▶ services (after commit: device state) ─▶ ack to each request
+//! ```
+//!
+//! [`app::Application`] wires it together; `main.rs` only parses the command line.
+//! See ARCHITECTURE.md for the invariants.
+
+pub mod app;
+pub mod config;
+pub mod handlers;
+pub mod pipeline;
+pub mod reading;
+pub mod services;
+pub mod store;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Settings;

@@ -1,0 +1,67 @@
+//! `sluice`: command line → configuration → telemetry → [`Application`] → run until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sluice::app::shutdown_signal;
+use sluice::telemetry::logging;
+use sluice::{Application, Settings};
+
+/// High-concurrency IoT ingestion: readings over HTTP into a durable store, acknowledged only
+/// after commit.
+///
+/// Configuration is layered: built-in defaults, then the TOML file from --config (or
+/// SLUICE_CONFIG), then SLUICE__SECTION__KEY environment variables, e.g.
+/// SLUICE__SERVER__LISTEN=127.0.0.1:9000. With no configuration at all Sluice listens on
+/// 0.0.0.0:8080 and stores to ./data/sluice.db.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "SLUICE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print the effective configuration (defaults, file and environment merged) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluice: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        print!("{}", settings.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice-worker")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let app = Application::build(settings).await?;
+        app.run_until(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "sluice stopped with an error");
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

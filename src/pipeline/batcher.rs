@@ -1,0 +1,92 @@
+//! The batcher: admission → **batcher** → store writer.
+//!
+//! It groups submissions into batches and flushes a batch once it holds `pipeline.batch_max`
+//! readings or its first submission has waited `pipeline.batch_max_delay`, whichever comes
+//! first. While the writer is busy committing, submissions wait in admission, so the next
+//! batch picks up everything that arrived during the previous commit: that is the group
+//! commit that makes durability cost latency rather than throughput.
+//!
+//! A submission is never split, so a batch may exceed `batch_max` by less than one request.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::{Submission, Unavailable};
+use crate::config::PipelineSettings;
+use crate::telemetry::metrics::Metrics;
+
+/// Submissions committed together in one transaction.
+#[derive(Default)]
+pub struct Batch {
+    /// In arrival order.
+    pub submissions: Vec<Submission>,
+    /// Total readings over all submissions.
+    pub readings: usize,
+}
+
+impl Batch {
+    fn push(&mut self, s: Submission) {
+        self.readings += s.readings.len();
+        self.submissions.push(s);
+    }
+}
+
+/// Runs until the admission channel is closed and empty. `drain` turning `true` closes it:
+/// no new submissions are taken, and those already queued are still batched and committed.
+pub async fn run(
+    mut rx: mpsc::Receiver<Submission>,
+    tx: mpsc::Sender<Batch>,
+    settings: PipelineSettings,
+    metrics: Arc<Metrics>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let store_depth = metrics.queue_depth.with_label_values(&["store"]);
+    let mut draining = false;
+    loop {
+        let first = if draining {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                biased;
+                s = rx.recv() => s,
+                _ = drain.wait_for(|d| *d) => {
+                    tracing::info!("batcher draining");
+                    rx.close();
+                    draining = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        let deadline = Instant::now() + settings.batch_max_delay;
+        let mut batch = Batch::default();
+        batch.push(first);
+        while batch.readings < settings.batch_max {
+            // Take what is already queued without waiting; wait only for the remainder.
+            match rx.try_recv() {
+                Ok(s) => {
+                    batch.push(s);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if let Err(mpsc::error::SendError(batch)) = tx.send(batch).await {
+            // The writer is gone (it only stops after we do, so this is a bug or a panic):
+            // answer rather than leave handlers waiting.
+            tracing::error!("store writer stopped; refusing batch");
+            for s in batch.submissions {
+                let _ = s.ack.send(Err(Unavailable("store writer stopped".into())));
+            }
+        }
+        store_depth.set((tx.max_capacity() - tx.capacity()) as i64);
+    }
+    tracing::info!("batcher drained");
+}

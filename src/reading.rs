@@ -1,0 +1,1005 @@
+//! Readings at the edge: the first step of the flow, device → **parse** → admission.
+//!
+//! Every transport hands its bytes to [`parse_json_batch`] or [`parse_ndjson_batch`] and gets
+//! back typed, validated [`Reading`]s plus a precise error for each reading it refused
+//! (SPEC §1). Nothing downstream re-validates: a `Reading` is valid by construction.
+//!
+//! Parsing never builds a `serde_json::Value`. A batch is first split into borrowed raw
+//! elements (a cheap syntax scan), then each element is deserialised on its own into typed
+//! fields. That keeps it fast and lets one bad reading fail alone, with its field named,
+//! while its neighbours are still taken.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Longest device id (SPEC §1).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+/// Most metrics in one reading.
+pub const MAX_METRICS: usize = 256;
+/// Longest metric name (also the rule for tag keys).
+pub const MAX_METRIC_NAME_LEN: usize = 64;
+/// Most tags in one reading.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag value.
+pub const MAX_TAG_VALUE_LEN: usize = 128;
+
+/// A validated device id: 1 to 128 of `A-Z a-z 0-9 _ : -`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// Validates `s` as a device id.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::check(s)?;
+        Ok(DeviceId(s.to_owned()))
+    }
+
+    fn check(s: &str) -> Result<(), String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > MAX_DEVICE_ID_LEN {
+            return Err(format!(
+                "must be at most {MAX_DEVICE_ID_LEN} characters, got {}",
+                s.chars().count()
+            ));
+        }
+        let first = s.as_bytes()[0];
+        if !first.is_ascii_alphanumeric() {
+            return Err(format!(
+                "must start with a letter or a digit, not {:?}",
+                s.chars().next().unwrap_or(' ')
+            ));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')))
+        {
+            return Err(format!(
+                "{c:?} is not allowed (use A-Z a-z 0-9 _ : -)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// One metric value. Integers stay integers so that values read back as given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MetricValue {
+    /// A JSON integer that fits in i64.
+    Int(i64),
+    /// Any other finite JSON number.
+    Float(f64),
+    /// `true` / `false`.
+    Bool(bool),
+}
+
+impl Serialize for MetricValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            MetricValue::Int(v) => s.serialize_i64(v),
+            MetricValue::Float(v) => s.serialize_f64(v),
+            MetricValue::Bool(v) => s.serialize_bool(v),
+        }
+    }
+}
+
+/// A valid reading. Only this module constructs one from untrusted input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Which device measured it.
+    pub device_id: DeviceId,
+    /// When, in Unix epoch milliseconds (the server's receive time if the device gave none).
+    pub ts_ms: i64,
+    /// The device's sequence number; `(device_id, seq)` identifies a reading for dedupe.
+    pub seq: Option<u64>,
+    /// 1 to 256 named values, in the order given.
+    pub metrics: Vec<(String, MetricValue)>,
+    /// Up to 16 string tags, in the order given.
+    pub tags: Vec<(String, String)>,
+}
+
+/// Serialises `(name, value)` pairs as a JSON object, in order.
+pub struct PairsAsMap<'a, V>(pub &'a [(String, V)]);
+
+impl<V: Serialize> Serialize for PairsAsMap<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC.
+pub fn format_ts(ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let (y, mo, d) = (t.year(), t.month() as u8, t.day());
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Parses an RFC 3339 string or an integer string of epoch milliseconds (query parameters).
+pub fn parse_ts(s: &str) -> Option<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    OffsetDateTime::parse(s, &Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+}
+
+/// The current time in epoch milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a reading (or a whole request) was rejected: the `reason` label of
+/// `sluice_readings_rejected_total`. A small fixed set, so cardinality stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not JSON / NDJSON, or a reading that is not an object.
+    Malformed,
+    /// Body over `limits.max_body_bytes`.
+    TooLarge,
+    /// More than `limits.max_readings_per_request` readings.
+    TooManyReadings,
+    /// Content type or encoding not accepted.
+    UnsupportedMediaType,
+    /// `device_id` missing or invalid.
+    InvalidDeviceId,
+    /// `device_id` disagrees with the one bound by the transport.
+    DeviceMismatch,
+    /// `ts` unparsable or out of the accepted window.
+    InvalidTs,
+    /// `seq` not an unsigned 64-bit integer.
+    InvalidSeq,
+    /// `metrics` missing, empty, too many, bad name or bad value.
+    InvalidMetrics,
+    /// `tags` too many, bad key or bad value.
+    InvalidTags,
+    /// An unknown top-level field.
+    UnknownField,
+}
+
+impl RejectReason {
+    /// Every reason, for pre-registering metric series.
+    pub const ALL: [RejectReason; 11] = [
+        RejectReason::Malformed,
+        RejectReason::TooLarge,
+        RejectReason::TooManyReadings,
+        RejectReason::UnsupportedMediaType,
+        RejectReason::InvalidDeviceId,
+        RejectReason::DeviceMismatch,
+        RejectReason::InvalidTs,
+        RejectReason::InvalidSeq,
+        RejectReason::InvalidMetrics,
+        RejectReason::InvalidTags,
+        RejectReason::UnknownField,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::TooManyReadings => "too_many_readings",
+            RejectReason::UnsupportedMediaType => "unsupported_media_type",
+            RejectReason::InvalidDeviceId => "invalid_device_id",
+            RejectReason::DeviceMismatch => "device_mismatch",
+            RejectReason::InvalidTs => "invalid_ts",
+            RejectReason::InvalidSeq => "invalid_seq",
+            RejectReason::InvalidMetrics => "invalid_metrics",
+            RejectReason::InvalidTags => "invalid_tags",
+            RejectReason::UnknownField => "unknown_field",
+        }
+    }
+}
+
+/// Why one reading was refused. Displays as `field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadingError {
+    /// The field path, e.g. `metrics.temperature`; empty when the reading as a whole is wrong.
+    pub field: String,
+    /// What is wrong, for the device's developer.
+    pub reason: String,
+    /// The metric label.
+    pub kind: RejectReason,
+}
+
+impl ReadingError {
+    fn new(field: impl Into<String>, reason: impl Into<String>, kind: RejectReason) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+            kind,
+        }
+    }
+}
+
+impl fmt::Display for ReadingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "{}: {}", self.field, self.reason)
+        }
+    }
+}
+
+/// What validation needs to know besides the bytes.
+#[derive(Debug, Clone)]
+pub struct ParseContext<'a> {
+    /// Receive time, used for absent `ts` and for the accepted window.
+    pub now_ms: i64,
+    /// `limits.max_future_skew`.
+    pub max_future_skew: Duration,
+    /// `limits.max_age`.
+    pub max_age: Duration,
+    /// `limits.max_readings_per_request`.
+    pub max_readings: usize,
+    /// The device bound by the transport (MQTT topic, WebSocket `?device_id=`), if any.
+    pub bound_device: Option<&'a DeviceId>,
+}
+
+/// A reading refused inside an otherwise accepted batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Position of the reading in the batch (0-based; NDJSON counts non-blank lines).
+    pub index: usize,
+    /// Why.
+    pub error: ReadingError,
+}
+
+/// The outcome of parsing a batch: what can go on, and what was refused.
+#[derive(Debug, Default)]
+pub struct ParsedBatch {
+    /// Valid readings, in batch order.
+    pub readings: Vec<Reading>,
+    /// Invalid readings with their index and error.
+    pub rejected: Vec<Rejection>,
+}
+
+impl ParsedBatch {
+    /// Readings in the batch, valid or not.
+    pub fn total(&self) -> usize {
+        self.readings.len() + self.rejected.len()
+    }
+}
+
+/// The batch as a whole cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// Not JSON / NDJSON. Carries a detail with line and column.
+    #[error("{0}")]
+    Malformed(String),
+    /// Over `limits.max_readings_per_request`.
+    #[error("{count} readings exceed the limit of {limit} per request")]
+    TooMany {
+        /// How many readings the batch holds.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Parses a JSON body: one reading object or an array of them.
+pub fn parse_json_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
+    let first = body.bytes().find(|b| !b.is_ascii_whitespace());
+    let raws: Vec<&RawValue> = match first {
+        Some(b'[') => serde_json::from_str(body).map_err(malformed)?,
+        Some(b'{') => vec![serde_json::from_str::<&RawValue>(body).map_err(malformed)?],
+        _ => {
+            serde_json::from_str::<&RawValue>(body).map_err(malformed)?;
+            return Err(BatchError::Malformed(
+                "expected a reading object or an array of readings".into(),
+            ));
+        }
+    };
+    if raws.len() > ctx.max_readings {
+        return Err(BatchError::TooMany {
+            count: raws.len(),
+            limit: ctx.max_readings,
+        });
+    }
+    let mut out = ParsedBatch {
+        readings: Vec::with_capacity(raws.len()),
+        rejected: Vec::new(),
+    };
+    for (index, raw) in raws.iter().enumerate() {
+        match parse_reading(raw.get(), ctx) {
+            Ok(r) => out.readings.push(r),
+            Err(error) => out.rejected.push(Rejection { index, error }),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses NDJSON: one reading per line; blank lines are skipped. A line that is not JSON is
+/// rejected on its own (with its line number), so one corrupt line does not sink the rest.
+pub fn parse_ndjson_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
+    let lines: Vec<(usize, &str)> = body
+        .split('\n')
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    if lines.len() > ctx.max_readings {
+        return Err(BatchError::TooMany {
+            count: lines.len(),
+            limit: ctx.max_readings,
+        });
+    }
+    let mut out = ParsedBatch {
+        readings: Vec::with_capacity(lines.len()),
+        rejected: Vec::new(),
+    };
+    for (index, (line_no, line)) in lines.into_iter().enumerate() {
+        let result = match serde_json::from_str::<&RawValue>(line) {
+            Ok(raw) => parse_reading(raw.get(), ctx),
+            Err(e) => Err(ReadingError::new(
+                "",
+                format!("line {}: {}", line_no + 1, strip_position(&e)),
+                RejectReason::Malformed,
+            )),
+        };
+        match result {
+            Ok(r) => out.readings.push(r),
+            Err(error) => out.rejected.push(Rejection { index, error }),
+        }
+    }
+    Ok(out)
+}
+
+fn malformed(e: serde_json::Error) -> BatchError {
+    BatchError::Malformed(format!(
+        "not valid JSON at line {} column {}: {}",
+        e.line(),
+        e.column(),
+        strip_position(&e)
+    ))
+}
+
+/// serde_json's message without its ` at line L column C` suffix.
+fn strip_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    msg.strip_suffix(&suffix).map(str::to_owned).unwrap_or(msg)
+}
+
+/// Parses and validates one reading from the text of one JSON value.
+pub fn parse_reading(text: &str, ctx: &ParseContext<'_>) -> Result<Reading, ReadingError> {
+    let failed_field = RefCell::new(None::<(String, RejectReason)>);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let wire = match (WireSeed {
+        failed_field: &failed_field,
+    })
+    .deserialize(&mut de)
+    .and_then(|w| de.end().map(|_| w))
+    {
+        Ok(w) => w,
+        Err(e) => {
+            return Err(match failed_field.into_inner() {
+                Some((field, kind)) => {
+                    let reason = match kind {
+                        RejectReason::InvalidMetrics if field.starts_with("metrics.") => {
+                            "expected a finite number or a boolean".to_string()
+                        }
+                        _ => strip_position(&e),
+                    };
+                    ReadingError::new(field, reason, kind)
+                }
+                None => ReadingError::new(
+                    "",
+                    format!("expected a reading object: {}", strip_position(&e)),
+                    RejectReason::Malformed,
+                ),
+            })
+        }
+    };
+    wire.validate(ctx)
+}
+
+/// A reading as it arrives, before validation. Strings borrow from the input when they can.
+#[derive(Default)]
+struct WireReading<'a> {
+    device_id: Option<Cow<'a, str>>,
+    ts: Option<WireTs<'a>>,
+    seq: Option<u64>,
+    metrics: Option<Vec<(Cow<'a, str>, MetricValue)>>,
+    tags: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+}
+
+enum WireTs<'a> {
+    Text(Cow<'a, str>),
+    Millis(i64),
+}
+
+impl<'a> WireReading<'a> {
+    fn validate(self, ctx: &ParseContext<'_>) -> Result<Reading, ReadingError> {
+        use RejectReason::*;
+        let device_id = match (self.device_id, ctx.bound_device) {
+            (None, None) => {
+                return Err(ReadingError::new(
+                    "device_id",
+                    "required (or bound by the transport)",
+                    InvalidDeviceId,
+                ))
+            }
+            (None, Some(bound)) => bound.clone(),
+            (Some(given), bound) => {
+                DeviceId::check(&given)
+                    .map_err(|r| ReadingError::new("device_id", r, InvalidDeviceId))?;
+                match bound {
+                    Some(b) if b.as_str() != given => {
+                        return Err(ReadingError::new(
+                            "device_id",
+                            format!("`{given}` does not match the bound device `{b}`"),
+                            DeviceMismatch,
+                        ))
+                    }
+                    Some(b) => b.clone(),
+                    None => DeviceId(given.into_owned()),
+                }
+            }
+        };
+
+        let ts_ms = match self.ts {
+            None => ctx.now_ms,
+            Some(WireTs::Millis(ms)) => ms,
+            Some(WireTs::Text(s)) => OffsetDateTime::parse(&s, &Rfc3339)
+                .ok()
+                .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+                .ok_or_else(|| {
+                    ReadingError::new(
+                        "ts",
+                        format!("`{s}` is not an RFC 3339 timestamp"),
+                        InvalidTs,
+                    )
+                })?,
+        };
+        let skew = ctx.max_future_skew.as_millis() as i64;
+        if ts_ms > ctx.now_ms.saturating_add(skew) {
+            return Err(ReadingError::new(
+                "ts",
+                format!(
+                    "{} is more than {} in the future",
+                    format_ts(ts_ms),
+                    humantime::format_duration(ctx.max_future_skew)
+                ),
+                InvalidTs,
+            ));
+        }
+        let age = ctx.max_age.as_millis() as i64;
+        if ts_ms < ctx.now_ms.saturating_sub(age) {
+            return Err(ReadingError::new(
+                "ts",
+                format!(
+                    "{} is more than {} old",
+                    format_ts(ts_ms),
+                    humantime::format_duration(ctx.max_age)
+                ),
+                InvalidTs,
+            ));
+        }
+
+        let metrics = self
+            .metrics
+            .ok_or_else(|| ReadingError::new("metrics", "required", InvalidMetrics))?;
+        if metrics.is_empty() {
+            return Err(ReadingError::new(
+                "metrics",
+                "at least one metric is required",
+                InvalidMetrics,
+            ));
+        }
+        if metrics.len() > MAX_METRICS {
+            return Err(ReadingError::new(
+                "metrics",
+                format!("at most {MAX_METRICS} metrics, got {}", metrics.len()),
+                InvalidMetrics,
+            ));
+        }
+        let mut out_metrics = Vec::with_capacity(metrics.len());
+        for (name, value) in metrics {
+            check_metric_name(&name).map_err(|r| {
+                ReadingError::new(format!("metrics.{name}"), r, InvalidMetrics)
+            })?;
+            if out_metrics.iter().any(|(n, _): &(String, _)| *n == name) {
+                return Err(ReadingError::new(
+                    format!("metrics.{name}"),
+                    "given more than once",
+                    InvalidMetrics,
+                ));
+            }
+            out_metrics.push((name.into_owned(), value));
+        }
+
+        let tags = self.tags.unwrap_or_default();
+        if tags.len() > MAX_TAGS {
+            return Err(ReadingError::new(
+                "tags",
+                format!("at most {MAX_TAGS} tags, got {}", tags.len()),
+                InvalidTags,
+            ));
+        }
+        let mut out_tags = Vec::with_capacity(tags.len());
+        for (k, v) in tags {
+            check_metric_name(&k)
+                .map_err(|r| ReadingError::new(format!("tags.{k}"), r, InvalidTags))?;
+            if v.chars().count() > MAX_TAG_VALUE_LEN {
+                return Err(ReadingError::new(
+                    format!("tags.{k}"),
+                    format!("value longer than {MAX_TAG_VALUE_LEN} characters"),
+                    InvalidTags,
+                ));
+            }
+            if out_tags.iter().any(|(n, _): &(String, String)| *n == k) {
+                return Err(ReadingError::new(
+                    format!("tags.{k}"),
+                    "given more than once",
+                    InvalidTags,
+                ));
+            }
+            out_tags.push((k.into_owned(), v.into_owned()));
+        }
+
+        Ok(Reading {
+            device_id,
+            ts_ms,
+            seq: self.seq,
+            metrics: out_metrics,
+            tags: out_tags,
+        })
+    }
+}
+
+/// Validates a metric name or tag key: 1 to 64 of `A-Z a-z 0-9 _ . : / -`.
+pub fn check_metric_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name must not be empty".into());
+    }
+    if name.len() > MAX_METRIC_NAME_LEN {
+        return Err(format!(
+            "name longer than {MAX_METRIC_NAME_LEN} characters"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '/' | '-')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed in a name (use A-Z a-z 0-9 _ . : / -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Deserialises a [`WireReading`], recording which field failed so the error can name it.
+struct WireSeed<'s> {
+    failed_field: &'s RefCell<Option<(String, RejectReason)>>,
+}
+
+impl<'de> DeserializeSeed<'de> for WireSeed<'_> {
+    type Value = WireReading<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WireSeed<'_> {
+    type Value = WireReading<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a reading object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut w = WireReading::default();
+        let fail = |field: &str, kind| {
+            *self.failed_field.borrow_mut() = Some((field.to_string(), kind));
+        };
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let dup = match &*key {
+                "device_id" => w.device_id.is_some(),
+                "ts" => w.ts.is_some(),
+                "seq" => w.seq.is_some(),
+                "metrics" => w.metrics.is_some(),
+                "tags" => w.tags.is_some(),
+                other => {
+                    fail(other, RejectReason::UnknownField);
+                    return Err(de::Error::custom("unknown field"));
+                }
+            };
+            if dup {
+                fail(&key, RejectReason::Malformed);
+                return Err(de::Error::custom("given more than once"));
+            }
+            match &*key {
+                "device_id" => {
+                    w.device_id = Some(
+                        map.next_value::<CowStr<'de>>()
+                            .inspect_err(|_| fail("device_id", RejectReason::InvalidDeviceId))?
+                            .0,
+                    )
+                }
+                "ts" => {
+                    w.ts = Some(
+                        map.next_value::<WireTsDe<'de>>()
+                            .inspect_err(|_| fail("ts", RejectReason::InvalidTs))?
+                            .0,
+                    )
+                }
+                "seq" => {
+                    w.seq = Some(
+                        map.next_value::<u64>()
+                            .inspect_err(|_| fail("seq", RejectReason::InvalidSeq))?,
+                    )
+                }
+                "metrics" => {
+                    w.metrics = Some(map.next_value_seed(MetricsSeed {
+                        failed_field: self.failed_field,
+                    })?)
+                }
+                _ => {
+                    w.tags = Some(
+                        map.next_value::<TagsDe<'de>>()
+                            .inspect_err(|_| fail("tags", RejectReason::InvalidTags))?
+                            .0,
+                    )
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// A string that borrows from the input unless it holds escapes.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct WireTsDe<'a>(WireTs<'a>);
+
+impl<'de> serde::Deserialize<'de> for WireTsDe<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = WireTsDe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 string or integer epoch milliseconds")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(WireTsDe(WireTs::Text(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(WireTsDe(WireTs::Text(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(WireTsDe(WireTs::Millis(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                i64::try_from(v)
+                    .map(|v| WireTsDe(WireTs::Millis(v)))
+                    .map_err(|_| E::custom("epoch milliseconds out of range"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct MetricsSeed<'s> {
+    failed_field: &'s RefCell<Option<(String, RejectReason)>>,
+}
+
+impl<'de> DeserializeSeed<'de> for MetricsSeed<'_> {
+    type Value = Vec<(Cow<'de, str>, MetricValue)>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let slot = self.failed_field;
+        *slot.borrow_mut() = Some(("metrics".into(), RejectReason::InvalidMetrics));
+        let v = d.deserialize_map(self)?;
+        *slot.borrow_mut() = None;
+        Ok(v)
+    }
+}
+
+impl<'de> Visitor<'de> for MetricsSeed<'_> {
+    type Value = Vec<(Cow<'de, str>, MetricValue)>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of metric names to values")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4).min(MAX_METRICS));
+        while let Some(CowStr(name)) = map.next_key::<CowStr<'de>>()? {
+            if out.len() == MAX_METRICS {
+                // Stop early: the reading is rejected anyway; don't parse thousands of values.
+                *self.failed_field.borrow_mut() = Some(("metrics".into(), RejectReason::InvalidMetrics));
+                return Err(de::Error::custom(format!(
+                    "at most {MAX_METRICS} metrics, got more"
+                )));
+            }
+            *self.failed_field.borrow_mut() =
+                Some((format!("metrics.{name}"), RejectReason::InvalidMetrics));
+            let value = map.next_value::<MetricValueDe>()?.0;
+            out.push((name, value));
+        }
+        *self.failed_field.borrow_mut() = Some(("metrics".into(), RejectReason::InvalidMetrics));
+        Ok(out)
+    }
+}
+
+struct MetricValueDe(MetricValue);
+
+impl<'de> serde::Deserialize<'de> for MetricValueDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetricValueDe;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a finite number or a boolean")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(MetricValueDe(MetricValue::Bool(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(MetricValueDe(MetricValue::Int(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(MetricValueDe(match i64::try_from(v) {
+                    Ok(i) => MetricValue::Int(i),
+                    Err(_) => MetricValue::Float(v as f64),
+                }))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                if v.is_finite() {
+                    Ok(MetricValueDe(MetricValue::Float(v)))
+                } else {
+                    Err(E::custom("not finite"))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct TagsDe<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de> serde::Deserialize<'de> for TagsDe<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TagsDe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of string tags")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((CowStr(k), CowStr(v))) = map.next_entry::<CowStr, CowStr>()? {
+                    if out.len() == MAX_TAGS {
+                        return Err(de::Error::custom(format!("at most {MAX_TAGS} tags")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(TagsDe(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_795_000_000_000; // 2026-11-17
+
+    fn ctx() -> ParseContext<'static> {
+        ParseContext {
+            now_ms: NOW,
+            max_future_skew: Duration::from_secs(300),
+            max_age: Duration::from_secs(30 * 86400),
+            max_readings: 10_000,
+            bound_device: None,
+        }
+    }
+
+    fn err(text: &str) -> ReadingError {
+        parse_reading(text, &ctx()).unwrap_err()
+    }
+
+    #[test]
+    fn parses_the_spec_example() {
+        let r = parse_reading(
+            r#"{"device_id": "greenhouse-7", "ts": "2026-11-17T12:00:00.123Z", "seq": 1042,
+               "metrics": {"temperature": 21.5, "humidity": 40, "door_open": false},
+               "tags": {"site": "north"}}"#,
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(r.device_id.as_str(), "greenhouse-7");
+        assert_eq!(r.seq, Some(1042));
+        assert_eq!(format_ts(r.ts_ms), "2026-11-17T12:00:00.123Z");
+        assert_eq!(
+            r.metrics,
+            vec![
+                ("temperature".into(), MetricValue::Float(21.5)),
+                ("humidity".into(), MetricValue::Int(40)),
+                ("door_open".into(), MetricValue::Bool(false)),
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&PairsAsMap(&r.metrics)).unwrap(),
+            r#"{"temperature":21.5,"humidity":40,"door_open":false}"#
+        );
+    }
+
+    #[test]
+    fn absent_ts_is_receive_time_and_epoch_ms_is_accepted() {
+        let r = parse_reading(r#"{"device_id":"a","metrics":{"x":1}}"#, &ctx()).unwrap();
+        assert_eq!(r.ts_ms, NOW);
+        let r = parse_reading(
+            &format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW - 5),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(r.ts_ms, NOW - 5);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str, RejectReason)] = &[
+            (r#"{"metrics":{"x":1}}"#, "device_id: required", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"a/b","metrics":{"x":1}}"#, "device_id: '/' is not allowed", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"a+b","metrics":{"x":1}}"#, "device_id: '+'", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"a#b","metrics":{"x":1}}"#, "device_id: '#'", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"a b","metrics":{"x":1}}"#, "device_id: ' '", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"-ab","metrics":{"x":1}}"#, "device_id: must start", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"","metrics":{"x":1}}"#, "device_id: must not be empty", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":7,"metrics":{"x":1}}"#, "device_id: invalid type", RejectReason::InvalidDeviceId),
+            (r#"{"device_id":"a","ts":"yesterday","metrics":{"x":1}}"#, "ts: `yesterday` is not an RFC 3339", RejectReason::InvalidTs),
+            (r#"{"device_id":"a","ts":1.5,"metrics":{"x":1}}"#, "ts: invalid type", RejectReason::InvalidTs),
+            (r#"{"device_id":"a","seq":-1,"metrics":{"x":1}}"#, "seq: invalid value", RejectReason::InvalidSeq),
+            (r#"{"device_id":"a","metrics":{"x":"warm"}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"x":null}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"x":1e400}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"x":[[[[1]]]]}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{}}"#, "metrics: at least one metric", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a"}"#, "metrics: required", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":[1]}"#, "metrics: invalid type", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"bad name":1}}"#, "metrics.bad name: ' ' is not allowed", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"x":1,"x":2}}"#, "metrics.x: given more than once", RejectReason::InvalidMetrics),
+            (r#"{"device_id":"a","metrics":{"x":1},"tags":{"k":1}}"#, "tags: invalid type", RejectReason::InvalidTags),
+            (r#"{"device_id":"a","metrics":{"x":1},"colour":"red"}"#, "colour: unknown field", RejectReason::UnknownField),
+            (r#"{"device_id":"a","device_id":"a","metrics":{"x":1}}"#, "device_id: given more than once", RejectReason::Malformed),
+            (r#"[1,2]"#, "expected a reading object", RejectReason::Malformed),
+        ];
+        for (text, want, kind) in cases {
+            let e = err(text);
+            assert!(e.to_string().starts_with(want), "{text}: got `{e}`, want `{want}…`");
+            assert_eq!(e.kind, *kind, "{text}");
+        }
+    }
+
+    #[test]
+    fn limits_on_counts_and_lengths() {
+        let long = "d".repeat(129);
+        let e = err(&format!(r#"{{"device_id":"{long}","metrics":{{"x":1}}}}"#));
+        assert!(e.to_string().contains("at most 128"), "{e}");
+        assert!(DeviceId::parse(&"d".repeat(128)).is_ok());
+
+        let many: Vec<String> = (0..257).map(|i| format!(r#""m{i}":1"#)).collect();
+        let e = err(&format!(r#"{{"device_id":"a","metrics":{{{}}}}}"#, many.join(",")));
+        assert!(e.to_string().starts_with("metrics: at most 256"), "{e}");
+        let ok: Vec<String> = (0..256).map(|i| format!(r#""m{i}":1"#)).collect();
+        assert!(parse_reading(&format!(r#"{{"device_id":"a","metrics":{{{}}}}}"#, ok.join(",")), &ctx()).is_ok());
+
+        let tags: Vec<String> = (0..17).map(|i| format!(r#""t{i}":"v""#)).collect();
+        let e = err(&format!(r#"{{"device_id":"a","metrics":{{"x":1}},"tags":{{{}}}}}"#, tags.join(",")));
+        assert!(e.to_string().starts_with("tags:"), "{e}");
+    }
+
+    #[test]
+    fn ts_window() {
+        let year = 365 * 86400 * 1000;
+        let e = err(&format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW + year));
+        assert!(e.to_string().contains("in the future"), "{e}");
+        let e = err(&format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW - year));
+        assert!(e.to_string().contains("old"), "{e}");
+    }
+
+    #[test]
+    fn bound_device_fills_in_and_must_agree() {
+        let bound = DeviceId::parse("dev-1").unwrap();
+        let c = ParseContext { bound_device: Some(&bound), ..ctx() };
+        let r = parse_reading(r#"{"metrics":{"x":1}}"#, &c).unwrap();
+        assert_eq!(r.device_id, bound);
+        let e = parse_reading(r#"{"device_id":"dev-2","metrics":{"x":1}}"#, &c).unwrap_err();
+        assert_eq!(e.kind, RejectReason::DeviceMismatch);
+    }
+
+    #[test]
+    fn batches_keep_good_neighbours() {
+        let b = parse_json_batch(
+            r#"[{"device_id":"a","metrics":{"x":1}}, {"device_id":"a","metrics":{"x":"s"}}, 5]"#,
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(b.readings.len(), 1);
+        assert_eq!(b.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1, 2]);
+
+        let b = parse_ndjson_batch(
+            "{\"device_id\":\"a\",\"metrics\":{\"x\":1}}\n\n{oops\n{\"device_id\":\"b\",\"metrics\":{\"x\":2}}\n",
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(b.readings.len(), 2);
+        assert_eq!(b.rejected[0].index, 1);
+        assert!(b.rejected[0].error.to_string().starts_with("line 3:"), "{}", b.rejected[0].error);
+    }
+
+    #[test]
+    fn batch_level_errors() {
+        assert!(matches!(parse_json_batch("not json", &ctx()), Err(BatchError::Malformed(_))));
+        assert!(matches!(parse_json_batch("[{\"device_id\":", &ctx()), Err(BatchError::Malformed(_))));
+        assert!(matches!(parse_json_batch("42", &ctx()), Err(BatchError::Malformed(_))));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let b = parse_json_batch(&deep, &ctx()).unwrap();
+        assert_eq!(b.rejected.len(), 1);
+        let deep_obj = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+        let r = parse_json_batch(&deep_obj, &ctx());
+        assert!(matches!(&r, Ok(b) if b.rejected.len() == 1), "{r:?}");
+        let c = ParseContext { max_readings: 2, ..ctx() };
+        assert_eq!(
+            parse_json_batch("[{},{},{}]", &c).unwrap_err(),
+            BatchError::TooMany { count: 3, limit: 2 }
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Device state: a post-commit service that remembers each device's `last_seen` and the
+//! latest value of each of its metrics. It serves `GET /v1/devices` and `GET /v1/devices/{id}`.
+//!
+//! State lives in memory and is rebuilt at start-up from each device's newest stored reading,
+//! so after a restart a device's metrics are those of that reading until new ones arrive.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use serde::Serialize;
+
+use super::Service;
+use crate::reading::{format_ts, now_ms, MetricValue, PairsAsMap, Reading};
+use crate::store::StoredLatest;
+
+/// What is known about one device.
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    /// Server time (epoch ms) when a reading of this device was last committed.
+    last_seen_ms: i64,
+    /// Newest reading timestamp seen.
+    last_ts_ms: i64,
+    /// Latest value per metric, with the `ts` it was measured at.
+    metrics: Vec<(String, MetricValue, i64)>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    /// The device id.
+    pub device_id: String,
+    /// When its last reading was committed (server time, RFC 3339).
+    pub last_seen: String,
+    /// Timestamp of its newest reading.
+    pub last_ts: String,
+    /// Latest value of each metric it has reported.
+    pub metrics: serde_json::Value,
+}
+
+/// The device-state service.
+#[derive(Debug, Default)]
+pub struct DeviceState {
+    /// Device id → state. Written once per batch by the store writer, read by queries.
+    devices: RwLock<HashMap<String, Entry>>,
+}
+
+impl DeviceState {
+    /// Empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn view(id: &str, e: &Entry) -> DeviceView {
+        let pairs: Vec<(String, MetricValue)> =
+            e.metrics.iter().map(|(n, v, _)| (n.clone(), *v)).collect();
+        DeviceView {
+            device_id: id.to_owned(),
+            last_seen: format_ts(e.last_seen_ms),
+            last_ts: format_ts(e.last_ts_ms),
+            metrics: serde_json::to_value(PairsAsMap(&pairs)).unwrap_or_default(),
+        }
+    }
+
+    /// One device, if known.
+    pub fn get(&self, id: &str) -> Option<DeviceView> {
+        let devices = self.devices.read().expect("device state lock");
+        devices.get(id).map(|e| Self::view(id, e))
+    }
+
+    /// Every known device, sorted by id.
+    pub fn list(&self) -> Vec<DeviceView> {
+        let devices = self.devices.read().expect("device state lock");
+        let mut out: Vec<DeviceView> = devices.iter().map(|(id, e)| Self::view(id, e)).collect();
+        out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        out
+    }
+
+    /// Number of known devices.
+    pub fn len(&self) -> usize {
+        self.devices.read().expect("device state lock").len()
+    }
+
+    /// Whether no device is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn merge(entry: &mut Entry, ts: i64, metrics: impl Iterator<Item = (String, MetricValue)>) {
+    entry.last_ts_ms = entry.last_ts_ms.max(ts);
+    for (name, value) in metrics {
+        match entry.metrics.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(slot) if slot.2 <= ts => {
+                slot.1 = value;
+                slot.2 = ts;
+            }
+            Some(_) => {}
+            None => entry.metrics.push((name, value, ts)),
+        }
+    }
+}
+
+impl Service for DeviceState {
+    fn name(&self) -> &'static str {
+        "device_state"
+    }
+
+    fn after_commit(&self, stored: &[&Reading]) {
+        if stored.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut devices = self.devices.write().expect("device state lock");
+        for r in stored {
+            let entry = match devices.get_mut(r.device_id.as_str()) {
+                Some(e) => e,
+                None => devices.entry(r.device_id.as_str().to_owned()).or_default(),
+            };
+            entry.last_seen_ms = now;
+            merge(entry, r.ts_ms, r.metrics.iter().cloned());
+        }
+    }
+
+    fn restore(&self, latest: &[StoredLatest]) {
+        let mut devices = self.devices.write().expect("device state lock");
+        for l in latest {
+            let parsed: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&l.metrics_json).unwrap_or_default();
+            let metrics = parsed.into_iter().filter_map(|(k, v)| {
+                let value = match v {
+                    serde_json::Value::Bool(b) => MetricValue::Bool(b),
+                    serde_json::Value::Number(n) => match n.as_i64() {
+                        Some(i) => MetricValue::Int(i),
+                        None => MetricValue::Float(n.as_f64()?),
+                    },
+                    _ => return None,
+                };
+                Some((k, value))
+            });
+            let entry = devices.entry(l.device_id.clone()).or_default();
+            entry.last_seen_ms = entry.last_seen_ms.max(l.ts_ms);
+            merge(entry, l.ts_ms, metrics);
+        }
+    }
+}

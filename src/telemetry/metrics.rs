@@ -1,0 +1,230 @@
+//! Prometheus metrics (SPEC §7): one registry per running app, so tests that start several
+//! apps in one process do not mix their counts.
+//!
+//! Every stage of the flow reports here: handlers count what they receive and reject, the
+//! pipeline reports queue depth, the store writer reports commits, and acks report latency.
+//! No label ever carries a device id: cardinality stays fixed whatever the fleet size.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::reading::RejectReason;
+
+/// The ways readings arrive. The `transport` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// `POST /v1/readings`.
+    Http,
+    /// `GET /v1/ws`.
+    Ws,
+    /// The MQTT source.
+    Mqtt,
+}
+
+impl Transport {
+    /// Every transport, for pre-registering series.
+    pub const ALL: [Transport; 3] = [Transport::Http, Transport::Ws, Transport::Mqtt];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Ws => "ws",
+            Transport::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// Every metric Sluice exports, registered in [`Metrics::registry`].
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Readings that reached a handler, valid or not.
+    pub readings_received: IntCounterVec,
+    /// Readings committed for the first time.
+    pub readings_accepted: IntCounterVec,
+    /// Readings whose `(device_id, seq)` was already stored.
+    pub readings_duplicate: IntCounterVec,
+    /// Readings refused for what they are, by reason.
+    pub readings_rejected: IntCounterVec,
+    /// Readings refused for load (pipeline full, store unavailable, shutting down).
+    pub readings_shed: IntCounterVec,
+    /// Readings (or batches) waiting in each stage.
+    pub queue_depth: IntGaugeVec,
+    /// Capacity of each stage, in the same unit as its depth.
+    pub queue_capacity: IntGaugeVec,
+    /// Readings per committed batch.
+    pub batch_size: Histogram,
+    /// Time one batch commit takes.
+    pub store_commit_seconds: HistogramVec,
+    /// Failed commits or store opens.
+    pub store_errors: IntCounterVec,
+    /// Receive → ack, per request / frame / message.
+    pub ack_latency: HistogramVec,
+    /// HTTP requests by matched route and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP request duration by matched route and status.
+    pub http_duration: HistogramVec,
+    /// Readings deleted by the retention sweep.
+    pub retention_deleted: IntCounter,
+    /// 1 while the store accepts writes.
+    pub store_up: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric, with the label values known up front so that
+    /// dashboards see zeros rather than missing series.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let latency_buckets = exponential_buckets(0.0005, 2.0, 15).expect("valid buckets");
+
+        let m = Metrics {
+            readings_received: counter(
+                "sluice_readings_received_total",
+                "Readings that reached a handler, valid or not.",
+                &["transport"],
+            ),
+            readings_accepted: counter(
+                "sluice_readings_accepted_total",
+                "Readings committed to the store.",
+                &["transport"],
+            ),
+            readings_duplicate: counter(
+                "sluice_readings_duplicate_total",
+                "Readings whose (device_id, seq) was already stored; acknowledged, not stored twice.",
+                &["transport"],
+            ),
+            readings_rejected: counter(
+                "sluice_readings_rejected_total",
+                "Readings refused for what they are, by reason.",
+                &["transport", "reason"],
+            ),
+            readings_shed: counter(
+                "sluice_readings_shed_total",
+                "Readings refused for load: pipeline full, store unavailable or shutting down.",
+                &["transport"],
+            ),
+            queue_depth: gauge(
+                "sluice_pipeline_queue_depth",
+                "Items waiting in a pipeline stage (admission: readings; store: batches).",
+                &["stage"],
+            ),
+            queue_capacity: gauge(
+                "sluice_pipeline_queue_capacity",
+                "Capacity of a pipeline stage, in the unit of its depth.",
+                &["stage"],
+            ),
+            batch_size: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("sluice_batch_size", "Readings per committed batch.")
+                        .buckets(exponential_buckets(1.0, 2.0, 16).expect("valid buckets")),
+                )
+                .expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            store_commit_seconds: histogram(
+                "sluice_store_commit_seconds",
+                "Time to commit one batch, including the fsync.",
+                &["store"],
+                latency_buckets.clone(),
+            ),
+            store_errors: counter(
+                "sluice_store_errors_total",
+                "Store opens or commits that failed.",
+                &["store"],
+            ),
+            ack_latency: histogram(
+                "sluice_ack_latency_seconds",
+                "Receive to acknowledgement, per request, frame or message.",
+                &["transport"],
+                latency_buckets.clone(),
+            ),
+            http_requests: counter(
+                "sluice_http_requests_total",
+                "HTTP requests by route and status.",
+                &["route", "status"],
+            ),
+            http_duration: histogram(
+                "sluice_http_request_duration_seconds",
+                "HTTP request duration by route and status.",
+                &["route", "status"],
+                latency_buckets,
+            ),
+            retention_deleted: {
+                let c = IntCounter::new(
+                    "sluice_retention_deleted_total",
+                    "Readings deleted because they are older than storage.retention.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            store_up: {
+                let g = IntGauge::new("sluice_store_up", "1 while the store accepts writes.")
+                    .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
+        for t in Transport::ALL {
+            let t = t.as_str();
+            m.readings_received.with_label_values(&[t]);
+            m.readings_accepted.with_label_values(&[t]);
+            m.readings_duplicate.with_label_values(&[t]);
+            m.readings_shed.with_label_values(&[t]);
+            for r in RejectReason::ALL {
+                m.readings_rejected.with_label_values(&[t, r.as_str()]);
+            }
+        }
+        m.store_errors.with_label_values(&["sqlite"]);
+        m.store_commit_seconds.with_label_values(&["sqlite"]);
+        m
+    }
+
+    /// Counts `n` readings rejected for `reason`.
+    pub fn rejected(&self, transport: Transport, reason: RejectReason, n: u64) {
+        self.readings_rejected
+            .with_label_values(&[transport.as_str(), reason.as_str()])
+            .inc_by(n);
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

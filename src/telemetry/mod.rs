@@ -1,0 +1,4 @@
+//! Telemetry: what Sluice tells its operators. Metrics (`/metrics`) and logs.
+
+pub mod logging;
+pub mod metrics;
