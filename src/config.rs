@@ -5,6 +5,7 @@
 //! unknown fields, so a typo stops the start (exit code 2) instead of being silently ignored.
 //! [`Settings::validate`] checks the relations between keys that serde cannot see.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     /// The embedded SQLite store.
     pub storage: StorageSettings,
+    /// The MQTT source.
+    pub mqtt: MqttSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -167,6 +170,82 @@ impl Default for StorageSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(60),
             commit_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A secret value: kept out of logs, `Debug` output and `--check-config`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// `[mqtt]`: the MQTT source (SPEC §6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// Subscribe to a broker at all.
+    pub enabled: bool,
+    /// `mqtt://host:port`.
+    pub url: String,
+    /// Client id; stable across restarts so the broker keeps the persistent session.
+    pub client_id: String,
+    /// Topic filter; its `+` level is the device id.
+    pub topic: String,
+    /// Shared-subscription group (`$share/<group>/<topic>`); empty for a plain subscription.
+    pub shared_group: String,
+    /// MQTT keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Broker user name, if the broker wants one.
+    pub username: Option<String>,
+    /// Broker password. Never logged or printed.
+    pub password: Option<Secret>,
+    /// Payloads that can never be accepted are republished to `<this>/<device_id>`.
+    pub dead_letter_topic: String,
+}
+
+/// `sluice-<hostname>`, stable for a given host (or pod, whose hostname is its name).
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("sluice-{host}")
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: default_client_id(),
+            topic: "devices/+/readings".into(),
+            shared_group: "sluice".into(),
+            keep_alive: Duration::from_secs(30),
+            username: None,
+            password: None,
+            dead_letter_topic: "sluice/rejected".into(),
         }
     }
 }
