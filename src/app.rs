@@ -64,7 +64,12 @@ impl Application {
         let settings = Arc::new(settings);
         let listener = TcpListener::bind(settings.server.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (server.listen)", settings.server.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.listen)",
+                    settings.server.listen
+                )
+            })?;
         let addr = listener.local_addr().context("listener address")?;
 
         let metrics = Arc::new(Metrics::new());
@@ -100,7 +105,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then shuts down in order. Fails if the shutdown takes
     /// longer than `server.shutdown_timeout`.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Application {
             listener,
             addr,

@@ -343,7 +343,10 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         if self.limits.max_readings_per_request == 0 {
-            return invalid("limits.max_readings_per_request", "must be at least 1".into());
+            return invalid(
+                "limits.max_readings_per_request",
+                "must be at least 1".into(),
+            );
         }
         if self.limits.max_body_bytes < 64 {
             return invalid("limits.max_body_bytes", "must be at least 64".into());

@@ -63,9 +63,7 @@ impl DeviceId {
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')))
         {
-            return Err(format!(
-                "{c:?} is not allowed (use A-Z a-z 0-9 _ : -)"
-            ));
+            return Err(format!("{c:?} is not allowed (use A-Z a-z 0-9 _ : -)"));
         }
         Ok(())
     }
@@ -532,9 +530,8 @@ impl<'a> WireReading<'a> {
         }
         let mut out_metrics = Vec::with_capacity(metrics.len());
         for (name, value) in metrics {
-            check_metric_name(&name).map_err(|r| {
-                ReadingError::new(format!("metrics.{name}"), r, InvalidMetrics)
-            })?;
+            check_metric_name(&name)
+                .map_err(|r| ReadingError::new(format!("metrics.{name}"), r, InvalidMetrics))?;
             if out_metrics.iter().any(|(n, _): &(String, _)| *n == name) {
                 return Err(ReadingError::new(
                     format!("metrics.{name}"),
@@ -590,9 +587,7 @@ pub fn check_metric_name(name: &str) -> Result<(), String> {
         return Err("name must not be empty".into());
     }
     if name.len() > MAX_METRIC_NAME_LEN {
-        return Err(format!(
-            "name longer than {MAX_METRIC_NAME_LEN} characters"
-        ));
+        return Err(format!("name longer than {MAX_METRIC_NAME_LEN} characters"));
     }
     if let Some(c) = name
         .chars()
@@ -761,7 +756,8 @@ impl<'de> Visitor<'de> for MetricsSeed<'_> {
         while let Some(CowStr(name)) = map.next_key::<CowStr<'de>>()? {
             if out.len() == MAX_METRICS {
                 // Stop early: the reading is rejected anyway; don't parse thousands of values.
-                *self.failed_field.borrow_mut() = Some(("metrics".into(), RejectReason::InvalidMetrics));
+                *self.failed_field.borrow_mut() =
+                    Some(("metrics".into(), RejectReason::InvalidMetrics));
                 return Err(de::Error::custom(format!(
                     "at most {MAX_METRICS} metrics, got more"
                 )));
@@ -886,7 +882,10 @@ mod tests {
         let r = parse_reading(r#"{"device_id":"a","metrics":{"x":1}}"#, &ctx()).unwrap();
         assert_eq!(r.ts_ms, NOW);
         let r = parse_reading(
-            &format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW - 5),
+            &format!(
+                r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#,
+                NOW - 5
+            ),
             &ctx(),
         )
         .unwrap();
@@ -896,34 +895,133 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: &[(&str, &str, RejectReason)] = &[
-            (r#"{"metrics":{"x":1}}"#, "device_id: required", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"a/b","metrics":{"x":1}}"#, "device_id: '/' is not allowed", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"a+b","metrics":{"x":1}}"#, "device_id: '+'", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"a#b","metrics":{"x":1}}"#, "device_id: '#'", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"a b","metrics":{"x":1}}"#, "device_id: ' '", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"-ab","metrics":{"x":1}}"#, "device_id: must start", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"","metrics":{"x":1}}"#, "device_id: must not be empty", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":7,"metrics":{"x":1}}"#, "device_id: invalid type", RejectReason::InvalidDeviceId),
-            (r#"{"device_id":"a","ts":"yesterday","metrics":{"x":1}}"#, "ts: `yesterday` is not an RFC 3339", RejectReason::InvalidTs),
-            (r#"{"device_id":"a","ts":1.5,"metrics":{"x":1}}"#, "ts: invalid type", RejectReason::InvalidTs),
-            (r#"{"device_id":"a","seq":-1,"metrics":{"x":1}}"#, "seq: invalid value", RejectReason::InvalidSeq),
-            (r#"{"device_id":"a","metrics":{"x":"warm"}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"x":null}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"x":1e400}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"x":[[[[1]]]]}}"#, "metrics.x: expected a finite number or a boolean", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{}}"#, "metrics: at least one metric", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a"}"#, "metrics: required", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":[1]}"#, "metrics: invalid type", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"bad name":1}}"#, "metrics.bad name: ' ' is not allowed", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"x":1,"x":2}}"#, "metrics.x: given more than once", RejectReason::InvalidMetrics),
-            (r#"{"device_id":"a","metrics":{"x":1},"tags":{"k":1}}"#, "tags: invalid type", RejectReason::InvalidTags),
-            (r#"{"device_id":"a","metrics":{"x":1},"colour":"red"}"#, "colour: unknown field", RejectReason::UnknownField),
-            (r#"{"device_id":"a","device_id":"a","metrics":{"x":1}}"#, "device_id: given more than once", RejectReason::Malformed),
-            (r#"[1,2]"#, "expected a reading object", RejectReason::Malformed),
+            (
+                r#"{"metrics":{"x":1}}"#,
+                "device_id: required",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"a/b","metrics":{"x":1}}"#,
+                "device_id: '/' is not allowed",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"a+b","metrics":{"x":1}}"#,
+                "device_id: '+'",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"a#b","metrics":{"x":1}}"#,
+                "device_id: '#'",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"a b","metrics":{"x":1}}"#,
+                "device_id: ' '",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"-ab","metrics":{"x":1}}"#,
+                "device_id: must start",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"","metrics":{"x":1}}"#,
+                "device_id: must not be empty",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":7,"metrics":{"x":1}}"#,
+                "device_id: invalid type",
+                RejectReason::InvalidDeviceId,
+            ),
+            (
+                r#"{"device_id":"a","ts":"yesterday","metrics":{"x":1}}"#,
+                "ts: `yesterday` is not an RFC 3339",
+                RejectReason::InvalidTs,
+            ),
+            (
+                r#"{"device_id":"a","ts":1.5,"metrics":{"x":1}}"#,
+                "ts: invalid type",
+                RejectReason::InvalidTs,
+            ),
+            (
+                r#"{"device_id":"a","seq":-1,"metrics":{"x":1}}"#,
+                "seq: invalid value",
+                RejectReason::InvalidSeq,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":"warm"}}"#,
+                "metrics.x: expected a finite number or a boolean",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":null}}"#,
+                "metrics.x: expected a finite number or a boolean",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":1e400}}"#,
+                "metrics.x: expected a finite number or a boolean",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":[[[[1]]]]}}"#,
+                "metrics.x: expected a finite number or a boolean",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{}}"#,
+                "metrics: at least one metric",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a"}"#,
+                "metrics: required",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":[1]}"#,
+                "metrics: invalid type",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"bad name":1}}"#,
+                "metrics.bad name: ' ' is not allowed",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":1,"x":2}}"#,
+                "metrics.x: given more than once",
+                RejectReason::InvalidMetrics,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":1},"tags":{"k":1}}"#,
+                "tags: invalid type",
+                RejectReason::InvalidTags,
+            ),
+            (
+                r#"{"device_id":"a","metrics":{"x":1},"colour":"red"}"#,
+                "colour: unknown field",
+                RejectReason::UnknownField,
+            ),
+            (
+                r#"{"device_id":"a","device_id":"a","metrics":{"x":1}}"#,
+                "device_id: given more than once",
+                RejectReason::Malformed,
+            ),
+            (
+                r#"[1,2]"#,
+                "expected a reading object",
+                RejectReason::Malformed,
+            ),
         ];
         for (text, want, kind) in cases {
             let e = err(text);
-            assert!(e.to_string().starts_with(want), "{text}: got `{e}`, want `{want}…`");
+            assert!(
+                e.to_string().starts_with(want),
+                "{text}: got `{e}`, want `{want}…`"
+            );
             assert_eq!(e.kind, *kind, "{text}");
         }
     }
@@ -936,29 +1034,48 @@ mod tests {
         assert!(DeviceId::parse(&"d".repeat(128)).is_ok());
 
         let many: Vec<String> = (0..257).map(|i| format!(r#""m{i}":1"#)).collect();
-        let e = err(&format!(r#"{{"device_id":"a","metrics":{{{}}}}}"#, many.join(",")));
+        let e = err(&format!(
+            r#"{{"device_id":"a","metrics":{{{}}}}}"#,
+            many.join(",")
+        ));
         assert!(e.to_string().starts_with("metrics: at most 256"), "{e}");
         let ok: Vec<String> = (0..256).map(|i| format!(r#""m{i}":1"#)).collect();
-        assert!(parse_reading(&format!(r#"{{"device_id":"a","metrics":{{{}}}}}"#, ok.join(",")), &ctx()).is_ok());
+        assert!(parse_reading(
+            &format!(r#"{{"device_id":"a","metrics":{{{}}}}}"#, ok.join(",")),
+            &ctx()
+        )
+        .is_ok());
 
         let tags: Vec<String> = (0..17).map(|i| format!(r#""t{i}":"v""#)).collect();
-        let e = err(&format!(r#"{{"device_id":"a","metrics":{{"x":1}},"tags":{{{}}}}}"#, tags.join(",")));
+        let e = err(&format!(
+            r#"{{"device_id":"a","metrics":{{"x":1}},"tags":{{{}}}}}"#,
+            tags.join(",")
+        ));
         assert!(e.to_string().starts_with("tags:"), "{e}");
     }
 
     #[test]
     fn ts_window() {
         let year = 365 * 86400 * 1000;
-        let e = err(&format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW + year));
+        let e = err(&format!(
+            r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#,
+            NOW + year
+        ));
         assert!(e.to_string().contains("in the future"), "{e}");
-        let e = err(&format!(r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#, NOW - year));
+        let e = err(&format!(
+            r#"{{"device_id":"a","ts":{},"metrics":{{"x":1}}}}"#,
+            NOW - year
+        ));
         assert!(e.to_string().contains("old"), "{e}");
     }
 
     #[test]
     fn bound_device_fills_in_and_must_agree() {
         let bound = DeviceId::parse("dev-1").unwrap();
-        let c = ParseContext { bound_device: Some(&bound), ..ctx() };
+        let c = ParseContext {
+            bound_device: Some(&bound),
+            ..ctx()
+        };
         let r = parse_reading(r#"{"metrics":{"x":1}}"#, &c).unwrap();
         assert_eq!(r.device_id, bound);
         let e = parse_reading(r#"{"device_id":"dev-2","metrics":{"x":1}}"#, &c).unwrap_err();
@@ -973,7 +1090,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.readings.len(), 1);
-        assert_eq!(b.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            b.rejected.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
 
         let b = parse_ndjson_batch(
             "{\"device_id\":\"a\",\"metrics\":{\"x\":1}}\n\n{oops\n{\"device_id\":\"b\",\"metrics\":{\"x\":2}}\n",
@@ -982,21 +1102,37 @@ mod tests {
         .unwrap();
         assert_eq!(b.readings.len(), 2);
         assert_eq!(b.rejected[0].index, 1);
-        assert!(b.rejected[0].error.to_string().starts_with("line 3:"), "{}", b.rejected[0].error);
+        assert!(
+            b.rejected[0].error.to_string().starts_with("line 3:"),
+            "{}",
+            b.rejected[0].error
+        );
     }
 
     #[test]
     fn batch_level_errors() {
-        assert!(matches!(parse_json_batch("not json", &ctx()), Err(BatchError::Malformed(_))));
-        assert!(matches!(parse_json_batch("[{\"device_id\":", &ctx()), Err(BatchError::Malformed(_))));
-        assert!(matches!(parse_json_batch("42", &ctx()), Err(BatchError::Malformed(_))));
+        assert!(matches!(
+            parse_json_batch("not json", &ctx()),
+            Err(BatchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_json_batch("[{\"device_id\":", &ctx()),
+            Err(BatchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_json_batch("42", &ctx()),
+            Err(BatchError::Malformed(_))
+        ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let b = parse_json_batch(&deep, &ctx()).unwrap();
         assert_eq!(b.rejected.len(), 1);
         let deep_obj = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
         let r = parse_json_batch(&deep_obj, &ctx());
         assert!(matches!(&r, Ok(b) if b.rejected.len() == 1), "{r:?}");
-        let c = ParseContext { max_readings: 2, ..ctx() };
+        let c = ParseContext {
+            max_readings: 2,
+            ..ctx()
+        };
         assert_eq!(
             parse_json_batch("[{},{},{}]", &c).unwrap_err(),
             BatchError::TooMany { count: 3, limit: 2 }

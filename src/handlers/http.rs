@@ -113,7 +113,13 @@ fn is_gzip(state: &AppState, headers: &HeaderMap) -> Result<bool, Problem> {
     let Some(v) = headers.get(header::CONTENT_ENCODING) else {
         return Ok(false);
     };
-    match v.to_str().unwrap_or("").trim().to_ascii_lowercase().as_str() {
+    match v
+        .to_str()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "gzip" | "x-gzip" => Ok(true),
         "identity" | "" => Ok(false),
         other => Err(reject_request(
@@ -282,7 +288,14 @@ async fn ingest_inner(
         } else {
             StatusCode::UNPROCESSABLE_ENTITY
         };
-        return Ok(answer(status, Ack { accepted: 0, duplicates: 0 }, rejected));
+        return Ok(answer(
+            status,
+            Ack {
+                accepted: 0,
+                duplicates: 0,
+            },
+            rejected,
+        ));
     }
 
     let retry = state.settings.pipeline.retry_after;

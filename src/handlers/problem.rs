@@ -26,7 +26,12 @@ pub struct Problem {
 
 impl Problem {
     /// A problem with the given status, type slug, title and detail.
-    pub fn new(status: StatusCode, slug: &str, title: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        slug: &str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Self {
             kind: format!("urn:sluice:{slug}"),
             title,
@@ -44,7 +49,12 @@ impl Problem {
 
     /// 400: the body is not JSON / NDJSON, or a parameter is invalid.
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed", "Malformed request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "Malformed request",
+            detail,
+        )
     }
 
     /// 404.
@@ -54,7 +64,12 @@ impl Problem {
 
     /// 413.
     pub fn too_large(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", detail)
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+            detail,
+        )
     }
 
     /// 415.
@@ -68,7 +83,12 @@ impl Problem {
     }
 
     /// 503 with `Retry-After`.
-    pub fn unavailable(slug: &str, title: &'static str, detail: impl Into<String>, after: Duration) -> Self {
+    pub fn unavailable(
+        slug: &str,
+        title: &'static str,
+        detail: impl Into<String>,
+        after: Duration,
+    ) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, title, detail).retry_after(after)
     }
 }

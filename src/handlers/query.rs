@@ -67,7 +67,9 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
         match v {
             None => Ok(default),
             Some(s) => parse_ts(&s).ok_or_else(|| {
-                Problem::bad_request(format!("{name}: `{s}` is not RFC 3339 or epoch milliseconds"))
+                Problem::bad_request(format!(
+                    "{name}: `{s}` is not RFC 3339 or epoch milliseconds"
+                ))
             }),
         }
     };
@@ -87,7 +89,11 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
     let order = match p.order.as_deref() {
         None | Some("asc") => Order::Asc,
         Some("desc") => Order::Desc,
-        Some(o) => return Err(Problem::bad_request(format!("order: `{o}` must be asc or desc"))),
+        Some(o) => {
+            return Err(Problem::bad_request(format!(
+                "order: `{o}` must be asc or desc"
+            )))
+        }
     };
     if let Some(m) = &p.metric {
         check_metric_name(m).map_err(|e| Problem::bad_request(format!("metric: {e}")))?;
@@ -123,7 +129,11 @@ pub async fn readings(
             .map_err(|e| unavailable(e.to_string()))?
             .map_err(|e| unavailable(e.to_string()))?;
         match rows {
-            Some(readings) => Ok(Json(ReadingsBody { device_id, readings }).into_response()),
+            Some(readings) => Ok(Json(ReadingsBody {
+                device_id,
+                readings,
+            })
+            .into_response()),
             None => Err(Problem::not_found(format!(
                 "device `{device_id}` has no stored readings"
             ))),

@@ -105,7 +105,10 @@ async fn blocking<T: Send + 'static>(
 
 fn store_failed(ctx: &Ctx, what: &str, e: &StoreError) {
     tracing::error!(error = %e, "store {what} failed");
-    ctx.metrics.store_errors.with_label_values(&["sqlite"]).inc();
+    ctx.metrics
+        .store_errors
+        .with_label_values(&["sqlite"])
+        .inc();
     ctx.metrics.store_up.set(0);
     ctx.health.set_store_down(e.to_string());
 }
@@ -187,12 +190,7 @@ async fn commit(ctx: &Arc<Ctx>, store: Option<SqliteStore>, batch: Batch) -> Opt
             c.services.before_commit(&mut sub.readings);
         }
         let started = Instant::now();
-        let result = s.commit(
-            batch
-                .submissions
-                .iter()
-                .flat_map(|sub| sub.readings.iter()),
-        );
+        let result = s.commit(batch.submissions.iter().flat_map(|sub| sub.readings.iter()));
         let elapsed = started.elapsed();
         if let Ok(inserted) = &result {
             let stored: Vec<&Reading> = batch

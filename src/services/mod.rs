@@ -61,7 +61,11 @@ impl Services {
     /// Runs every service's restore hook.
     pub fn restore(&self, latest: &[StoredLatest]) {
         for s in &self.chain {
-            tracing::debug!(service = s.name(), devices = latest.len(), "restoring state");
+            tracing::debug!(
+                service = s.name(),
+                devices = latest.len(),
+                "restoring state"
+            );
             s.restore(latest);
         }
     }

@@ -4,4 +4,6 @@
 
 pub mod sqlite;
 
-pub use sqlite::{Order, ReadingsQuery, SqliteStore, StoreError, StoreReader, StoredLatest, StoredReading};
+pub use sqlite::{
+    Order, ReadingsQuery, SqliteStore, StoreError, StoreReader, StoredLatest, StoredReading,
+};

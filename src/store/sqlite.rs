@@ -213,7 +213,8 @@ impl SqliteStore {
         let tx = self.conn.transaction()?;
         let mut deleted = 0u64;
         {
-            let mut stmt = tx.prepare_cached("DELETE FROM readings WHERE device = ?1 AND ts < ?2")?;
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM readings WHERE device = ?1 AND ts < ?2")?;
             for &id in self.devices.values() {
                 deleted += stmt.execute(params![id, cutoff_ms])? as u64;
             }
@@ -365,10 +366,8 @@ impl StoreReader {
                          ORDER BY ts {dir}, id {dir} LIMIT ?4"
                     );
                     let mut stmt = conn.prepare_cached(&sql)?;
-                    let rows = stmt.query_map(
-                        params![device, q.from_ms, q.to_ms, q.limit as i64],
-                        map_row,
-                    )?;
+                    let rows = stmt
+                        .query_map(params![device, q.from_ms, q.to_ms, q.limit as i64], map_row)?;
                     rows.collect::<Result<Vec<_>, _>>()?
                 }
                 Some(metric) => {
