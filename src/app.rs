@@ -16,9 +16,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
-use crate::handlers::{self, AppState};
+use crate::handlers::{self, AppState, WsHub};
 use crate::pipeline::{Health, Pipeline};
-use crate::services::{DeviceState, Services};
+use crate::services::{DeviceState, Live, Services};
 use crate::store::StoreReader;
 use crate::telemetry::metrics::Metrics;
 
@@ -44,6 +44,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/devices/{device_id}/readings",
             get(handlers::query::readings),
         )
+        .route("/v1/ws", get(handlers::ws::device_ws))
+        .route("/v1/live", get(handlers::live::live_ws))
         .route("/metrics", get(handlers::ops::metrics))
         .route("/healthz", get(handlers::ops::healthz))
         .route("/readyz", get(handlers::ops::readyz))
@@ -75,7 +77,8 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
         let devices = Arc::new(DeviceState::new());
-        let services = Arc::new(Services::new(vec![devices.clone()]));
+        let live = Live::new();
+        let services = Arc::new(Services::new(vec![devices.clone(), live.clone()]));
         let pipeline = Pipeline::start(&settings, metrics.clone(), health.clone(), services);
         let state = AppState {
             settings: settings.clone(),
@@ -84,6 +87,12 @@ impl Application {
             health,
             devices,
             reader: Arc::new(StoreReader::new(&settings.storage)),
+            ws: WsHub {
+                connections: Arc::new(tokio::sync::Semaphore::new(settings.ws.max_connections)),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+                tracker: tokio_util::task::TaskTracker::new(),
+                live,
+            },
         };
         Ok(Self {
             listener,
@@ -116,12 +125,16 @@ impl Application {
             pipeline,
         } = self;
         let timeout = state.settings.server.shutdown_timeout;
+        let ws_tracker = state.ws.tracker.clone();
         let health = state.health.clone();
+        let ws = state.ws.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutdown signal received: not ready, finishing in-flight requests");
             health.set_shutting_down();
+            // WebSocket connections answer what they have read, then close with 1001.
+            ws.shutdown.cancel();
             let _ = stop_tx.send(());
         };
         tracing::info!(%addr, "sluice listening");
@@ -139,7 +152,10 @@ impl Application {
                 Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
                 Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
             }
-            tracing::info!("HTTP drained; draining the pipeline");
+            tracing::info!("HTTP drained; waiting for WebSocket connections to close");
+            ws_tracker.close();
+            ws_tracker.wait().await;
+            tracing::info!("WebSocket connections closed; draining the pipeline");
             pipeline.drain().await;
         };
         tokio::time::timeout(timeout, drain).await.map_err(|_| {

@@ -29,6 +29,8 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     /// The embedded SQLite store.
     pub storage: StorageSettings,
+    /// Device WebSocket ingest and live streams.
+    pub ws: WsSettings,
     /// The MQTT source.
     pub mqtt: MqttSettings,
     /// Logging.
@@ -170,6 +172,46 @@ impl Default for StorageSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(60),
             commit_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// `[ws]`: device WebSocket ingest (`/v1/ws`) and live streams (`/v1/live`), SPEC §4–5.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsSettings {
+    /// Unacknowledged frames per device connection; past this the server stops reading.
+    pub max_in_flight: usize,
+    /// Largest message; a bigger one closes the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Open WebSocket connections (device and live together); the next one is closed with 1013.
+    pub max_connections: usize,
+    /// How often the server pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A peer silent this long (no frame, no pong) is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Per-connection read buffer. tungstenite's default of 128 KiB, allocated up front,
+    /// would make 10 000 idle connections cost over a gigabyte.
+    pub read_buffer_bytes: usize,
+    /// Per-connection write buffer before a flush.
+    pub write_buffer_bytes: usize,
+    /// Readings buffered per live subscriber; past this it gets `{"type":"lagged"}`.
+    pub live_buffer: usize,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            max_message_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 4 * 1024,
+            live_buffer: 1024,
         }
     }
 }
@@ -371,6 +413,21 @@ impl Settings {
         }
         if self.storage.retention_interval.is_zero() {
             return invalid("storage.retention_interval", "must be more than 0s".into());
+        }
+        if self.ws.max_in_flight == 0 {
+            return invalid("ws.max_in_flight", "must be at least 1".into());
+        }
+        if self.ws.max_message_bytes < 64 {
+            return invalid("ws.max_message_bytes", "must be at least 64".into());
+        }
+        if self.ws.ping_interval.is_zero() || self.ws.ping_interval >= self.ws.idle_timeout {
+            return invalid(
+                "ws.ping_interval",
+                "must be more than 0s and less than ws.idle_timeout".into(),
+            );
+        }
+        if self.ws.live_buffer == 0 {
+            return invalid("ws.live_buffer", "must be at least 1".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

@@ -16,16 +16,10 @@ use axum::Json;
 use serde::Serialize;
 
 use super::problem::Problem;
-use super::AppState;
+use super::{count_parsed, parse_readings, AppState, Format, INLINE_PARSE_BYTES};
 use crate::pipeline::{Ack, Refusal};
-use crate::reading::{
-    self, now_ms, BatchError, ParseContext, ParsedBatch, RejectReason, Rejection,
-};
+use crate::reading::{BatchError, RejectReason, Rejection};
 use crate::telemetry::metrics::Transport;
-
-/// Bodies larger than this are parsed on a blocking thread, so a 4 MiB batch never holds an
-/// event-loop worker for milliseconds.
-const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
 /// The answer to an ingest request that was read (SPEC §3).
 #[derive(Debug, Serialize)]
@@ -54,12 +48,6 @@ impl From<&Rejection> for RejectedItem {
             error: r.error.to_string(),
         }
     }
-}
-
-#[derive(Clone, Copy)]
-enum Format {
-    Json,
-    Ndjson,
 }
 
 /// The ingest handler.
@@ -218,35 +206,7 @@ async fn ingest_inner(
         bytes
     };
 
-    let parse = {
-        let settings = state.settings.clone();
-        move |bytes: Bytes| -> Result<ParsedBatch, BatchError> {
-            let text = std::str::from_utf8(&bytes).map_err(|e| {
-                BatchError::Malformed(format!(
-                    "body is not UTF-8: invalid byte at offset {}",
-                    e.valid_up_to()
-                ))
-            })?;
-            let ctx = ParseContext {
-                now_ms: now_ms(),
-                max_future_skew: settings.limits.max_future_skew,
-                max_age: settings.limits.max_age,
-                max_readings: settings.limits.max_readings_per_request,
-                bound_device: None,
-            };
-            match format {
-                Format::Json => reading::parse_json_batch(text, &ctx),
-                Format::Ndjson => reading::parse_ndjson_batch(text, &ctx),
-            }
-        }
-    };
-    let parsed = if bytes.len() > INLINE_PARSE_BYTES {
-        tokio::task::spawn_blocking(move || parse(bytes))
-            .await
-            .map_err(|_| Problem::bad_request("body could not be parsed"))?
-    } else {
-        parse(bytes)
-    };
+    let parsed = parse_readings(&state.settings, bytes, format, None).await;
     let parsed = match parsed {
         Ok(p) => p,
         Err(BatchError::Malformed(detail)) => {
@@ -273,14 +233,7 @@ async fn ingest_inner(
     };
 
     let t = Transport::Http;
-    let metrics = &state.metrics;
-    metrics
-        .readings_received
-        .with_label_values(&[t.as_str()])
-        .inc_by(parsed.total() as u64);
-    for r in &parsed.rejected {
-        metrics.rejected(t, r.error.kind, 1);
-    }
+    count_parsed(state, t, &parsed);
     let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
     if parsed.readings.is_empty() {
         let status = if rejected.is_empty() {

@@ -7,17 +7,102 @@
 //! - `problem`: RFC 9457 problem documents for every non-ingest error
 
 pub mod http;
+pub mod live;
 pub mod ops;
 pub mod problem;
 pub mod query;
+pub mod ws;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::config::Settings;
 use crate::pipeline::{Admission, Health};
-use crate::services::DeviceState;
+use crate::reading::{self, now_ms, BatchError, DeviceId, ParseContext, ParsedBatch};
+use crate::services::{DeviceState, Live};
 use crate::store::StoreReader;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, Transport};
+
+/// Bodies and frames larger than this are parsed on a blocking thread, so a 4 MiB batch never
+/// holds an event-loop worker for milliseconds.
+pub const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// How a body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One reading or an array.
+    Json,
+    /// One reading per line.
+    Ndjson,
+}
+
+/// Parses readings at the edge, on a blocking thread when the input is large. `bound` is the
+/// device the transport binds, if any.
+pub async fn parse_readings(
+    settings: &Arc<Settings>,
+    bytes: Bytes,
+    format: Format,
+    bound: Option<DeviceId>,
+) -> Result<ParsedBatch, BatchError> {
+    let settings = settings.clone();
+    let len = bytes.len();
+    let parse = move || {
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            BatchError::Malformed(format!(
+                "not UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            ))
+        })?;
+        let ctx = ParseContext {
+            now_ms: now_ms(),
+            max_future_skew: settings.limits.max_future_skew,
+            max_age: settings.limits.max_age,
+            max_readings: settings.limits.max_readings_per_request,
+            bound_device: bound.as_ref(),
+        };
+        match format {
+            Format::Json => reading::parse_json_batch(text, &ctx),
+            Format::Ndjson => reading::parse_ndjson_batch(text, &ctx),
+        }
+    };
+    if len > INLINE_PARSE_BYTES {
+        tokio::task::spawn_blocking(parse)
+            .await
+            .unwrap_or_else(|e| Err(BatchError::Malformed(format!("parser failed: {e}"))))
+    } else {
+        parse()
+    }
+}
+
+/// Counts the readings of a parsed batch as received, and its rejections by reason.
+pub fn count_parsed(state: &AppState, transport: Transport, parsed: &ParsedBatch) {
+    let metrics = &state.metrics;
+    metrics
+        .readings_received
+        .with_label_values(&[transport.as_str()])
+        .inc_by(parsed.total() as u64);
+    for r in &parsed.rejected {
+        metrics.rejected(transport, r.error.kind, 1);
+    }
+}
+
+/// Open WebSocket connections: their limit, their shutdown signal, and a tracker to wait for
+/// them to finish.
+#[derive(Clone)]
+pub struct WsHub {
+    /// One permit per connection, `ws.max_connections` in all.
+    pub connections: Arc<Semaphore>,
+    /// Cancelled at shutdown: connections answer what they took, then close with 1001.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them before draining the pipeline.
+    pub tracker: TaskTracker,
+    /// Live subscribers.
+    pub live: Arc<Live>,
+}
 
 /// Shared by every handler. Cheap to clone.
 #[derive(Clone)]
@@ -34,4 +119,6 @@ pub struct AppState {
     pub devices: Arc<DeviceState>,
     /// Query access to the store.
     pub reader: Arc<StoreReader>,
+    /// WebSocket connections.
+    pub ws: WsHub,
 }

@@ -9,6 +9,7 @@
 //! Services must be quick and must not block: they run inside the commit loop.
 
 pub mod device_state;
+pub mod live;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::reading::Reading;
 use crate::store::StoredLatest;
 
 pub use device_state::DeviceState;
+pub use live::Live;
 
 /// One processing step around the commit.
 pub trait Service: Send + Sync {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     /// 1 while the store accepts writes.
     pub store_up: IntGauge,
+    /// Open WebSocket connections by kind (`device`, `live`).
+    pub ws_connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -190,6 +192,11 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            ws_connections: gauge(
+                "sluice_ws_connections",
+                "Open WebSocket connections, by kind (device ingest or live stream).",
+                &["kind"],
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -209,6 +216,8 @@ impl Metrics {
             }
         }
         m.store_errors.with_label_values(&["sqlite"]);
+        m.ws_connections.with_label_values(&["device"]);
+        m.ws_connections.with_label_values(&["live"]);
         m.store_commit_seconds.with_label_values(&["sqlite"]);
         m
     }

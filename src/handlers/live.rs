@@ -1,0 +1,120 @@
+//! `GET /v1/live?device=<glob>&metric=<glob>`: committed readings, streamed to dashboards and
+//! consumers (SPEC §5). The reverse of ingest: store → live service → **this handler** → client.
+//!
+//! The subscriber's buffer lives in the live service and is bounded (`ws.live_buffer`). This
+//! task only forwards. When the service reports missed readings, the client first gets
+//! `{"type":"lagged","missed":n}` and then the stream carries on.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use super::ws::{close, configure, finish_close, ConnectionGauge};
+use super::AppState;
+
+/// How often a subscriber is checked for missed readings when nothing else is sent.
+const LAG_CHECK: Duration = Duration::from_millis(100);
+
+/// Query string of `/v1/live`.
+#[derive(Debug, Deserialize)]
+pub struct LiveParams {
+    /// Glob on device ids (`*`, `?`); all devices if absent.
+    device: Option<String>,
+    /// Glob on metric names; a reading matches if any of its metrics does.
+    metric: Option<String>,
+}
+
+/// The upgrade handler.
+pub async fn live_ws(
+    State(state): State<AppState>,
+    Query(params): Query<LiveParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let permit = state.ws.connections.clone().try_acquire_owned().ok();
+    let tracker = state.ws.tracker.clone();
+    configure(ws, &state.settings.ws)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                match permit {
+                    None => close(socket, 1013, "too many connections; try again later").await,
+                    Some(_permit) => run(socket, state, params).await,
+                }
+            })
+        })
+        .into_response()
+}
+
+async fn run(socket: WebSocket, state: AppState, params: LiveParams) {
+    let _gauge = ConnectionGauge::new(&state, "live");
+    let ws = &state.settings.ws;
+    let (subscription, mut rx) = state.ws.live.subscribe(
+        params.device.as_deref(),
+        params.metric.as_deref(),
+        ws.live_buffer,
+    );
+    let (mut sink, mut stream) = socket.split();
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + ws.ping_interval,
+        ws.ping_interval,
+    );
+    let mut lag_check = tokio::time::interval(LAG_CHECK);
+    let mut last_heard = tokio::time::Instant::now();
+    let shutdown = state.ws.shutdown.clone();
+    let send_timeout = ws.idle_timeout;
+    let (code, reason) = loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Message::Text(Utf8Bytes::from(m.as_ref())),
+                None => break (1011, "stream ended"),
+            },
+            _ = lag_check.tick() => {
+                let missed = subscription.subscriber.take_missed();
+                if missed == 0 { continue }
+                Message::Text(format!("{{\"type\":\"lagged\",\"missed\":{missed}}}").into())
+            }
+            _ = ping.tick() => Message::Ping(Bytes::new()),
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => { last_heard = tokio::time::Instant::now(); continue }
+            },
+            _ = tokio::time::sleep_until(last_heard + ws.idle_timeout) => break (1001, "idle timeout"),
+            _ = shutdown.cancelled() => break (1001, "server shutting down"),
+        };
+        // Report misses before the next reading, so the client knows where the gap is.
+        let missed = subscription.subscriber.take_missed();
+        if missed > 0 {
+            let lagged =
+                Message::Text(format!("{{\"type\":\"lagged\",\"missed\":{missed}}}").into());
+            if !matches!(
+                tokio::time::timeout(send_timeout, sink.send(lagged)).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+        }
+        if !matches!(
+            tokio::time::timeout(send_timeout, sink.send(msg)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    };
+    let sent = tokio::time::timeout(
+        send_timeout.min(Duration::from_secs(2)),
+        sink.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }))),
+    )
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        if let Ok(socket) = stream.reunite(sink) {
+            finish_close(socket).await;
+        }
+    }
+}

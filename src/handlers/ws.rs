@@ -1,0 +1,570 @@
+//! `GET /v1/ws[?device_id=ID]`: device → **WebSocket handler** → admission → … → ack frame.
+//!
+//! Each connection has two halves:
+//! - the **reader** reads frames, parses each one at the edge, submits it, and queues the
+//!   pending answer. Before reading a frame it takes one of `ws.max_in_flight` permits, so
+//!   a device with that many frames unanswered is not read any further: TCP slows it down.
+//! - the **writer** sends the answers strictly in frame order. For each one it waits for the
+//!   commit, and only then releases the permit. It also sends the pings.
+//!
+//! Close codes (SPEC §4): 1009 for a message over `ws.max_message_bytes`, 1003 for a binary
+//! frame, 1007 for invalid UTF-8, 1013 at `ws.max_connections`, and 1001 at shutdown, sent
+//! after every frame read has been answered. A peer silent for `ws.idle_timeout` is closed.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::sleep_until;
+
+use super::http::RejectedItem;
+use super::problem::Problem;
+use super::{count_parsed, parse_readings, AppState, Format};
+use crate::config::WsSettings;
+use crate::pipeline::{AckResult, Refusal};
+use crate::reading::{BatchError, DeviceId, RejectReason};
+use crate::telemetry::metrics::Transport;
+
+/// Longest envelope `id` (SPEC §4).
+const MAX_ID_LEN: usize = 64;
+/// At shutdown, frames already on their way are still read and answered until the socket has
+/// been quiet this long...
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// ...or for at most this long.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// Query string of `/v1/ws`.
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    /// Binds the connection to one device: readings may omit `device_id`, and must not name
+    /// another.
+    device_id: Option<String>,
+}
+
+/// Applies the per-connection buffer and size limits.
+pub fn configure(ws: WebSocketUpgrade, s: &WsSettings) -> WebSocketUpgrade {
+    ws.read_buffer_size(s.read_buffer_bytes)
+        .write_buffer_size(s.write_buffer_bytes)
+        .max_write_buffer_size(s.write_buffer_bytes.max(64 * 1024) + s.max_message_bytes)
+        .max_message_size(s.max_message_bytes)
+        .max_frame_size(s.max_message_bytes)
+}
+
+/// How long to wait for the peer's half of the closing handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Sends a close frame, waits briefly for the peer's reply, and ends the connection.
+pub async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let _ = tokio::time::timeout(
+        CLOSE_WAIT,
+        socket.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }))),
+    )
+    .await;
+    finish_close(socket).await;
+}
+
+/// After our close frame: read (and discard) until the peer's close or EOF, so the TCP
+/// connection ends with a clean closing handshake rather than a reset.
+pub async fn finish_close(mut socket: WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The upgrade handler.
+pub async fn device_ws(
+    State(state): State<AppState>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let bound = match params.device_id.as_deref().map(DeviceId::parse) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => return Problem::bad_request(format!("device_id: {e}")).into_response(),
+    };
+    let permit = state.ws.connections.clone().try_acquire_owned().ok();
+    let tracker = state.ws.tracker.clone();
+    configure(ws, &state.settings.ws)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                match permit {
+                    None => close(socket, 1013, "too many connections; try again later").await,
+                    Some(permit) => run(socket, state, bound, permit).await,
+                }
+            })
+        })
+        .into_response()
+}
+
+/// One answer owed to the device, in frame order.
+enum Outgoing {
+    /// Known at once (nothing to commit).
+    Ready {
+        /// Frees the in-flight slot once sent.
+        permit: OwnedSemaphorePermit,
+        /// When the frame was read.
+        received: Instant,
+        /// The JSON answer.
+        body: String,
+    },
+    /// Waiting for its commit.
+    Pending {
+        /// Frees the in-flight slot once sent.
+        permit: OwnedSemaphorePermit,
+        /// When the frame was read.
+        received: Instant,
+        /// Frame number on this connection.
+        n: u64,
+        /// The envelope id, echoed back.
+        id: Option<String>,
+        /// Readings refused at the edge.
+        rejected: Vec<RejectedItem>,
+        /// Completed by the store writer.
+        ack: oneshot::Receiver<AckResult>,
+    },
+    /// Close after everything before it was sent.
+    Close(u16, &'static str),
+}
+
+#[derive(Serialize)]
+struct AckFrame<'a> {
+    ack: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    accepted: usize,
+    duplicates: usize,
+    rejected: &'a [RejectedItem],
+}
+
+#[derive(Serialize)]
+struct ErrorAck<'a> {
+    ack: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    error: ErrorBody<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'static str,
+    detail: &'a str,
+}
+
+fn error_ack(
+    n: u64,
+    id: Option<&str>,
+    code: &'static str,
+    detail: &str,
+    retry: Option<Duration>,
+) -> String {
+    serde_json::to_string(&ErrorAck {
+        ack: n,
+        id,
+        error: ErrorBody { code, detail },
+        retry_after_ms: retry.map(|d| d.as_millis() as u64),
+    })
+    .unwrap_or_default()
+}
+
+/// Counts a connection in `sluice_ws_connections` for as long as it lives.
+pub struct ConnectionGauge(prometheus::IntGauge);
+
+impl ConnectionGauge {
+    /// Increments the gauge of `kind`.
+    pub fn new(state: &AppState, kind: &str) -> Self {
+        let g = state.metrics.ws_connections.with_label_values(&[kind]);
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn run(
+    socket: WebSocket,
+    state: AppState,
+    bound: Option<DeviceId>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let _gauge = ConnectionGauge::new(&state, "device");
+    let settings = state.settings.ws.clone();
+    let (sink, stream) = socket.split();
+    let in_flight = std::sync::Arc::new(Semaphore::new(settings.max_in_flight));
+    // Never fuller than max_in_flight answers plus one close: the permits bound it.
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(settings.max_in_flight + 1);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, state.clone()));
+    let stream = read_loop(stream, &out_tx, in_flight, &state, bound).await;
+    drop(out_tx);
+    // The writer answers what was read. At shutdown a peer that does not read its answers gets
+    // DRAIN_MAX to take them; otherwise the writer's own send timeouts bound it.
+    let limit = if state.ws.shutdown.is_cancelled() {
+        DRAIN_MAX
+    } else {
+        state.settings.ws.idle_timeout * 2
+    };
+    match tokio::time::timeout(limit, &mut writer).await {
+        Ok(Ok(Some(sink))) => {
+            if let Ok(socket) = stream.reunite(sink) {
+                finish_close(socket).await;
+            }
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "websocket writer failed"),
+        Err(_) => {
+            tracing::debug!("websocket peer not reading its answers; dropping the connection");
+            writer.abort();
+        }
+    }
+}
+
+/// Reads frames until the connection is to close; returns the stream for the closing handshake.
+async fn read_loop(
+    mut stream: SplitStream<WebSocket>,
+    out: &mpsc::Sender<Outgoing>,
+    in_flight: std::sync::Arc<Semaphore>,
+    state: &AppState,
+    bound: Option<DeviceId>,
+) -> SplitStream<WebSocket> {
+    let idle = state.settings.ws.idle_timeout;
+    let shutdown = state.ws.shutdown.clone();
+    let mut last_heard = tokio::time::Instant::now();
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut n: u64 = 0;
+    loop {
+        // While draining for shutdown, only frames already on their way are read: the socket
+        // must not stay quiet for DRAIN_QUIET, and the whole drain is bounded by DRAIN_MAX.
+        let permit_deadline = drain_until.unwrap_or(last_heard + idle);
+        let permit = tokio::select! {
+            p = in_flight.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return stream,
+            },
+            _ = sleep_until(permit_deadline) => {
+                let _ = out.send(timeout_close(drain_until)).await;
+                return stream;
+            }
+            _ = shutdown.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
+                continue;
+            }
+        };
+        let read_deadline = match drain_until {
+            Some(end) => end.min(tokio::time::Instant::now() + DRAIN_QUIET),
+            None => last_heard + idle,
+        };
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = sleep_until(read_deadline) => {
+                let _ = out.send(timeout_close(drain_until)).await;
+                return stream;
+            }
+            _ = shutdown.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
+                continue;
+            }
+        };
+        last_heard = tokio::time::Instant::now();
+        let item = match msg {
+            None => return stream, // the peer went away; the writer answers what it can
+            Some(Err(e)) => {
+                let (code, why) = classify_error(&e);
+                tracing::debug!(error = %e, code, "websocket read error");
+                Outgoing::Close(code, why)
+            }
+            Some(Ok(Message::Text(text))) => {
+                n += 1;
+                handle_frame(state, bound.as_ref(), n, Bytes::from(text), permit).await
+            }
+            Some(Ok(Message::Binary(_))) => {
+                Outgoing::Close(1003, "binary frames are not supported; send JSON text")
+            }
+            Some(Ok(Message::Close(_))) => Outgoing::Close(1000, ""),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        };
+        let closing = matches!(item, Outgoing::Close(..));
+        if out.send(item).await.is_err() || closing {
+            return stream;
+        }
+    }
+}
+
+fn timeout_close(drain_until: Option<tokio::time::Instant>) -> Outgoing {
+    match drain_until {
+        Some(_) => Outgoing::Close(1001, "server shutting down"),
+        None => Outgoing::Close(1001, "idle timeout"),
+    }
+}
+
+fn classify_error(e: &axum::Error) -> (u16, &'static str) {
+    use std::error::Error as _;
+    let inner = e.source();
+    match inner.and_then(|s| s.downcast_ref::<tungstenite::Error>()) {
+        Some(tungstenite::Error::Capacity(_)) => (1009, "message too big"),
+        Some(tungstenite::Error::Utf8(_)) => (1007, "invalid UTF-8 in a text frame"),
+        Some(tungstenite::Error::Protocol(_)) => (1002, "protocol error"),
+        _ => (1011, "read error"),
+    }
+}
+
+/// The envelope `{"id": ..., "readings": [...]}`; other fields are ignored when probing.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    readings: Option<&'a RawValue>,
+}
+
+/// Parses and submits one frame; the answer is either known now or after the commit.
+async fn handle_frame(
+    state: &AppState,
+    bound: Option<&DeviceId>,
+    n: u64,
+    frame: Bytes,
+    permit: OwnedSemaphorePermit,
+) -> Outgoing {
+    let received = Instant::now();
+    match frame_answer(state, bound, n, frame).await {
+        FrameAnswer::Ready(body) => Outgoing::Ready {
+            permit,
+            received,
+            body,
+        },
+        FrameAnswer::Pending { id, rejected, ack } => Outgoing::Pending {
+            permit,
+            received,
+            n,
+            id,
+            rejected,
+            ack,
+        },
+    }
+}
+
+enum FrameAnswer {
+    Ready(String),
+    Pending {
+        id: Option<String>,
+        rejected: Vec<RejectedItem>,
+        ack: oneshot::Receiver<AckResult>,
+    },
+}
+
+async fn frame_answer(
+    state: &AppState,
+    bound: Option<&DeviceId>,
+    n: u64,
+    frame: Bytes,
+) -> FrameAnswer {
+    let t = Transport::Ws;
+    let retry = state.settings.pipeline.retry_after;
+    let ready = FrameAnswer::Ready;
+    // An envelope? Only objects with a `readings` field are.
+    let text = std::str::from_utf8(&frame).unwrap_or_default();
+    let mut id: Option<String> = None;
+    let mut payload = frame.clone();
+    if text.trim_start().starts_with('{') {
+        if let Ok(env) = serde_json::from_str::<Envelope>(text) {
+            if let Some(readings) = env.readings {
+                if let Some(i) = &env.id {
+                    if i.chars().count() > MAX_ID_LEN {
+                        count_request(state, RejectReason::Malformed, 1);
+                        return ready(error_ack(
+                            n,
+                            None,
+                            "malformed",
+                            &format!("id: longer than {MAX_ID_LEN} characters"),
+                            None,
+                        ));
+                    }
+                }
+                id = env.id.map(Cow::into_owned);
+                let raw = readings.get();
+                let start = raw.as_ptr() as usize - text.as_ptr() as usize;
+                payload = frame.slice(start..start + raw.len());
+            }
+        }
+    }
+    let parsed = parse_readings(&state.settings, payload, Format::Json, bound.cloned()).await;
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(BatchError::Malformed(detail)) => {
+            count_request(state, RejectReason::Malformed, 1);
+            return ready(error_ack(n, id.as_deref(), "malformed", &detail, None));
+        }
+        Err(e @ BatchError::TooMany { count, .. }) => {
+            count_request(state, RejectReason::TooManyReadings, count);
+            return ready(error_ack(
+                n,
+                id.as_deref(),
+                "too_many_readings",
+                &e.to_string(),
+                None,
+            ));
+        }
+    };
+    count_parsed(state, t, &parsed);
+    let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
+    if parsed.readings.is_empty() {
+        return ready(ack_frame(n, id.as_deref(), 0, 0, &rejected));
+    }
+    match state.admission.submit(t, parsed.readings) {
+        Ok(ack) => FrameAnswer::Pending { id, rejected, ack },
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::Overloaded { .. } => "overloaded",
+                Refusal::Unavailable | Refusal::ShuttingDown => "unavailable",
+            };
+            ready(error_ack(
+                n,
+                id.as_deref(),
+                code,
+                &refusal.to_string(),
+                Some(retry),
+            ))
+        }
+    }
+}
+
+fn count_request(state: &AppState, reason: RejectReason, n: usize) {
+    let t = Transport::Ws;
+    state
+        .metrics
+        .readings_received
+        .with_label_values(&[t.as_str()])
+        .inc_by(n as u64);
+    state.metrics.rejected(t, reason, n as u64);
+}
+
+fn ack_frame(
+    n: u64,
+    id: Option<&str>,
+    accepted: usize,
+    duplicates: usize,
+    rejected: &[RejectedItem],
+) -> String {
+    serde_json::to_string(&AckFrame {
+        ack: n,
+        id,
+        accepted,
+        duplicates,
+        rejected,
+    })
+    .unwrap_or_default()
+}
+
+/// Sends answers in order, and pings. Every send is bounded by `ws.idle_timeout`, so a peer
+/// that stopped reading cannot hold the task forever. Returns the sink after a clean close.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    state: AppState,
+) -> Option<SplitSink<WebSocket, Message>> {
+    let ws = &state.settings.ws;
+    let retry = state.settings.pipeline.retry_after;
+    let latency = state
+        .metrics
+        .ack_latency
+        .with_label_values(&[Transport::Ws.as_str()]);
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + ws.ping_interval,
+        ws.ping_interval,
+    );
+    let send_timeout = ws.idle_timeout;
+    macro_rules! send {
+        ($msg:expr) => {
+            match tokio::time::timeout(send_timeout, sink.send($msg)).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        };
+    }
+    loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            _ = ping.tick() => {
+                send!(Message::Ping(Bytes::new()));
+                continue;
+            }
+        };
+        match item {
+            None => {
+                let _ = sink.close().await;
+                return None;
+            }
+            Some(Outgoing::Ready {
+                permit,
+                received,
+                body,
+            }) => {
+                send!(Message::Text(body.into()));
+                latency.observe(received.elapsed().as_secs_f64());
+                drop(permit);
+            }
+            Some(Outgoing::Pending {
+                permit,
+                received,
+                n,
+                id,
+                rejected,
+                mut ack,
+            }) => {
+                let result = loop {
+                    tokio::select! {
+                        r = &mut ack => break r,
+                        _ = ping.tick() => send!(Message::Ping(Bytes::new())),
+                    }
+                };
+                let body = match result {
+                    Ok(Ok(a)) => ack_frame(n, id.as_deref(), a.accepted, a.duplicates, &rejected),
+                    Ok(Err(e)) => {
+                        error_ack(n, id.as_deref(), "unavailable", &e.to_string(), Some(retry))
+                    }
+                    Err(_) => error_ack(
+                        n,
+                        id.as_deref(),
+                        "unavailable",
+                        "the pipeline stopped",
+                        Some(retry),
+                    ),
+                };
+                send!(Message::Text(body.into()));
+                latency.observe(received.elapsed().as_secs_f64());
+                drop(permit);
+            }
+            Some(Outgoing::Close(code, reason)) => {
+                let _ = tokio::time::timeout(
+                    send_timeout,
+                    sink.send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from_static(reason),
+                    }))),
+                )
+                .await;
+                return Some(sink);
+            }
+        }
+    }
+}

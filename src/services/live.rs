@@ -1,0 +1,209 @@
+//! Live fan-out: a post-commit service that copies committed readings to `/v1/live`
+//! subscribers (SPEC §5).
+//!
+//! Each subscriber has its own bounded buffer, counted in readings. Fan-out only ever
+//! `try_send`s: a subscriber whose buffer is full misses the reading, the miss is counted,
+//! and the subscriber is told `{"type":"lagged","missed":n}` when it catches up. A slow
+//! subscriber can therefore never slow ingest or the other subscribers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use wildmatch::WildMatch;
+
+use super::Service;
+use crate::reading::{format_ts, PairsAsMap, Reading};
+
+/// One reading as the live stream sends it; serialised once and shared by every subscriber.
+pub type LiveMessage = Arc<str>;
+
+/// A subscriber's filters and its buffer.
+pub struct Subscriber {
+    /// Unique per subscription, to remove it again.
+    id: u64,
+    /// `device=` glob; `None` matches every device.
+    device: Option<WildMatch>,
+    /// `metric=` glob; a reading matches if any of its metric names does.
+    metric: Option<WildMatch>,
+    /// The bounded buffer.
+    tx: mpsc::Sender<LiveMessage>,
+    /// Readings dropped because the buffer was full, not yet reported.
+    missed: AtomicU64,
+}
+
+impl Subscriber {
+    fn matches(&self, r: &Reading) -> bool {
+        self.device
+            .as_ref()
+            .is_none_or(|g| g.matches(r.device_id.as_str()))
+            && self
+                .metric
+                .as_ref()
+                .is_none_or(|g| r.metrics.iter().any(|(name, _)| g.matches(name)))
+    }
+
+    /// Takes the count of readings missed since the last call.
+    pub fn take_missed(&self) -> u64 {
+        self.missed.swap(0, Ordering::AcqRel)
+    }
+}
+
+/// Removes its subscription when dropped.
+pub struct Subscription {
+    /// The subscriber, for `take_missed`.
+    pub subscriber: Arc<Subscriber>,
+    /// The registry to remove it from.
+    live: Arc<Live>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let id = self.subscriber.id;
+        self.live
+            .subscribers
+            .write()
+            .expect("live lock")
+            .retain(|s| s.id != id);
+    }
+}
+
+/// The live fan-out service.
+#[derive(Default)]
+pub struct Live {
+    /// Current subscribers. Read per batch by the store writer, written on (un)subscribe.
+    subscribers: RwLock<Vec<Arc<Subscriber>>>,
+    /// Next subscription id.
+    next_id: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct LiveReading<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    device_id: &'a str,
+    ts: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    metrics: PairsAsMap<'a, crate::reading::MetricValue>,
+    tags: PairsAsMap<'a, String>,
+}
+
+impl Live {
+    /// A registry with no subscribers.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Subscribes with optional globs and a buffer of `buffer` readings.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        device: Option<&str>,
+        metric: Option<&str>,
+        buffer: usize,
+    ) -> (Subscription, mpsc::Receiver<LiveMessage>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let subscriber = Arc::new(Subscriber {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            device: device.map(WildMatch::new),
+            metric: metric.map(WildMatch::new),
+            tx,
+            missed: AtomicU64::new(0),
+        });
+        self.subscribers
+            .write()
+            .expect("live lock")
+            .push(subscriber.clone());
+        (
+            Subscription {
+                subscriber,
+                live: self.clone(),
+            },
+            rx,
+        )
+    }
+
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.subscribers.read().expect("live lock").len()
+    }
+
+    /// Whether nobody is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn render(r: &Reading) -> LiveMessage {
+    let msg = LiveReading {
+        kind: "reading",
+        device_id: r.device_id.as_str(),
+        ts: format_ts(r.ts_ms),
+        seq: r.seq,
+        metrics: PairsAsMap(&r.metrics),
+        tags: PairsAsMap(&r.tags),
+    };
+    serde_json::to_string(&msg).unwrap_or_default().into()
+}
+
+impl Service for Live {
+    fn name(&self) -> &'static str {
+        "live"
+    }
+
+    fn after_commit(&self, stored: &[&Reading]) {
+        let subscribers = self.subscribers.read().expect("live lock");
+        if subscribers.is_empty() {
+            return;
+        }
+        for r in stored {
+            let mut rendered: Option<LiveMessage> = None;
+            for s in subscribers.iter().filter(|s| s.matches(r)) {
+                let msg = rendered.get_or_insert_with(|| render(r)).clone();
+                if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(msg) {
+                    s.missed.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{DeviceId, MetricValue};
+
+    fn r(device: &str, metric: &str) -> Reading {
+        Reading {
+            device_id: DeviceId::parse(device).unwrap(),
+            ts_ms: 0,
+            seq: Some(1),
+            metrics: vec![(metric.into(), MetricValue::Int(1))],
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn filters_and_lag() {
+        let live = Live::new();
+        let (sub, mut rx) = live.subscribe(Some("green*"), Some("temp?"), 2);
+        let a = r("greenhouse-1", "temp1");
+        let b = r("barn-1", "temp1");
+        let c = r("greenhouse-2", "humidity");
+        live.after_commit(&[&a, &b, &c, &a, &a]);
+        let first = rx.try_recv().unwrap();
+        assert!(first.contains("\"device_id\":\"greenhouse-1\""), "{first}");
+        assert!(first.starts_with("{\"type\":\"reading\""));
+        assert!(rx.try_recv().is_ok());
+        assert!(
+            rx.try_recv().is_err(),
+            "only matching readings, and only 2 buffered"
+        );
+        assert_eq!(sub.subscriber.take_missed(), 1);
+        assert_eq!(sub.subscriber.take_missed(), 0);
+        assert_eq!(live.len(), 1);
+        drop(sub);
+        assert_eq!(live.len(), 0);
+    }
+}
