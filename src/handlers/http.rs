@@ -67,13 +67,9 @@ pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Bod
 
 /// Counts a request-level rejection: `n` readings (1 when the count is unknown).
 fn reject_request(state: &AppState, reason: RejectReason, n: usize, problem: Problem) -> Problem {
-    let t = Transport::Http;
     state
         .metrics
-        .readings_received
-        .with_label_values(&[t.as_str()])
-        .inc_by(n as u64);
-    state.metrics.rejected(t, reason, n as u64);
+        .rejected_unparsed(Transport::Http, reason, n as u64);
     problem
 }
 

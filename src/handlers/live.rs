@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
-use super::ws::{close, configure, finish_close, ConnectionGauge};
+use super::ws::{finish_close, upgrade, ConnectionGauge};
 use super::AppState;
 
 /// How often a subscriber is checked for missed readings when nothing else is sent.
@@ -35,18 +35,9 @@ pub async fn live_ws(
     Query(params): Query<LiveParams>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let permit = state.ws.connections.clone().try_acquire_owned().ok();
-    let tracker = state.ws.tracker.clone();
-    configure(ws, &state.settings.ws)
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                match permit {
-                    None => close(socket, 1013, "too many connections; try again later").await,
-                    Some(_permit) => run(socket, state, params).await,
-                }
-            })
-        })
-        .into_response()
+    upgrade(ws, state, move |socket, state, _slot| {
+        run(socket, state, params)
+    })
 }
 
 async fn run(socket: WebSocket, state: AppState, params: LiveParams) {

@@ -98,6 +98,18 @@ pub async fn device_ws(
         Some(Ok(d)) => Some(d),
         Some(Err(e)) => return Problem::bad_request(format!("device_id: {e}")).into_response(),
     };
+    upgrade(ws, state, move |socket, state, permit| {
+        run(socket, state, bound, permit)
+    })
+}
+
+/// Upgrades with the configured buffers and limits, and runs `connection` as a tracked task
+/// holding one of `ws.max_connections` slots. Without a free slot the peer gets 1013.
+pub fn upgrade<F, Fut>(ws: WebSocketUpgrade, state: AppState, connection: F) -> Response
+where
+    F: FnOnce(WebSocket, AppState, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let permit = state.ws.connections.clone().try_acquire_owned().ok();
     let tracker = state.ws.tracker.clone();
     configure(ws, &state.settings.ws)
@@ -105,7 +117,7 @@ pub async fn device_ws(
             tracker.track_future(async move {
                 match permit {
                     None => close(socket, 1013, "too many connections; try again later").await,
-                    Some(permit) => run(socket, state, bound, permit).await,
+                    Some(permit) => connection(socket, state, permit).await,
                 }
             })
         })
@@ -449,13 +461,9 @@ async fn frame_answer(
 }
 
 fn count_request(state: &AppState, reason: RejectReason, n: usize) {
-    let t = Transport::Ws;
     state
         .metrics
-        .readings_received
-        .with_label_values(&[t.as_str()])
-        .inc_by(n as u64);
-    state.metrics.rejected(t, reason, n as u64);
+        .rejected_unparsed(Transport::Ws, reason, n as u64);
 }
 
 fn ack_frame(

@@ -229,6 +229,15 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Counts readings refused before they could be parsed one by one (malformed body, too
+    /// large, too many): received and rejected together, `n` readings (1 when unknown).
+    pub fn rejected_unparsed(&self, transport: Transport, reason: RejectReason, n: u64) {
+        self.readings_received
+            .with_label_values(&[transport.as_str()])
+            .inc_by(n);
+        self.rejected(transport, reason, n);
+    }
+
     /// Renders the text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 * 1024);
