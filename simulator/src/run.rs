@@ -106,7 +106,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         errors: s.errors.get(),
         unacked: s.unacked.get(),
         behind_schedule: s.behind.get(),
-        readings_per_s: s.acked.get() as f64 / elapsed.as_secs_f64().max(1e-9),
+        readings_per_s: s.acked.get() as f64 / s.active_secs().max(1e-3),
         sent_per_s: s.sent.get() as f64 / duration.as_secs_f64().max(1e-9),
         connects: s.connects.get(),
         connect_errors: s.connect_errors.get(),

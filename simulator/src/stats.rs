@@ -111,6 +111,12 @@ pub struct Stats {
     pub connect_errors: Counter,
     /// Readings that were due but not yet sent when generation stopped (open-loop modes).
     pub behind: Counter,
+    /// First write of the run, µs after `origin`.
+    first_write_us: AtomicU64,
+    /// Latest acknowledgement, µs after `origin`.
+    last_ack_us: AtomicU64,
+    /// Where the two above count from.
+    origin: std::time::Instant,
     /// Rejections by the server's `reason` label (injected faults rejected as expected; other
     /// rejections under `unexpected`).
     rejected_by_reason: Mutex<BTreeMap<String, u64>>,
@@ -190,6 +196,9 @@ impl Stats {
             connects: Counter::default(),
             connect_errors: Counter::default(),
             behind: Counter::default(),
+            first_write_us: AtomicU64::new(u64::MAX),
+            last_ack_us: AtomicU64::new(0),
+            origin: std::time::Instant::now(),
             rejected_by_reason: Mutex::new(BTreeMap::new()),
             total: Mutex::new(histogram()),
             tick: Mutex::new(histogram()),
@@ -204,6 +213,8 @@ impl Stats {
         if count == 0 {
             return;
         }
+        self.last_ack_us
+            .fetch_max(self.origin.elapsed().as_micros() as u64, Relaxed);
         let us = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_US);
         for h in [&self.total, &self.tick, &self.step] {
             let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
@@ -328,6 +339,8 @@ impl Stats {
 
     /// Counts readings as sent (first time) or resent.
     pub fn wrote(&self, items: &[Item], first: bool) {
+        self.first_write_us
+            .fetch_min(self.origin.elapsed().as_micros() as u64, Relaxed);
         let n = items.len() as u64;
         if first {
             self.sent.add(n);
@@ -342,6 +355,16 @@ impl Stats {
     pub fn give_up(&self, items: &[Item]) {
         self.unacked
             .add(items.iter().filter(|i| i.fault.is_none()).count() as u64);
+    }
+
+    /// Seconds from the first write to the latest acknowledgement (0 if none).
+    pub fn active_secs(&self) -> f64 {
+        let first = self.first_write_us.load(Relaxed);
+        let last = self.last_ack_us.load(Relaxed);
+        if first == u64::MAX || last <= first {
+            return 0.0;
+        }
+        (last - first) as f64 / 1e6
     }
 
     /// Rejections by reason.

@@ -99,7 +99,8 @@ pub struct Summary {
     pub unacked: u64,
     /// Readings due but not sent when generation stopped (open loop: the sender fell behind).
     pub behind_schedule: u64,
-    /// Acknowledged readings per second over `elapsed_s`.
+    /// Acknowledged readings per second, from the first send to the last ack (connect time and
+    /// idle drain excluded).
     pub readings_per_s: f64,
     /// Readings sent (first time) per second over `duration_s`.
     pub sent_per_s: f64,

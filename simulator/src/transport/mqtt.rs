@@ -173,6 +173,7 @@ async fn publish(
     let share = devices.len() as f64;
     let mut next = 0usize;
     let mut order = 0u64;
+    let mut started = false;
     loop {
         let slot: SemaphorePermit<'_> = tokio::select! {
             p = window.acquire() => match p { Ok(p) => p, Err(_) => return Ended::Aborted },
@@ -190,6 +191,11 @@ async fn publish(
                     || (qos == QoS::AtLeastOnce && !s.inflight.is_empty());
                 if finished && !outstanding {
                     return Ended::Done;
+                }
+                if s.connected && !started {
+                    // The schedule starts at the first connection (no burst after a slow connect).
+                    *pacer = Pacer::new(pacer.rate(), now);
+                    started = true;
                 }
                 if s.connected {
                     if let Some(m) = s.resend.pop_front() {

@@ -9,6 +9,8 @@
 //!
 //! When the connection breaks, every frame not acknowledged is sent again on the next one,
 //! with the same readings and `seq`s. Readings omit `device_id`: the connection binds it.
+//! A device's schedule starts when it is first connected (at a random phase within one
+//! period), so the connect storm of a large fleet does not turn into a burst of overdue frames.
 //!
 //! With `--rate 0` (`--idle`) a connection only reads, so tungstenite answers the server's
 //! pings, until the run ends: the idle-connection memory benchmark.
@@ -132,6 +134,7 @@ async fn lane(ctx: Arc<Ctx>, gate: Arc<Semaphore>, mut dev: Device) {
     };
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
     let mut carry: VecDeque<Frame> = VecDeque::new();
+    let mut scheduled = false;
     let mut backoff = Duration::from_millis(100);
     loop {
         if ctx.abort.is_cancelled() {
@@ -163,6 +166,13 @@ async fn lane(ctx: Arc<Ctx>, gate: Arc<Semaphore>, mut dev: Device) {
             }
         };
         backoff = Duration::from_millis(100);
+        if !scheduled {
+            // The device's schedule starts once it is connected: a slow connect storm does not
+            // turn into a burst of overdue frames.
+            let rate = schedule.pacer.rate();
+            schedule.pacer = Pacer::new(rate, (ctx.start + phase).max(Instant::now()));
+            scheduled = true;
+        }
         ctx.stats.connected();
         let end = if ctx.cfg.idle {
             idle(&ctx, ws).await
