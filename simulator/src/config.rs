@@ -152,6 +152,10 @@ pub struct RunArgs {
     /// Ramp: rate multiplier between steps.
     #[arg(long, default_value_t = 1.5)]
     pub ramp_factor: f64,
+    /// Leave answers of the first part of the run out of the latency figures (e.g. while 10 000
+    /// connections are still being opened).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
     /// After --duration, how long to wait for outstanding acks before giving up on them.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -227,6 +231,9 @@ pub struct RunConfig {
     pub ramp_step: Duration,
     /// Ramp factor.
     pub ramp_factor: f64,
+    /// Latency warm-up.
+    #[serde(skip)]
+    pub warmup: Duration,
     /// Drain patience.
     #[serde(skip)]
     pub drain_timeout: Duration,
@@ -384,6 +391,7 @@ impl RunArgs {
             p99_bound: self.p99_bound,
             ramp_step: self.ramp_step,
             ramp_factor: self.ramp_factor,
+            warmup: self.warmup,
             drain_timeout: self.drain_timeout,
             request_timeout: self.request_timeout,
             connect_concurrency: self.connect_concurrency.max(1),

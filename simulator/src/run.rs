@@ -112,6 +112,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         connect_errors: s.connect_errors.get(),
         connections_peak: s.connections_peak.get(),
         latency_ms: s.latency(),
+        warmup_s: ctx.cfg.warmup.as_secs_f64(),
         ramp,
         verify: None,
         problems: s.samples(),

@@ -117,10 +117,12 @@ pub struct Stats {
     last_ack_us: AtomicU64,
     /// Where the two above count from.
     origin: std::time::Instant,
+    /// Answers before this much time into the run are not measured (`--warmup`).
+    warmup: Duration,
     /// Rejections by the server's `reason` label (injected faults rejected as expected; other
     /// rejections under `unexpected`).
     rejected_by_reason: Mutex<BTreeMap<String, u64>>,
-    /// Send → ack latency per reading, whole run.
+    /// Send → ack latency per reading, whole run (after the warm-up).
     total: Mutex<Histogram<u64>>,
     /// Same, since the progress line last looked.
     tick: Mutex<Histogram<u64>>,
@@ -175,7 +177,7 @@ impl Percentiles {
 
 impl Stats {
     /// Empty stats; `verify` keeps an [`AckLog`] for `devices` devices.
-    pub fn new(devices: u32, verify: bool) -> Self {
+    pub fn new(devices: u32, verify: bool, warmup: Duration) -> Self {
         Self {
             sent: Counter::default(),
             resent: Counter::default(),
@@ -199,6 +201,7 @@ impl Stats {
             first_write_us: AtomicU64::new(u64::MAX),
             last_ack_us: AtomicU64::new(0),
             origin: std::time::Instant::now(),
+            warmup,
             rejected_by_reason: Mutex::new(BTreeMap::new()),
             total: Mutex::new(histogram()),
             tick: Mutex::new(histogram()),
@@ -213,8 +216,12 @@ impl Stats {
         if count == 0 {
             return;
         }
+        let since_start = self.origin.elapsed();
         self.last_ack_us
-            .fetch_max(self.origin.elapsed().as_micros() as u64, Relaxed);
+            .fetch_max(since_start.as_micros() as u64, Relaxed);
+        if since_start < self.warmup {
+            return;
+        }
         let us = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_US);
         for h in [&self.total, &self.tick, &self.step] {
             let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
@@ -408,7 +415,7 @@ mod tests {
 
     #[test]
     fn settle_sorts_every_reading_out() {
-        let s = Stats::new(2, true);
+        let s = Stats::new(2, true, Duration::ZERO);
         let items = [
             item(0, Some(1), None),
             item(1, None, Some(Fault::FutureTs)),
@@ -458,7 +465,7 @@ mod tests {
 
     #[test]
     fn counts_that_do_not_add_up_are_errors() {
-        let s = Stats::new(1, false);
+        let s = Stats::new(1, false, Duration::ZERO);
         let items = [item(0, Some(1), None)];
         let answer = Answer {
             accepted: 5,

@@ -110,8 +110,10 @@ pub struct Summary {
     pub connect_errors: u64,
     /// Most connections open at once.
     pub connections_peak: u64,
-    /// Send → ack latency per reading, ms.
+    /// Send → ack latency per reading, ms (answers during `--warmup` left out).
     pub latency_ms: Percentiles,
+    /// Seconds at the start left out of `latency_ms`.
+    pub warmup_s: f64,
     /// The ramp, in ramp mode.
     pub ramp: Option<RampReport>,
     /// The read-back, with `--verify`.
@@ -163,6 +165,7 @@ impl Summary {
         "connect_errors",
         "connections_peak",
         "latency_ms",
+        "warmup_s",
         "ramp",
         "verify",
         "problems",
@@ -285,8 +288,18 @@ impl Summary {
         row(
             "latency ms",
             format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (send → ack, {} readings)",
-                l.p50, l.p90, l.p99, l.p999, l.max, l.count
+                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (send → ack, {} readings{})",
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max,
+                l.count,
+                if self.warmup_s > 0.0 {
+                    format!(", after a {:.0} s warm-up", self.warmup_s)
+                } else {
+                    String::new()
+                }
             ),
         );
         if let Some(r) = &self.ramp {

@@ -48,7 +48,7 @@ impl Ctx {
     /// A context for `cfg`, starting now.
     pub fn new(cfg: RunConfig) -> Self {
         Self {
-            stats: Stats::new(cfg.devices, cfg.verify),
+            stats: Stats::new(cfg.devices, cfg.verify, cfg.warmup),
             rate: RateControl::new(cfg.rate),
             cfg,
             stop: CancellationToken::new(),
