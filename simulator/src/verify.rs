@@ -1,0 +1,294 @@
+//! The no-loss verifier (`--verify`): every acknowledged `(device_id, seq)` must be stored once.
+//!
+//! During the run, [`AckLog`] records the `seq` of each reading the server acknowledged. After
+//! it, [`verify`] reads every device back through `GET /v1/devices/{id}/readings`, paging by
+//! `ts` (10 000 rows a page), and compares:
+//! - **lost**: acknowledged, not stored — the one thing Sluice must never do;
+//! - **duplicated**: a `seq` stored more than once;
+//! - **extra**: stored but never acknowledged to us (sent, committed, and the answer lost with
+//!   a connection, or a reading of an earlier run with the same device prefix). Not an error.
+//!
+//! Paging: `from` is inclusive, so the next page starts at the last page's final `ts`, and the
+//! rows already seen at that `ts` are skipped. Rows of one `ts` come back in insertion order on
+//! every page, so skipping by count is exact.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::device_id;
+
+/// Rows asked for per page (the server's maximum).
+const PAGE: usize = 10_000;
+/// Devices read back at the same time.
+const PARALLEL: usize = 8;
+
+/// `seq`s acknowledged per device, in the order the acks came.
+#[derive(Debug)]
+pub struct AckLog {
+    devices: Vec<Mutex<Vec<u64>>>,
+}
+
+impl AckLog {
+    /// An empty log for `devices` devices.
+    pub fn new(devices: u32) -> Self {
+        Self {
+            devices: (0..devices).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// Device `device` had `seq` acknowledged.
+    pub fn record(&self, device: u32, seq: u64) {
+        if let Some(d) = self.devices.get(device as usize) {
+            d.lock().unwrap_or_else(|e| e.into_inner()).push(seq);
+        }
+    }
+
+    /// A copy of every device's list.
+    pub fn snapshot(&self) -> Vec<Vec<u64>> {
+        self.devices
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+}
+
+/// What the read-back found. Counts are of readings.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct VerifyReport {
+    /// Devices with at least one acknowledged reading.
+    pub devices: u64,
+    /// Distinct `(device, seq)` acknowledged.
+    pub acked: u64,
+    /// Of those, how many are stored.
+    pub stored: u64,
+    /// Acknowledged but not stored.
+    pub lost: u64,
+    /// Extra copies of a stored `seq` (0 when each is stored once).
+    pub duplicated: u64,
+    /// Stored but never acknowledged to the simulator.
+    pub extra: u64,
+    /// A few lost or duplicated `device_id/seq`, for a first look.
+    pub examples: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Nothing lost, nothing stored twice.
+    pub fn ok(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0
+    }
+
+    fn add(&mut self, id: &str, t: &Tally) {
+        self.devices += 1;
+        self.acked += t.acked;
+        self.stored += t.stored;
+        self.lost += t.lost;
+        self.duplicated += t.duplicated;
+        self.extra += t.extra;
+        for (what, seq) in &t.examples {
+            if self.examples.len() < 10 {
+                self.examples.push(format!("{what} {id}/{seq}"));
+            }
+        }
+    }
+}
+
+/// One device's comparison.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    acked: u64,
+    stored: u64,
+    lost: u64,
+    duplicated: u64,
+    extra: u64,
+    examples: Vec<(&'static str, u64)>,
+}
+
+/// Compares the acknowledged `seq`s (sorted, distinct) with those read back.
+fn tally(acked: &[u64], stored: &[u64]) -> Tally {
+    let mut counts: HashMap<u64, u64> = HashMap::with_capacity(stored.len());
+    for s in stored {
+        *counts.entry(*s).or_default() += 1;
+    }
+    let mut t = Tally {
+        acked: acked.len() as u64,
+        ..Tally::default()
+    };
+    for seq in acked {
+        match counts.get(seq) {
+            Some(_) => t.stored += 1,
+            None => {
+                t.lost += 1;
+                if t.examples.len() < 3 {
+                    t.examples.push(("lost", *seq));
+                }
+            }
+        }
+    }
+    for (seq, n) in &counts {
+        if *n > 1 {
+            t.duplicated += n - 1;
+            if t.examples.len() < 3 {
+                t.examples.push(("duplicated", *seq));
+            }
+        }
+        if acked.binary_search(seq).is_err() {
+            t.extra += 1;
+        }
+    }
+    t
+}
+
+#[derive(Deserialize)]
+struct Page {
+    readings: Vec<Row>,
+}
+
+#[derive(Deserialize)]
+struct Row {
+    ts: String,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// Every stored `seq` of `device`, in store order.
+pub async fn stored_seqs(
+    client: &reqwest::Client,
+    base: &str,
+    device: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let url = format!("{base}/v1/devices/{device}/readings");
+    let mut out = Vec::new();
+    let mut from: Option<String> = None;
+    let mut skip = 0usize;
+    loop {
+        let mut query: Vec<(&str, String)> =
+            vec![("limit", PAGE.to_string()), ("order", "asc".into())];
+        if let Some(f) = &from {
+            query.push(("from", f.clone()));
+        }
+        let mut attempt = 0;
+        let res = loop {
+            attempt += 1;
+            let res = client.get(&url).query(&query).send().await;
+            match res {
+                Ok(r) if r.status() == 503 && attempt < 10 => {}
+                Ok(r) => break r,
+                Err(_) if attempt < 10 => {}
+                Err(e) => return Err(e).with_context(|| format!("GET {url}")),
+            }
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        };
+        if res.status() == 404 {
+            return Ok(out); // no reading of this device was ever stored
+        }
+        if !res.status().is_success() {
+            bail!("GET {url}: {}", res.status());
+        }
+        let page: Page = serde_json::from_slice(&res.bytes().await?)
+            .with_context(|| format!("GET {url}: unexpected body"))?;
+        let rows = page.readings;
+        let n = rows.len();
+        out.extend(rows.iter().skip(skip).filter_map(|r| r.seq));
+        if n < PAGE {
+            return Ok(out);
+        }
+        let last = rows[n - 1].ts.clone();
+        let at_last = rows.iter().rev().take_while(|r| r.ts == last).count();
+        if at_last == n && from.as_deref() == Some(last.as_str()) {
+            bail!("{device}: more than {PAGE} readings share ts {last}; cannot page by ts");
+        }
+        skip = at_last;
+        from = Some(last);
+    }
+}
+
+/// Reads every device with acknowledged readings back from `base` and compares. With `wait`,
+/// devices still missing readings are read again until nothing is lost or `wait` is over (for
+/// MQTT, where the broker's PUBACK comes before Sluice has committed).
+pub async fn verify(
+    base: &str,
+    prefix: &str,
+    acked: Vec<Vec<u64>>,
+    wait: Duration,
+) -> anyhow::Result<VerifyReport> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("HTTP client")?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let work: Vec<(String, Vec<u64>)> = acked
+        .into_iter()
+        .enumerate()
+        .filter(|(_, seqs)| !seqs.is_empty())
+        .map(|(n, mut seqs)| {
+            seqs.sort_unstable();
+            seqs.dedup();
+            (device_id(prefix, n as u32), seqs)
+        })
+        .collect();
+    let results: Vec<anyhow::Result<(String, Tally)>> = stream::iter(work)
+        .map(|(id, seqs)| {
+            let client = &client;
+            async move {
+                loop {
+                    let stored = stored_seqs(client, base, &id).await?;
+                    let t = tally(&seqs, &stored);
+                    if t.lost == 0 || tokio::time::Instant::now() >= deadline {
+                        return Ok((id, t));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let mut report = VerifyReport::default();
+    let mut tallies = Vec::with_capacity(results.len());
+    for r in results {
+        tallies.push(r?);
+    }
+    tallies.sort_by(|a, b| a.0.cmp(&b.0));
+    for (id, t) in &tallies {
+        report.add(id, t);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_finds_lost_duplicated_and_extra() {
+        let t = tally(&[1, 2, 3, 4], &[1, 2, 2, 4, 9]);
+        assert_eq!(t.acked, 4);
+        assert_eq!(t.stored, 3);
+        assert_eq!(t.lost, 1);
+        assert_eq!(t.duplicated, 1);
+        assert_eq!(t.extra, 1);
+        assert!(t.examples.contains(&("lost", 3)));
+        assert!(t.examples.contains(&("duplicated", 2)));
+    }
+
+    #[test]
+    fn clean_tally() {
+        let t = tally(&[5, 6], &[6, 5]);
+        assert_eq!((t.stored, t.lost, t.duplicated, t.extra), (2, 0, 0, 0));
+    }
+
+    #[test]
+    fn ack_log_keeps_per_device_order() {
+        let log = AckLog::new(3);
+        log.record(2, 10);
+        log.record(0, 1);
+        log.record(2, 9);
+        log.record(7, 1); // out of range: ignored
+        assert_eq!(log.snapshot(), vec![vec![1], vec![], vec![10, 9]]);
+    }
+}
