@@ -82,6 +82,64 @@ pub struct SqliteStore {
     devices: HashMap<String, i64>,
     /// Next value of the `id` tiebreaker column.
     next_id: i64,
+    /// Copies the WAL into the database in the background; stopped when the store is dropped.
+    _checkpointer: Checkpointer,
+}
+
+/// WAL pages after which the writer checkpoints by itself (64 MiB at 4 KiB pages). Under a
+/// steady load the background checkpointer cannot finish between two commits, so the WAL only
+/// restarts after a writer checkpoint; by then the background one has copied most pages, so the
+/// writer's is short. This bounds the WAL file.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+/// How often the background checkpointer runs.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)` periodically.
+///
+/// SQLite's default is for the committing connection to checkpoint every 1000 WAL pages, which
+/// puts a copy of the pages into the database file, and its fsync, inside an ingest commit: the
+/// cause of long commit-latency spikes. A passive checkpoint on another connection never blocks
+/// the writer, and once it has caught up the writer restarts the WAL from its beginning.
+struct Checkpointer {
+    /// Dropping it stops the thread.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    /// The thread, joined on drop.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(path: &Path, settings: &StorageSettings) -> Result<Self, StoreError> {
+        let conn = open_connection(path, settings)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sluice-checkpoint".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "background checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                reason: format!("cannot start the checkpoint thread: {e}"),
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn open_connection(path: &Path, settings: &StorageSettings) -> Result<Connection, StoreError> {
@@ -115,8 +173,11 @@ fn open_connection(path: &Path, settings: &StorageSettings) -> Result<Connection
 impl SqliteStore {
     /// Opens (creating if needed) the database in `settings.data_dir`.
     pub fn open(settings: &StorageSettings) -> Result<Self, StoreError> {
-        let conn = open_connection(&settings.db_path(), settings)?;
+        let path = settings.db_path();
+        let conn = open_connection(&path, settings)?;
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
+        let checkpointer = Checkpointer::spawn(&path, settings)?;
         let next_id: i64 =
             conn.query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| {
                 r.get(0)
@@ -134,6 +195,7 @@ impl SqliteStore {
             conn,
             devices,
             next_id,
+            _checkpointer: checkpointer,
         })
     }
 
