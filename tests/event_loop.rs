@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{metric_value, reading, spawn_app_with, wait_until, TestApp};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 const WORKERS: usize = 2;
 const BLOCK: Duration = Duration::from_millis(300);
@@ -122,13 +124,29 @@ async fn task_families_count_their_polls() {
         let res = app.post_json(&json!(batch)).await;
         assert_eq!(res.status(), 200);
     }
+    // One WebSocket frame, answered after its commit.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", app.addr))
+        .await
+        .expect("ws connects");
+    ws.send(Message::text(reading("fam-ws", 1).to_string()))
+        .await
+        .unwrap();
+    let ack = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => break t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no ack: {other:?}"),
+        }
+    };
+    assert!(ack.contains("\"accepted\":1"), "{ack}");
     let text = scrape(&app).await;
     let polls = |task: &str| metric_value(&text, "sluice_task_polls_total", &[("task", task)]);
     // Each of the 10 requests ran the ingest handler; the batches went through the batcher and
-    // the store writer.
+    // the store writer; the WebSocket connection's reader and writer ran.
     assert!(polls("ingest") >= 10.0, "ingest polls: {}", polls("ingest"));
     assert!(polls("batcher") >= 1.0);
     assert!(polls("store") >= 1.0);
+    assert!(polls("ws") >= 2.0, "ws polls: {}", polls("ws"));
     assert!(
         metric_value(
             &text,
