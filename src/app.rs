@@ -21,6 +21,7 @@ use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
 use crate::store::StoreReader;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::runtime::{RuntimeTelemetry, TaskMonitors};
 
 /// A built, not yet running, Sluice.
 pub struct Application {
@@ -32,6 +33,8 @@ pub struct Application {
     state: AppState,
     /// The pipeline tasks, drained on shutdown.
     pipeline: Pipeline,
+    /// Event-loop collector and lag probe (`telemetry.runtime`); stops the probe when dropped.
+    runtime: Option<RuntimeTelemetry>,
 }
 
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
@@ -74,7 +77,19 @@ impl Application {
             })?;
         let addr = listener.local_addr().context("listener address")?;
 
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_tasks(TaskMonitors::from_settings(
+            &settings.telemetry,
+        )));
+        metrics.mqtt_enabled.set(i64::from(settings.mqtt.enabled));
+        let runtime = if settings.telemetry.runtime {
+            let handle = tokio::runtime::Handle::current();
+            Some(
+                RuntimeTelemetry::start(&metrics.registry, &handle)
+                    .context("cannot register the runtime metrics")?,
+            )
+        } else {
+            None
+        };
         let health = Arc::new(Health::default());
         let devices = Arc::new(DeviceState::new());
         let live = Live::new();
@@ -99,6 +114,7 @@ impl Application {
             addr,
             state,
             pipeline,
+            runtime,
         })
     }
 
@@ -123,6 +139,7 @@ impl Application {
             addr,
             state,
             pipeline,
+            runtime,
         } = self;
         let timeout = state.settings.server.shutdown_timeout;
         let ws_tracker = state.ws.tracker.clone();
@@ -164,6 +181,7 @@ impl Application {
                 humantime::format_duration(timeout)
             )
         })?;
+        drop(runtime);
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -35,6 +35,8 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Event-loop telemetry.
+    pub telemetry: TelemetrySettings,
 }
 
 /// `[server]`
@@ -321,6 +323,29 @@ impl Default for LogSettings {
     }
 }
 
+/// `[telemetry]`: event-loop load metrics (`sluice_runtime_*`, `sluice_event_loop_lag_seconds`,
+/// `sluice_task_*`). The pipeline and process metrics are always on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Export runtime metrics, run the lag probe and measure task families. `false` only to
+    /// measure their overhead, or as an escape hatch.
+    pub runtime: bool,
+    /// A poll longer than this counts in `sluice_task_slow_polls_total`: it held a worker from
+    /// every other task for that long.
+    #[serde(with = "humantime_serde")]
+    pub slow_poll_threshold: Duration,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            runtime: true,
+            slow_poll_threshold: Duration::from_millis(1),
+        }
+    }
+}
+
 /// A configuration that cannot be used. The message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -428,6 +453,12 @@ impl Settings {
         }
         if self.ws.live_buffer == 0 {
             return invalid("ws.live_buffer", "must be at least 1".into());
+        }
+        if self.telemetry.slow_poll_threshold.is_zero() {
+            return invalid(
+                "telemetry.slow_poll_threshold",
+                "must be more than 0s".into(),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

@@ -53,7 +53,8 @@ impl From<&Rejection> for RejectedItem {
 /// The ingest handler.
 pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();
-    let response = match ingest_inner(&state, &headers, body).await {
+    let inner = ingest_inner(&state, &headers, body);
+    let response = match state.metrics.tasks.ingest.instrument(inner).await {
         Ok(r) => r,
         Err(problem) => problem.into_response(),
     };

@@ -112,14 +112,15 @@ where
 {
     let permit = state.ws.connections.clone().try_acquire_owned().ok();
     let tracker = state.ws.tracker.clone();
+    let family = state.metrics.tasks.ws.clone();
     configure(ws, &state.settings.ws)
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
+            tracker.track_future(family.instrument(async move {
                 match permit {
                     None => close(socket, 1013, "too many connections; try again later").await,
                     Some(permit) => connection(socket, state, permit).await,
                 }
-            })
+            }))
         })
         .into_response()
 }
@@ -226,7 +227,8 @@ async fn run(
     let in_flight = std::sync::Arc::new(Semaphore::new(settings.max_in_flight));
     // Never fuller than max_in_flight answers plus one close: the permits bound it.
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(settings.max_in_flight + 1);
-    let mut writer = tokio::spawn(write_loop(sink, out_rx, state.clone()));
+    let writer_task = write_loop(sink, out_rx, state.clone());
+    let mut writer = tokio::spawn(state.metrics.tasks.ws.instrument(writer_task));
     let stream = read_loop(stream, &out_tx, in_flight, &state, bound).await;
     drop(out_tx);
     // The writer answers what was read. At shutdown a peer that does not read its answers gets

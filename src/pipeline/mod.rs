@@ -148,21 +148,21 @@ impl Pipeline {
         metrics.queue_depth.with_label_values(&["store"]).set(0);
 
         let admission = Admission::new(sub_tx, capacity, metrics.clone(), health.clone());
-        let batcher = tokio::spawn(batcher::run(
+        let batcher = tokio::spawn(metrics.tasks.batcher.instrument(batcher::run(
             sub_rx,
             batch_tx,
             settings.pipeline.clone(),
             metrics.clone(),
             drain_rx,
-        ));
-        let writer = tokio::spawn(writer::run(
+        )));
+        let writer = tokio::spawn(metrics.tasks.store.instrument(writer::run(
             batch_rx,
             settings.storage.clone(),
-            metrics,
+            metrics.clone(),
             health,
             services,
             admission.clone(),
-        ));
+        )));
         Pipeline {
             admission,
             drain: drain_tx,

@@ -10,6 +10,7 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::runtime::{TaskCollector, TaskMonitors};
 use crate::reading::RejectReason;
 
 /// The ways readings arrive. The `transport` label.
@@ -73,12 +74,27 @@ pub struct Metrics {
     pub store_up: IntGauge,
     /// Open WebSocket connections by kind (`device`, `live`).
     pub ws_connections: IntGaugeVec,
+    /// 1 while the MQTT source is connected and subscribed. Set by the MQTT source.
+    pub mqtt_connected: IntGauge,
+    /// MQTT connections re-established after a loss. Counted by the MQTT source.
+    pub mqtt_reconnects: IntCounter,
+    /// 1 when `mqtt.enabled`: lets an alert on `sluice_mqtt_connected == 0` stay quiet on
+    /// instances that do not use MQTT.
+    pub mqtt_enabled: IntGauge,
+    /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
+    pub tasks: TaskMonitors,
 }
 
 impl Metrics {
-    /// Creates and registers every metric, with the label values known up front so that
-    /// dashboards see zeros rather than missing series.
+    /// Creates and registers every metric, with task families measured by default.
     pub fn new() -> Self {
+        Self::with_tasks(TaskMonitors::default())
+    }
+
+    /// Creates and registers every metric, with the label values known up front so that
+    /// dashboards see zeros rather than missing series. The task families' counters are
+    /// exported when `tasks` is enabled.
+    pub fn with_tasks(tasks: TaskMonitors) -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -197,8 +213,43 @@ impl Metrics {
                 "Open WebSocket connections, by kind (device ingest or live stream).",
                 &["kind"],
             ),
+            mqtt_connected: {
+                let g = IntGauge::new(
+                    "sluice_mqtt_connected",
+                    "1 while the MQTT source is connected to the broker and subscribed.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            mqtt_reconnects: {
+                let c = IntCounter::new(
+                    "sluice_mqtt_reconnects_total",
+                    "MQTT connections re-established after a loss.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            mqtt_enabled: {
+                let g = IntGauge::new(
+                    "sluice_mqtt_enabled",
+                    "1 when the MQTT source is configured (mqtt.enabled).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry,
+            tasks,
         };
+        if m.tasks.enabled() {
+            m.registry
+                .register(Box::new(
+                    TaskCollector::new(&m.tasks).expect("valid metric"),
+                ))
+                .expect("unique metric");
+        }
         #[cfg(target_os = "linux")]
         m.registry
             .register(Box::new(

@@ -1,4 +1,6 @@
-//! Telemetry: what Sluice tells its operators. Metrics (`/metrics`) and logs.
+//! Telemetry: what Sluice tells its operators. Metrics (`/metrics`), event-loop load
+//! (`runtime`) and logs.
 
 pub mod logging;
 pub mod metrics;
+pub mod runtime;
