@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! signal ─▶ not ready ─▶ stop accepting, finish in-flight HTTP requests (their acks still flow)
+//!        └▶ MQTT stops taking messages ─▶ (after HTTP and WebSocket) taken ones commit,
+//!           are PUBACKed, DISCONNECT
 //!        ─▶ close admission ─▶ batcher drains ─▶ writer commits and acks the rest ─▶ exit 0
 //! ```
 
@@ -16,6 +18,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
+use crate::handlers::mqtt::MqttSource;
 use crate::handlers::{self, AppState, WsHub};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
@@ -35,6 +38,8 @@ pub struct Application {
     pipeline: Pipeline,
     /// Event-loop collector and lag probe (`telemetry.runtime`); stops the probe when dropped.
     runtime: Option<RuntimeTelemetry>,
+    /// The MQTT source, when `mqtt.enabled`; stopped before the pipeline drains.
+    mqtt: Option<MqttSource>,
 }
 
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
@@ -95,6 +100,15 @@ impl Application {
         let live = Live::new();
         let services = Arc::new(Services::new(vec![devices.clone(), live.clone()]));
         let pipeline = Pipeline::start(&settings, metrics.clone(), health.clone(), services);
+        let mqtt = if settings.mqtt.enabled {
+            Some(MqttSource::start(
+                settings.clone(),
+                pipeline.admission.clone(),
+                metrics.clone(),
+            )?)
+        } else {
+            None
+        };
         let state = AppState {
             settings: settings.clone(),
             admission: pipeline.admission.clone(),
@@ -115,6 +129,7 @@ impl Application {
             state,
             pipeline,
             runtime,
+            mqtt,
         })
     }
 
@@ -140,6 +155,7 @@ impl Application {
             state,
             pipeline,
             runtime,
+            mqtt,
         } = self;
         let timeout = state.settings.server.shutdown_timeout;
         let ws_tracker = state.ws.tracker.clone();
@@ -163,6 +179,9 @@ impl Application {
         });
         // Wait for the signal first, then bound everything that follows by the timeout.
         let _ = stop_rx.await;
+        if let Some(mqtt) = &mqtt {
+            mqtt.stop_taking();
+        }
         let drain = async {
             match server.await {
                 Ok(Ok(())) => {}
@@ -172,7 +191,12 @@ impl Application {
             tracing::info!("HTTP drained; waiting for WebSocket connections to close");
             ws_tracker.close();
             ws_tracker.wait().await;
-            tracing::info!("WebSocket connections closed; draining the pipeline");
+            tracing::info!("WebSocket connections closed");
+            if let Some(mqtt) = mqtt {
+                tracing::info!("answering taken MQTT messages");
+                mqtt.finish().await;
+            }
+            tracing::info!("draining the pipeline");
             pipeline.drain().await;
         };
         tokio::time::timeout(timeout, drain).await.map_err(|_| {

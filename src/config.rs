@@ -265,6 +265,20 @@ pub struct MqttSettings {
     pub password: Option<Secret>,
     /// Payloads that can never be accepted are republished to `<this>/<device_id>`.
     pub dead_letter_topic: String,
+    /// Most messages Sluice holds taken but not yet PUBACKed (parsing, waiting for admission or
+    /// for their commit). MQTT 3.1.1 lets only the broker choose its in-flight window, and
+    /// brokers overshoot it, so Sluice bounds what it takes: past this (or
+    /// `max_unacked_bytes`) a message is left unacknowledged, and the session is resumed once
+    /// the held ones are answered, so that the broker redelivers it. At most 65535 (the
+    /// number of MQTT packet ids).
+    pub max_unacked: usize,
+    /// Most payload bytes held in those messages. One message is always taken when none is
+    /// held, however large (up to `limits.max_body_bytes`, beyond which it is dead-lettered).
+    pub max_unacked_bytes: usize,
+    /// Largest MQTT packet Sluice reads. Payloads over `limits.max_body_bytes` and up to this
+    /// are dead-lettered; a larger packet breaks the connection (and the broker redelivers it),
+    /// so keep the broker's `max_packet_size` / `message_size_limit` at or below it.
+    pub max_packet_bytes: usize,
 }
 
 /// `sluice-<hostname>`, stable for a given host (or pod, whose hostname is its name).
@@ -290,6 +304,9 @@ impl Default for MqttSettings {
             username: None,
             password: None,
             dead_letter_topic: "sluice/rejected".into(),
+            max_unacked: 10_000,
+            max_unacked_bytes: 64 * 1024 * 1024,
+            max_packet_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -459,6 +476,9 @@ impl Settings {
                 "telemetry.slow_poll_threshold",
                 "must be more than 0s".into(),
             );
+        }
+        if let Err((key, reason)) = crate::handlers::mqtt::validate(&self.mqtt, &self.limits) {
+            return invalid(key, reason);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

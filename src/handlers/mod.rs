@@ -2,12 +2,14 @@
 //! error, submits readings to the pipeline's admission, and answers after the ack.
 //!
 //! - `http`: `POST /v1/readings`
+//! - `mqtt`: the MQTT source (subscribes to a broker; PUBACK after commit)
 //! - `query`: `GET /v1/devices…` (device state and stored readings)
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`
 //! - `problem`: RFC 9457 problem documents for every non-ingest error
 
 pub mod http;
 pub mod live;
+pub mod mqtt;
 pub mod ops;
 pub mod problem;
 pub mod query;

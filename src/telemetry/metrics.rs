@@ -81,6 +81,13 @@ pub struct Metrics {
     /// 1 when `mqtt.enabled`: lets an alert on `sluice_mqtt_connected == 0` stay quiet on
     /// instances that do not use MQTT.
     pub mqtt_enabled: IntGauge,
+    /// MQTT messages taken and not yet PUBACKed (bounded by `mqtt.max_unacked`).
+    pub mqtt_unacked: IntGauge,
+    /// MQTT payloads republished to the dead-letter topic.
+    pub mqtt_dead_letters: IntCounter,
+    /// MQTT messages not taken because `mqtt.max_unacked` were held already; left unacked for
+    /// the broker to redeliver.
+    pub mqtt_not_taken: IntCounter,
     /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
     pub tasks: TaskMonitors,
 }
@@ -239,6 +246,33 @@ impl Metrics {
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
+            },
+            mqtt_unacked: {
+                let g = IntGauge::new(
+                    "sluice_mqtt_unacked_messages",
+                    "MQTT messages taken and not yet PUBACKed (at most mqtt.max_unacked).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            mqtt_dead_letters: {
+                let c = IntCounter::new(
+                    "sluice_mqtt_dead_letters_total",
+                    "MQTT payloads republished with their error to the dead-letter topic.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            mqtt_not_taken: {
+                let c = IntCounter::new(
+                    "sluice_mqtt_not_taken_total",
+                    "MQTT messages left unacknowledged for redelivery because mqtt.max_unacked were held.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
             },
             registry,
             tasks,

@@ -1,0 +1,1099 @@
+//! The MQTT source (SPEC §6): broker → **MQTT handler** → admission → … → commit → PUBACK.
+//!
+//! Sluice subscribes at QoS 1 with a persistent session (`clean_session = false`) and manual
+//! acks, so a PUBACK is its promise that every reading of the message is committed, a known
+//! duplicate, or dead-lettered (SPEC §2). Two tasks share the work:
+//!
+//! ```text
+//!  broker ⇄ connection task (polls rumqttc's EventLoop, never blocks)
+//!              │ try_send, at most mqtt.max_unacked messages / max_unacked_bytes held
+//!              ▼
+//!           processor task: one future per message, in a FuturesOrdered (FIFO)
+//!              parse at the edge → dead-letter what can never be taken
+//!              → admission.submit → await the commit ack (retry on refusal)
+//!              → futures complete in any order, PUBACKs go out strictly in arrival order
+//! ```
+//!
+//! - **The event loop is always polled.** The connection task only reads, forwards and
+//!   reconnects; it never awaits the pipeline. Keep-alive pings flow however slow the store is.
+//! - **Backpressure is withheld PUBACKs, and a bounded take.** A broker is meant to stop
+//!   sending once its per-client in-flight window is full of unacknowledged messages (mosquitto
+//!   `max_inflight_messages`), but MQTT 3.1.1 gives the client no say in that window and brokers
+//!   overshoot it (mosquitto 2.0.11 stops enforcing it after the first refill). So Sluice bounds
+//!   what it holds itself: at most `mqtt.max_unacked` messages and `mqtt.max_unacked_bytes` of
+//!   payload. A message beyond that is *not taken*: left without a PUBACK and counted in
+//!   `sluice_mqtt_not_taken_total`, and the connection is *paused* — nothing later on it is
+//!   taken either, so redelivery keeps the broker's order. Once everything taken is answered
+//!   and PUBACKed, Sluice DISCONNECTs and resumes the session at once; the broker then
+//!   redelivers what was not taken. Memory stays bounded; the cost is re-reading redeliveries.
+//! - **Refused by admission → kept and retried.** A live MQTT 3.1.1 session never redelivers
+//!   by itself, so a message the pipeline refuses (full, store down) stays in the FIFO and is
+//!   resubmitted with exponential backoff (capped at `pipeline.retry_after`); every refusal is
+//!   counted as shed by admission. The head of the FIFO blocks later PUBACKs meanwhile, which is
+//!   what MQTT's ordering rule asks for, and what pushes back on the broker.
+//! - **PUBACKs belong to a connection.** Packet ids are per connection; a PUBACK sent on a later
+//!   connection could ack a different message. Each message remembers the connection
+//!   ("generation") it came on and is only acked on that one. After a reconnect with a resumed
+//!   session the broker redelivers the rest; anything already committed is then a duplicate.
+//! - **Dead letters.** A payload that can never be taken (not JSON, too large, bad readings, a
+//!   topic level that is not a device id) is counted, republished at QoS 1 with its error to
+//!   `<mqtt.dead_letter_topic>/<device_id>` (or `/_invalid`), and PUBACKed. See [`DeadLetter`].
+//! - **Shutdown** ([`MqttSource::stop_taking`], [`MqttSource::finish`]): stop taking messages,
+//!   let the taken ones commit, PUBACK them in order, then DISCONNECT. Whatever is left unacked
+//!   stays in the broker's session and is redelivered to the next one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    Request, Subscribe, SubscribeReasonCode,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{LimitSettings, MqttSettings, Settings};
+use crate::pipeline::Admission;
+use crate::reading::{
+    self, format_ts, now_ms, BatchError, DeviceId, ParseContext, ParsedBatch, RejectReason,
+};
+use crate::telemetry::metrics::{Metrics, Transport};
+
+/// First reconnect delay; doubles on each failure up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Reconnect backoff cap (SPEC §6).
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long restarts the backoff from [`RECONNECT_MIN`].
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// First delay before resubmitting a refused message; doubles up to `pipeline.retry_after`.
+const RETRY_MIN: Duration = Duration::from_millis(10);
+/// Payloads larger than this are parsed on a blocking thread.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+/// Largest packet Sluice sends (the MQTT maximum); dead letters are bounded by the input limits.
+const MAX_OUTGOING_PACKET: usize = 268_435_455;
+/// Dead-letter topic level used when the topic's device level is not a valid device id.
+pub const INVALID_DEVICE_LEVEL: &str = "_invalid";
+
+/// Where the broker listens, from `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port (1883 when the URL gives none).
+    pub port: u16,
+}
+
+/// Parses `mqtt://host[:port]` (or `tcp://`). TLS is not built in.
+pub fn parse_url(url: &str) -> Result<BrokerAddr, String> {
+    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
+        r
+    } else if let Some(r) = url.strip_prefix("tcp://") {
+        r
+    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+        return Err(format!(
+            "`{url}`: TLS is not built into this Sluice (rumqttc without TLS features); use mqtt:// to a local broker or a TLS-terminating proxy"
+        ));
+    } else {
+        return Err(format!("`{url}` must look like mqtt://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!(
+            "`{url}` must look like mqtt://host:port (credentials go in mqtt.username / mqtt.password)"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed IPv6 bracket"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(format!("`{url}` must look like mqtt://host:port")),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}`: `{p}` is not a port"))?,
+    };
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// The index of the `+` level of `mqtt.topic`: the device id's place in each topic.
+fn device_level(filter: &str) -> Result<usize, String> {
+    if filter.starts_with('$') {
+        return Err(format!(
+            "`{filter}` must not start with `$` (set mqtt.shared_group for a shared subscription)"
+        ));
+    }
+    let mut found = None;
+    for (i, level) in filter.split('/').enumerate() {
+        if level == "+" {
+            if found.is_some() {
+                return Err(format!(
+                    "`{filter}` has more than one `+` level; exactly one (the device id) is allowed"
+                ));
+            }
+            found = Some(i);
+        } else if level.contains('+') || level.contains('#') {
+            return Err(format!(
+                "`{filter}`: level `{level}` has a wildcard; only one whole `+` level (the device id) is allowed"
+            ));
+        }
+    }
+    found.ok_or_else(|| format!("`{filter}` needs one `+` level for the device id"))
+}
+
+/// Whether a topic filter with `+` levels only matches `topic`.
+fn filter_matches(filter: &str, topic: &str) -> bool {
+    let (f, t): (Vec<&str>, Vec<&str>) = (filter.split('/').collect(), topic.split('/').collect());
+    f.len() == t.len() && f.iter().zip(&t).all(|(f, t)| *f == "+" || f == t)
+}
+
+/// Checks the `[mqtt]` keys; the error names the key. Called from [`Settings::validate`].
+pub fn validate(mqtt: &MqttSettings, limits: &LimitSettings) -> Result<(), (&'static str, String)> {
+    parse_url(&mqtt.url).map_err(|e| ("mqtt.url", e))?;
+    if mqtt.client_id.is_empty() {
+        return Err((
+            "mqtt.client_id",
+            "must not be empty: the persistent session is keyed by it".into(),
+        ));
+    }
+    device_level(&mqtt.topic).map_err(|e| ("mqtt.topic", e))?;
+    if mqtt
+        .shared_group
+        .chars()
+        .any(|c| matches!(c, '/' | '+' | '#'))
+    {
+        return Err((
+            "mqtt.shared_group",
+            format!("`{}` must not contain / + or #", mqtt.shared_group),
+        ));
+    }
+    let ka = mqtt.keep_alive;
+    if ka < Duration::from_secs(1) || ka > Duration::from_secs(u16::MAX as u64) {
+        return Err((
+            "mqtt.keep_alive",
+            format!(
+                "{} must be from 1s to 65535s",
+                humantime::format_duration(ka)
+            ),
+        ));
+    }
+    let dl = &mqtt.dead_letter_topic;
+    if dl.is_empty() || dl.contains('+') || dl.contains('#') || dl.starts_with('$') {
+        return Err((
+            "mqtt.dead_letter_topic",
+            format!("`{dl}` must be a non-empty topic without wildcards or a leading $"),
+        ));
+    }
+    if filter_matches(&mqtt.topic, &format!("{dl}/x")) {
+        return Err((
+            "mqtt.dead_letter_topic",
+            format!(
+                "`{dl}/<device_id>` matches mqtt.topic `{}`: dead letters would be read back",
+                mqtt.topic
+            ),
+        ));
+    }
+    if mqtt.max_unacked == 0 || mqtt.max_unacked > u16::MAX as usize {
+        return Err((
+            "mqtt.max_unacked",
+            format!("{} must be from 1 to 65535", mqtt.max_unacked),
+        ));
+    }
+    if mqtt.max_unacked_bytes == 0 {
+        return Err(("mqtt.max_unacked_bytes", "must be at least 1".into()));
+    }
+    if mqtt.max_packet_bytes <= limits.max_body_bytes || mqtt.max_packet_bytes > MAX_OUTGOING_PACKET
+    {
+        return Err((
+            "mqtt.max_packet_bytes",
+            format!(
+                "{} must be more than limits.max_body_bytes ({}) and at most {MAX_OUTGOING_PACKET}, so that oversized payloads can still be read and dead-lettered",
+                mqtt.max_packet_bytes, limits.max_body_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The JSON republished to `<mqtt.dead_letter_topic>/<device_id>` for a payload that Sluice
+/// PUBACKs without storing all of it:
+///
+/// ```json
+/// {"topic": "devices/d1/readings", "device_id": "d1", "received_at": "2026-11-24T12:00:00.123Z",
+///  "payload_bytes": 57, "payload": "<the original payload, when UTF-8 and within limits>",
+///  "error": {"reason": "malformed", "detail": "not valid JSON at line 1 column 2: ..."},
+///  "rejected": [{"index": 1, "reason": "invalid_metrics", "error": "metrics.t: expected a finite number or a boolean"}],
+///  "taken": 1}
+/// ```
+///
+/// `error` is set when the whole message was refused; `rejected` lists readings refused inside
+/// a message whose other readings (`taken` of them) went on to be stored.
+#[derive(Debug, Serialize)]
+pub struct DeadLetter<'a> {
+    /// The topic the message arrived on.
+    pub topic: &'a str,
+    /// The device id from the topic; `null` when that level is not a valid device id.
+    pub device_id: Option<&'a str>,
+    /// When Sluice received the message.
+    pub received_at: String,
+    /// Size of the original payload.
+    pub payload_bytes: usize,
+    /// The original payload, when it is UTF-8 and not over `limits.max_body_bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a str>,
+    /// Why the whole message was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<MessageError>,
+    /// Readings refused individually.
+    pub rejected: Vec<DeadReading>,
+    /// Readings of this message taken for storage.
+    pub taken: usize,
+}
+
+/// A whole-message refusal in a [`DeadLetter`].
+#[derive(Debug, Serialize)]
+pub struct MessageError {
+    /// The `reason` label it was counted under.
+    pub reason: &'static str,
+    /// What is wrong, for the device's developer.
+    pub detail: String,
+}
+
+/// One refused reading in a [`DeadLetter`].
+#[derive(Debug, Serialize)]
+pub struct DeadReading {
+    /// Position in the payload's array (0 for a single reading).
+    pub index: usize,
+    /// The `reason` label it was counted under.
+    pub reason: &'static str,
+    /// `field: reason`.
+    pub error: String,
+}
+
+/// What the two tasks share.
+struct Shared {
+    /// The connection PUBACKs may go to: `Some(generation)` while connected. Locked while a
+    /// PUBACK is queued and while a lost connection is cleaned up, so that no PUBACK queued for
+    /// one connection is ever written to the next.
+    live: Mutex<Option<u64>>,
+    /// Messages taken and not yet answered. At most `mqtt.max_unacked`.
+    held: AtomicUsize,
+    /// Their payload bytes. At most `mqtt.max_unacked_bytes`, unless one message alone is more.
+    held_bytes: AtomicUsize,
+    /// The latest connection that resumed a session. The broker redelivers what older
+    /// connections left unacked, so their messages need not be retried.
+    resumed: AtomicU64,
+    /// Shutdown started: refused messages are no longer retried.
+    stopping: AtomicBool,
+}
+
+/// A message handed from the connection task to the processor.
+struct Taken {
+    /// As received.
+    publish: Publish,
+    /// The connection it came on.
+    generation: u64,
+    /// For `sluice_ack_latency_seconds`.
+    received: Instant,
+    /// For absent `ts` and the accepted window; kept so that a retry parses identically.
+    received_ms: i64,
+}
+
+/// How one message ended, in arrival order.
+struct Answered {
+    /// QoS and packet id for the PUBACK; `None` when it must not be acked (QoS 0, or given up).
+    ack: Option<Publish>,
+    /// The connection it came on.
+    generation: u64,
+    /// For `sluice_ack_latency_seconds`.
+    received: Instant,
+    /// Payload bytes it held.
+    bytes: usize,
+}
+
+/// Everything the per-message work needs.
+struct Ctx {
+    settings: Arc<Settings>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    /// Index of the device id level in topics.
+    device_level: usize,
+    /// Flips to `true` on shutdown; wakes retry sleeps.
+    stop: watch::Receiver<bool>,
+}
+
+/// The running MQTT source.
+pub struct MqttSource {
+    /// Tells the processor to stop taking messages.
+    stop: watch::Sender<bool>,
+    /// Polls the rumqttc event loop; ends after DISCONNECT.
+    connection: JoinHandle<()>,
+    /// Turns messages into readings and PUBACKs; ends once every taken message is answered.
+    processor: JoinHandle<()>,
+}
+
+impl MqttSource {
+    /// Connects (in the background, with backoff) and starts taking messages.
+    pub fn start(
+        settings: Arc<Settings>,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let m = &settings.mqtt;
+        let addr = parse_url(&m.url).map_err(|e| anyhow::anyhow!("mqtt.url: {e}"))?;
+        let device_level =
+            device_level(&m.topic).map_err(|e| anyhow::anyhow!("mqtt.topic: {e}"))?;
+        let mut options = MqttOptions::new(m.client_id.clone(), addr.host.clone(), addr.port);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(m.keep_alive)
+            .set_max_packet_size(m.max_packet_bytes, MAX_OUTGOING_PACKET)
+            // Outgoing QoS 1 publishes are dead letters only.
+            .set_inflight(m.max_unacked.clamp(16, u16::MAX as usize) as u16);
+        if let Some(user) = &m.username {
+            let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
+            options.set_credentials(user.clone(), password);
+        }
+        // Room for one PUBACK and one dead letter per held message, so `try_ack` never finds
+        // the request channel full.
+        let (client, mut eventloop) = AsyncClient::new(options, 2 * m.max_unacked + 16);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+
+        let subscription = if m.shared_group.is_empty() {
+            m.topic.clone()
+        } else {
+            format!("$share/{}/{}", m.shared_group, m.topic)
+        };
+        let shared = Arc::new(Shared {
+            live: Mutex::new(None),
+            held: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
+            resumed: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        metrics.mqtt_connected.set(0);
+        metrics.mqtt_unacked.set(0);
+        // Bounded by `held`: the connection task never sends more than `max_unacked` messages
+        // that the processor has not answered, so `try_send` never finds it full.
+        let (tx, rx) = mpsc::channel::<Taken>(m.max_unacked);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        tracing::info!(
+            broker = %m.url,
+            client_id = %m.client_id,
+            subscription = %subscription,
+            "MQTT source starting"
+        );
+        let connection = tokio::spawn(run_connection(
+            eventloop,
+            client.clone(),
+            ConnCtx {
+                subscription,
+                max_unacked: m.max_unacked,
+                max_unacked_bytes: m.max_unacked_bytes,
+                metrics: metrics.clone(),
+                shared: shared.clone(),
+                tx,
+            },
+            done_rx,
+        ));
+        let ctx = Arc::new(Ctx {
+            settings,
+            admission,
+            metrics,
+            client,
+            shared,
+            device_level,
+            stop: stop_rx.clone(),
+        });
+        let processor = tokio::spawn(run_processor(ctx, rx, stop_rx, done_tx));
+        Ok(Self {
+            stop: stop_tx,
+            connection,
+            processor,
+        })
+    }
+
+    /// Shutdown step 4: take no new messages. Those already taken still commit and are acked.
+    pub fn stop_taking(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until every taken message is answered and PUBACKed and the connection is closed
+    /// with DISCONNECT. Call before draining the pipeline, which must still commit them.
+    pub async fn finish(self) {
+        self.stop_taking();
+        if let Err(e) = self.processor.await {
+            tracing::error!(error = %e, "MQTT processor task failed");
+        }
+        if let Err(e) = self.connection.await {
+            tracing::error!(error = %e, "MQTT connection task failed");
+        }
+        tracing::info!("MQTT source stopped");
+    }
+}
+
+/// What the connection task needs.
+struct ConnCtx {
+    /// The filter to subscribe to (with `$share/<group>/` when shared).
+    subscription: String,
+    /// `mqtt.max_unacked`.
+    max_unacked: usize,
+    /// `mqtt.max_unacked_bytes`.
+    max_unacked_bytes: usize,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    /// To the processor. Closed by it on shutdown, after which nothing more is taken.
+    tx: mpsc::Sender<Taken>,
+}
+
+impl ConnCtx {
+    /// Forgets the connection: PUBACKs for its messages are never sent. `eventloop.clean()`
+    /// also drops PUBACKs still queued in rumqttc, under the same lock that guards queuing them.
+    fn forget(&self, eventloop: &mut EventLoop) {
+        let mut live = self.shared.live.lock().expect("mqtt live lock");
+        *live = None;
+        eventloop.clean();
+    }
+
+    /// Takes one message if the budget allows (always when nothing is held).
+    fn take(&self, publish: Publish, generation: u64) -> bool {
+        let held = self.shared.held.load(Ordering::Acquire);
+        let bytes = self.shared.held_bytes.load(Ordering::Acquire);
+        let len = publish.payload.len();
+        if held > 0 && (held >= self.max_unacked || bytes + len > self.max_unacked_bytes) {
+            tracing::trace!(pkid = publish.pkid, held, bytes, "MQTT message not taken");
+            return false;
+        }
+        // Its own allocation, so that holding it does not pin rumqttc's read buffer and the
+        // byte budget counts what is really held.
+        let publish = Publish {
+            payload: Bytes::copy_from_slice(&publish.payload),
+            ..publish
+        };
+        self.shared.held.fetch_add(1, Ordering::AcqRel);
+        self.shared.held_bytes.fetch_add(len, Ordering::AcqRel);
+        let taken = Taken {
+            publish,
+            generation,
+            received: Instant::now(),
+            received_ms: now_ms(),
+        };
+        if self.tx.try_send(taken).is_err() {
+            // Closed: shutting down. Left unacked, so redelivered to the next session.
+            self.shared.held_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.shared.held.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.metrics
+            .mqtt_unacked
+            .set(self.shared.held.load(Ordering::Acquire) as i64);
+        true
+    }
+}
+
+/// Polls the event loop for as long as the source runs: reads messages, reconnects with
+/// backoff, (re)subscribes, and pauses and resumes the session when over budget. It never
+/// waits on the pipeline, so the connection stays alive however slow the store is. Ends after
+/// the final DISCONNECT, or on shutdown once no connection is up.
+async fn run_connection(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    ctx: ConnCtx,
+    mut done: oneshot::Receiver<()>,
+) {
+    let mut generation = 0u64;
+    let mut ever_connected = false;
+    let mut connected_at: Option<Instant> = None;
+    let mut delay = RECONNECT_MIN;
+    // A message was not taken on this connection: take nothing more until resumed.
+    let mut paused = false;
+    // Our own DISCONNECT (to resume) is queued behind the last PUBACKs.
+    let mut resuming = false;
+    loop {
+        let stopping = ctx.shared.stopping.load(Ordering::Acquire);
+        let event = if eventloop.network.is_none() {
+            if stopping {
+                // Shutting down with no connection: nothing more can be acked. Wait for the
+                // processor to answer what it holds; the broker redelivers it next session.
+                let _ = (&mut done).await;
+                break;
+            }
+            // Dropping a connect attempt is safe; dropping a poll mid-read would not be.
+            tokio::select! {
+                e = eventloop.poll() => e,
+                _ = &mut done => break,
+            }
+        } else {
+            eventloop.poll().await
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                generation += 1;
+                *ctx.shared.live.lock().expect("mqtt live lock") = Some(generation);
+                if ack.session_present {
+                    ctx.shared.resumed.store(generation, Ordering::Release);
+                }
+                if ever_connected && connected_at.is_none() {
+                    ctx.metrics.mqtt_reconnects.inc();
+                }
+                ever_connected = true;
+                connected_at = Some(Instant::now());
+                paused = false;
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "MQTT connected; subscribing"
+                );
+                // Always subscribe: a resumed session keeps it, a new one needs it. Ahead of
+                // anything else queued, including retransmitted dead letters.
+                eventloop
+                    .pending
+                    .push_front(Request::Subscribe(Subscribe::new(
+                        ctx.subscription.clone(),
+                        QoS::AtLeastOnce,
+                    )));
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                {
+                    tracing::info!(subscription = %ctx.subscription, "MQTT subscribed");
+                    ctx.metrics.mqtt_connected.set(1);
+                } else {
+                    tracing::error!(
+                        subscription = %ctx.subscription,
+                        "the broker refused the MQTT subscription; check its ACLs and shared-subscription support"
+                    );
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if paused || !ctx.take(publish, generation) {
+                    if !paused {
+                        tracing::debug!(
+                            held = ctx.shared.held.load(Ordering::Acquire),
+                            "MQTT budget full (mqtt.max_unacked / max_unacked_bytes): pausing this connection"
+                        );
+                        paused = true;
+                    }
+                    ctx.metrics.mqtt_not_taken.inc();
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                if resuming && !stopping {
+                    resuming = false;
+                    // Reconnect at once (not a loss: no backoff, not counted as a reconnect).
+                    ctx.forget(&mut eventloop);
+                    continue;
+                }
+                tracing::info!("MQTT disconnected");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ctx.forget(&mut eventloop);
+                ctx.metrics.mqtt_connected.set(0);
+                paused = false;
+                resuming = false;
+                if matches!(e, ConnectionError::RequestsDone) {
+                    break;
+                }
+                if connected_at
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                {
+                    delay = RECONNECT_MIN;
+                }
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?delay,
+                    "MQTT connection failed; reconnecting"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut done => break,
+                }
+                delay = (delay * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        }
+        // Paused and everything taken is answered: every PUBACK is queued, so a DISCONNECT
+        // queued now goes out after them. Then resume, and the broker redelivers the rest.
+        if paused
+            && !resuming
+            && !stopping
+            && eventloop.network.is_some()
+            && ctx.shared.held.load(Ordering::Acquire) == 0
+        {
+            tracing::debug!("MQTT: everything taken is answered; resuming the session");
+            resuming = client.try_disconnect().is_ok();
+        }
+    }
+    ctx.forget(&mut eventloop);
+    ctx.metrics.mqtt_connected.set(0);
+}
+
+/// Takes messages from the connection task, answers each, and sends PUBACKs in arrival order.
+/// Ends on shutdown once every taken message is answered, after asking for DISCONNECT.
+async fn run_processor(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::Receiver<Taken>,
+    mut stop: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
+) {
+    let mut fifo = FuturesOrdered::new();
+    let mut open = true;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            taken = rx.recv(), if open => match taken {
+                Some(t) => fifo.push_back(answer(ctx.clone(), t)),
+                None => open = false,
+            },
+            Some(answered) = fifo.next(), if !fifo.is_empty() => ctx.puback(answered),
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                ctx.shared.stopping.store(true, Ordering::Release);
+                // Nothing more is taken; what is already in the channel still is answered.
+                rx.close();
+                tracing::info!(held = ctx.shared.held.load(Ordering::Acquire), "MQTT: no longer taking messages; answering those taken");
+            }
+        }
+        if !open && fifo.is_empty() {
+            break;
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(5), ctx.client.disconnect())
+        .await
+        .is_err()
+    {
+        tracing::warn!("MQTT DISCONNECT could not be queued");
+    }
+    drop(done);
+}
+
+impl Ctx {
+    /// Sends the PUBACK for the oldest answered message, if it is due one and its connection is
+    /// still the live one.
+    fn puback(&self, answered: Answered) {
+        if let Some(publish) = answered.ack {
+            let live = self.shared.live.lock().expect("mqtt live lock");
+            if *live == Some(answered.generation) {
+                match self.client.try_ack(&publish) {
+                    Ok(()) => self
+                        .metrics
+                        .ack_latency
+                        .with_label_values(&[Transport::Mqtt.as_str()])
+                        .observe(answered.received.elapsed().as_secs_f64()),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "PUBACK could not be queued; the broker will redeliver the message"
+                    ),
+                }
+            }
+        }
+        self.shared
+            .held_bytes
+            .fetch_sub(answered.bytes, Ordering::AcqRel);
+        let held = self.shared.held.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.metrics.mqtt_unacked.set(held as i64);
+    }
+
+    /// Counts readings received and rejected under `transport="mqtt"`.
+    fn count(&self, received: usize, rejected: impl IntoIterator<Item = RejectReason>) {
+        self.metrics
+            .readings_received
+            .with_label_values(&[Transport::Mqtt.as_str()])
+            .inc_by(received as u64);
+        for reason in rejected {
+            self.metrics.rejected(Transport::Mqtt, reason, 1);
+        }
+    }
+
+    /// Republishes (QoS 1) what could not be taken, with its error.
+    async fn dead_letter(&self, device: Option<&DeviceId>, t: &Taken, letter: DeadLetter<'_>) {
+        let topic = format!(
+            "{}/{}",
+            self.settings.mqtt.dead_letter_topic,
+            device.map(DeviceId::as_str).unwrap_or(INVALID_DEVICE_LEVEL)
+        );
+        let body = match serde_json::to_vec(&letter) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a dead letter");
+                return;
+            }
+        };
+        tracing::debug!(topic = %t.publish.topic, dead_letter = %topic, "MQTT payload dead-lettered");
+        match self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+        {
+            Ok(()) => self.metrics.mqtt_dead_letters.inc(),
+            Err(e) => tracing::warn!(error = %e, "cannot queue a dead letter"),
+        }
+    }
+
+    /// Counts a whole-message refusal and builds its dead letter.
+    fn refused<'a>(
+        &self,
+        t: &'a Taken,
+        device: Option<&'a DeviceId>,
+        r: Refused,
+    ) -> DeadLetter<'a> {
+        self.count(r.readings, []);
+        self.metrics
+            .rejected(Transport::Mqtt, r.reason, r.readings as u64);
+        DeadLetter {
+            error: Some(MessageError {
+                reason: r.reason.as_str(),
+                detail: r.detail,
+            }),
+            ..DeadLetter::new(t, device, self.settings.limits.max_body_bytes)
+        }
+    }
+
+    /// The device id from the topic's `+` level.
+    fn device_of(&self, topic: &str) -> Result<DeviceId, String> {
+        let level = topic.split('/').nth(self.device_level).ok_or_else(|| {
+            format!(
+                "topic `{topic}` has no level {} for the device id",
+                self.device_level + 1
+            )
+        })?;
+        DeviceId::parse(level)
+            .map_err(|e| format!("device id in topic level {}: {e}", self.device_level + 1))
+    }
+}
+
+/// Why a whole message was refused.
+struct Refused {
+    reason: RejectReason,
+    detail: String,
+    /// Readings it is counted as (1 when the payload could not be split).
+    readings: usize,
+}
+
+/// Parses a payload bound to `device`; a large one on a blocking thread.
+async fn parse(
+    settings: &Arc<Settings>,
+    device: &DeviceId,
+    payload: &Bytes,
+    received_ms: i64,
+) -> Result<ParsedBatch, Refused> {
+    let run = {
+        let settings = settings.clone();
+        let device = device.clone();
+        let payload = payload.clone();
+        move || {
+            let text = std::str::from_utf8(&payload).map_err(|e| Refused {
+                reason: RejectReason::Malformed,
+                detail: format!(
+                    "payload is not UTF-8: invalid byte at offset {}",
+                    e.valid_up_to()
+                ),
+                readings: 1,
+            })?;
+            let limits = &settings.limits;
+            let ctx = ParseContext {
+                now_ms: received_ms,
+                max_future_skew: limits.max_future_skew,
+                max_age: limits.max_age,
+                max_readings: limits.max_readings_per_request,
+                bound_device: Some(&device),
+            };
+            reading::parse_json_batch(text, &ctx).map_err(|e| match e {
+                BatchError::Malformed(detail) => Refused {
+                    reason: RejectReason::Malformed,
+                    detail,
+                    readings: 1,
+                },
+                e @ BatchError::TooMany { count, .. } => Refused {
+                    reason: RejectReason::TooManyReadings,
+                    detail: e.to_string(),
+                    readings: count,
+                },
+            })
+        }
+    };
+    if payload.len() > INLINE_PARSE_BYTES {
+        tokio::task::spawn_blocking(run).await.unwrap_or_else(|_| {
+            Err(Refused {
+                reason: RejectReason::Malformed,
+                detail: "payload could not be parsed".into(),
+                readings: 1,
+            })
+        })
+    } else {
+        run()
+    }
+}
+
+/// Answers one message: dead-letters what can never be taken, and commits the rest, retrying
+/// while the pipeline refuses. Resolves when the message may be PUBACKed, or when it is left
+/// for the broker to redeliver.
+async fn answer(ctx: Arc<Ctx>, t: Taken) -> Answered {
+    let answered = |acked: bool| Answered {
+        ack: (acked && t.publish.qos != QoS::AtMostOnce).then(|| {
+            let mut p = Publish::new("", t.publish.qos, Vec::new());
+            p.pkid = t.publish.pkid;
+            p
+        }),
+        generation: t.generation,
+        received: t.received,
+        bytes: t.publish.payload.len(),
+    };
+    let limits = &ctx.settings.limits;
+    let payload = &t.publish.payload;
+    let device = match ctx.device_of(&t.publish.topic) {
+        Ok(d) => d,
+        Err(detail) => {
+            let dl = ctx.refused(
+                &t,
+                None,
+                Refused {
+                    reason: RejectReason::InvalidDeviceId,
+                    detail,
+                    readings: 1,
+                },
+            );
+            ctx.dead_letter(None, &t, dl).await;
+            return answered(true);
+        }
+    };
+    if payload.len() > limits.max_body_bytes {
+        let dl = ctx.refused(
+            &t,
+            Some(&device),
+            Refused {
+                reason: RejectReason::TooLarge,
+                detail: format!(
+                    "payload of {} bytes exceeds limits.max_body_bytes ({})",
+                    payload.len(),
+                    limits.max_body_bytes
+                ),
+                readings: 1,
+            },
+        );
+        ctx.dead_letter(Some(&device), &t, dl).await;
+        return answered(true);
+    }
+    let parsed = match parse(&ctx.settings, &device, payload, t.received_ms).await {
+        Ok(p) => p,
+        Err(r) => {
+            let dl = ctx.refused(&t, Some(&device), r);
+            ctx.dead_letter(Some(&device), &t, dl).await;
+            return answered(true);
+        }
+    };
+    ctx.count(parsed.total(), parsed.rejected.iter().map(|r| r.error.kind));
+    if !parsed.rejected.is_empty() {
+        let dl = DeadLetter {
+            rejected: parsed
+                .rejected
+                .iter()
+                .map(|r| DeadReading {
+                    index: r.index,
+                    reason: r.error.kind.as_str(),
+                    error: r.error.to_string(),
+                })
+                .collect(),
+            taken: parsed.readings.len(),
+            ..DeadLetter::new(&t, Some(&device), limits.max_body_bytes)
+        };
+        ctx.dead_letter(Some(&device), &t, dl).await;
+    }
+    if parsed.readings.is_empty() {
+        return answered(true);
+    }
+    let committed = commit(&ctx, &t, &device, parsed.readings).await;
+    answered(committed)
+}
+
+impl<'a> DeadLetter<'a> {
+    /// A dead letter for `t` with no errors filled in yet.
+    fn new(t: &'a Taken, device: Option<&'a DeviceId>, max_body_bytes: usize) -> Self {
+        let payload = &t.publish.payload;
+        DeadLetter {
+            topic: &t.publish.topic,
+            device_id: device.map(DeviceId::as_str),
+            received_at: format_ts(t.received_ms),
+            payload_bytes: payload.len(),
+            payload: (payload.len() <= max_body_bytes)
+                .then(|| std::str::from_utf8(payload).ok())
+                .flatten(),
+            error: None,
+            rejected: Vec::new(),
+            taken: 0,
+        }
+    }
+}
+
+/// Submits the readings and waits for their commit, resubmitting after a refusal or a failed
+/// commit. `true` once committed (or known duplicates); `false` when given up, which happens
+/// only on shutdown or when the broker will redeliver the message to a resumed session.
+async fn commit(ctx: &Ctx, t: &Taken, device: &DeviceId, readings: Vec<reading::Reading>) -> bool {
+    let mut readings = Some(readings);
+    let mut delay = RETRY_MIN;
+    let cap = ctx.settings.pipeline.retry_after.max(RETRY_MIN);
+    let mut stop = ctx.stop.clone();
+    loop {
+        let batch = match readings.take() {
+            Some(r) => r,
+            // `submit` consumed them. The same payload and receive time parse to the same
+            // readings, so a retry stores exactly what the first attempt would have.
+            None => match parse(&ctx.settings, device, &t.publish.payload, t.received_ms).await {
+                Ok(p) => p.readings,
+                Err(_) => return false,
+            },
+        };
+        match ctx.admission.submit(Transport::Mqtt, batch) {
+            Ok(ack) => match ack.await {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) => tracing::debug!(error = %e, "MQTT message not committed; retrying"),
+                Err(_) => tracing::debug!("MQTT message dropped by the pipeline; retrying"),
+            },
+            Err(refusal) => tracing::debug!(%refusal, "MQTT message refused; retrying"),
+        }
+        if ctx.shared.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        if t.generation < ctx.shared.resumed.load(Ordering::Acquire) {
+            // A later connection resumed the session: the broker redelivers this message.
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+        delay = (delay * 2).min(cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884").unwrap(),
+            BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(parse_url("tcp://broker").unwrap().port, 1883);
+        assert_eq!(parse_url("mqtt://[::1]:9").unwrap().host, "::1");
+        assert!(parse_url("mqtts://b:8883").unwrap_err().contains("TLS"));
+        assert!(parse_url("http://b").is_err());
+        assert!(parse_url("mqtt://b:0").is_err());
+        assert!(parse_url("mqtt://u:p@b:1").is_err());
+        assert!(parse_url("mqtt://").is_err());
+    }
+
+    #[test]
+    fn topic_filters() {
+        assert_eq!(device_level("devices/+/readings").unwrap(), 1);
+        assert_eq!(device_level("+").unwrap(), 0);
+        assert!(device_level("devices/readings").is_err());
+        assert!(device_level("a/+/+").is_err());
+        assert!(device_level("a/+/#").is_err());
+        assert!(device_level("$share/g/a/+").is_err());
+        assert!(filter_matches("devices/+/readings", "devices/x/readings"));
+        assert!(!filter_matches("devices/+/readings", "devices/x"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let limits = LimitSettings::default();
+        let ok = MqttSettings::default();
+        assert!(validate(&ok, &limits).is_ok());
+        let bad = |f: fn(&mut MqttSettings)| {
+            let mut m = MqttSettings::default();
+            f(&mut m);
+            validate(&m, &limits).unwrap_err().0
+        };
+        assert_eq!(bad(|m| m.url = "mqtts://x".into()), "mqtt.url");
+        assert_eq!(bad(|m| m.client_id.clear()), "mqtt.client_id");
+        assert_eq!(bad(|m| m.topic = "devices/#".into()), "mqtt.topic");
+        assert_eq!(bad(|m| m.shared_group = "a/b".into()), "mqtt.shared_group");
+        assert_eq!(
+            bad(|m| m.keep_alive = Duration::from_millis(10)),
+            "mqtt.keep_alive"
+        );
+        assert_eq!(bad(|m| m.max_unacked = 0), "mqtt.max_unacked");
+        assert_eq!(bad(|m| m.max_packet_bytes = 1024), "mqtt.max_packet_bytes");
+        assert_eq!(
+            bad(|m| {
+                m.topic = "+/+".into();
+            }),
+            "mqtt.topic"
+        );
+        assert_eq!(
+            bad(|m| {
+                m.topic = "devices/+".into();
+                m.dead_letter_topic = "devices".into();
+            }),
+            "mqtt.dead_letter_topic"
+        );
+    }
+
+    #[test]
+    fn dead_letter_shape() {
+        let dl = DeadLetter {
+            topic: "devices/d1/readings",
+            device_id: Some("d1"),
+            received_at: format_ts(0),
+            payload_bytes: 3,
+            payload: Some("{x}"),
+            error: Some(MessageError {
+                reason: "malformed",
+                detail: "bad".into(),
+            }),
+            rejected: vec![],
+            taken: 0,
+        };
+        let v: serde_json::Value = serde_json::to_value(&dl).unwrap();
+        assert_eq!(v["error"]["reason"], "malformed");
+        assert_eq!(v["device_id"], "d1");
+        assert_eq!(v["received_at"], "1970-01-01T00:00:00.000Z");
+        let dl = DeadLetter {
+            payload: None,
+            error: None,
+            device_id: None,
+            ..dl
+        };
+        let v: serde_json::Value = serde_json::to_value(&dl).unwrap();
+        assert!(v.get("error").is_none() && v.get("payload").is_none());
+        assert!(v["device_id"].is_null());
+    }
+}
