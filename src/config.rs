@@ -269,8 +269,9 @@ pub struct MqttSettings {
     /// for their commit). MQTT 3.1.1 lets only the broker choose its in-flight window, and
     /// brokers overshoot it, so Sluice bounds what it takes: past this (or
     /// `max_unacked_bytes`) a message is left unacknowledged, and the session is resumed once
-    /// the held ones are answered, so that the broker redelivers it. At most 65535 (the
-    /// number of MQTT packet ids).
+    /// the held ones are answered, so that the broker redelivers it. At most (and by default)
+    /// 65535, the number of MQTT packet ids; memory is bounded by `max_unacked_bytes` and about
+    /// 1.5 KB per message besides.
     pub max_unacked: usize,
     /// Most payload bytes held in those messages. One message is always taken when none is
     /// held, however large (up to `limits.max_body_bytes`, beyond which it is dead-lettered).
@@ -304,7 +305,7 @@ impl Default for MqttSettings {
             username: None,
             password: None,
             dead_letter_topic: "sluice/rejected".into(),
-            max_unacked: 10_000,
+            max_unacked: 65_535,
             max_unacked_bytes: 64 * 1024 * 1024,
             max_packet_bytes: 16 * 1024 * 1024,
         }

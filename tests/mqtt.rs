@@ -49,12 +49,14 @@ async fn spawn_mqtt_app(broker: &Mosquitto, tweak: impl FnOnce(&mut Settings)) -
     app
 }
 
-/// Every stored `seq` of a device, repeats included (the query API lists rows).
+/// Every stored `seq` of a device, repeats included (the query API lists rows). Empty while
+/// the device is unknown or the store is not open yet.
 async fn stored_rows(base: &str, device: &str) -> Vec<u64> {
-    let res = reqwest::get(format!("{base}/v1/devices/{device}/readings?limit=10000"))
-        .await
-        .expect("query sent");
-    if res.status() == 404 {
+    let Ok(res) = reqwest::get(format!("{base}/v1/devices/{device}/readings?limit=10000")).await
+    else {
+        return Vec::new();
+    };
+    if !res.status().is_success() {
         return Vec::new();
     }
     let body: serde_json::Value = res.json().await.expect("readings JSON");

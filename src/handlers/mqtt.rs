@@ -16,16 +16,20 @@
 //!
 //! - **The event loop is always polled.** The connection task only reads, forwards and
 //!   reconnects; it never awaits the pipeline. Keep-alive pings flow however slow the store is.
-//! - **Backpressure is withheld PUBACKs, and a bounded take.** A broker is meant to stop
-//!   sending once its per-client in-flight window is full of unacknowledged messages (mosquitto
-//!   `max_inflight_messages`), but MQTT 3.1.1 gives the client no say in that window and brokers
-//!   overshoot it (mosquitto 2.0.11 stops enforcing it after the first refill). So Sluice bounds
-//!   what it holds itself: at most `mqtt.max_unacked` messages and `mqtt.max_unacked_bytes` of
-//!   payload. A message beyond that is *not taken*: left without a PUBACK and counted in
-//!   `sluice_mqtt_not_taken_total`, and the connection is *paused* — nothing later on it is
-//!   taken either, so redelivery keeps the broker's order. Once everything taken is answered
-//!   and PUBACKed, Sluice DISCONNECTs and resumes the session at once; the broker then
-//!   redelivers what was not taken. Memory stays bounded; the cost is re-reading redeliveries.
+//! - **Backpressure is withheld PUBACKs, and a bounded take.** A broker stops sending once its
+//!   per-client in-flight window is full of unacknowledged messages (mosquitto
+//!   `max_inflight_messages`) — in principle. MQTT 3.1.1 gives the client no say in that
+//!   window, and brokers overshoot it (mosquitto 2.0.11 releases up to a whole window of queued
+//!   messages per in-order PUBACK, so a backlog arrives as a flood). So Sluice bounds what it
+//!   holds itself: at most `mqtt.max_unacked` messages whose PUBACK is not yet written, and
+//!   `mqtt.max_unacked_bytes` of payload. It cannot stop reading the socket instead: rumqttc
+//!   reads and writes (PUBACKs, pings) in one `poll`, and must be polled for the keep-alive.
+//! - **Pause and resume.** A message beyond that budget is *not taken*: left without a PUBACK
+//!   and counted in `sluice_mqtt_not_taken_total`. The connection is then *paused* — the event
+//!   loop runs on, nothing later is taken (which keeps the broker's order) — until everything
+//!   taken is answered. Then Sluice DISCONNECTs (after the queued PUBACKs) and resumes the
+//!   session at once; the broker redelivers what was left. Memory stays bounded whatever the
+//!   broker does; the cost of an overshooting broker is its resending.
 //! - **Refused by admission → kept and retried.** A live MQTT 3.1.1 session never redelivers
 //!   by itself, so a message the pipeline refuses (full, store down) stays in the FIFO and is
 //!   resubmitted with exponential backoff (capped at `pipeline.retry_after`); every refusal is
@@ -75,6 +79,8 @@ const RETRY_MIN: Duration = Duration::from_millis(10);
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 /// Largest packet Sluice sends (the MQTT maximum); dead letters are bounded by the input limits.
 const MAX_OUTGOING_PACKET: usize = 268_435_455;
+/// Dead letters sent and not yet acknowledged by the broker (rumqttc preallocates this many).
+const DEAD_LETTERS_IN_FLIGHT: u16 = 256;
 /// Dead-letter topic level used when the topic's device level is not a valid device id.
 pub const INVALID_DEVICE_LEVEL: &str = "_invalid";
 
@@ -307,6 +313,17 @@ struct Shared {
     resumed: AtomicU64,
     /// Shutdown started: refused messages are no longer retried.
     stopping: AtomicBool,
+    /// PUBACKs queued in rumqttc's request channel and not yet written. They count against
+    /// `mqtt.max_unacked` too: rumqttc writes one request per poll but reads up to ten packets,
+    /// so without this a flood could fill the request channel with PUBACKs.
+    unwritten_acks: AtomicUsize,
+}
+
+impl Shared {
+    /// Messages taken whose PUBACK is not yet written: the budget `mqtt.max_unacked` bounds.
+    fn unacked(&self) -> usize {
+        self.held.load(Ordering::Acquire) + self.unwritten_acks.load(Ordering::Acquire)
+    }
 }
 
 /// A message handed from the connection task to the processor.
@@ -373,8 +390,8 @@ impl MqttSource {
             .set_manual_acks(true)
             .set_keep_alive(m.keep_alive)
             .set_max_packet_size(m.max_packet_bytes, MAX_OUTGOING_PACKET)
-            // Outgoing QoS 1 publishes are dead letters only.
-            .set_inflight(m.max_unacked.clamp(16, u16::MAX as usize) as u16);
+            // Outgoing QoS 1 publishes are dead letters only; the broker acks them at once.
+            .set_inflight(DEAD_LETTERS_IN_FLIGHT);
         if let Some(user) = &m.username {
             let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
             options.set_credentials(user.clone(), password);
@@ -397,6 +414,7 @@ impl MqttSource {
             held_bytes: AtomicUsize::new(0),
             resumed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            unwritten_acks: AtomicUsize::new(0),
         });
         metrics.mqtt_connected.set(0);
         metrics.mqtt_unacked.set(0);
@@ -481,15 +499,24 @@ impl ConnCtx {
         let mut live = self.shared.live.lock().expect("mqtt live lock");
         *live = None;
         eventloop.clean();
+        // Those PUBACKs are gone with the connection; the broker redelivers their messages.
+        self.shared.unwritten_acks.store(0, Ordering::Release);
+        drop(live);
+        self.metrics.mqtt_unacked.set(self.shared.unacked() as i64);
     }
 
     /// Takes one message if the budget allows (always when nothing is held).
     fn take(&self, publish: Publish, generation: u64) -> bool {
-        let held = self.shared.held.load(Ordering::Acquire);
+        let unacked = self.shared.unacked();
         let bytes = self.shared.held_bytes.load(Ordering::Acquire);
         let len = publish.payload.len();
-        if held > 0 && (held >= self.max_unacked || bytes + len > self.max_unacked_bytes) {
-            tracing::trace!(pkid = publish.pkid, held, bytes, "MQTT message not taken");
+        if unacked > 0 && (unacked >= self.max_unacked || bytes + len > self.max_unacked_bytes) {
+            tracing::trace!(
+                pkid = publish.pkid,
+                unacked,
+                bytes,
+                "MQTT message not taken"
+            );
             return false;
         }
         // Its own allocation, so that holding it does not pin rumqttc's read buffer and the
@@ -511,9 +538,7 @@ impl ConnCtx {
             self.shared.held_bytes.fetch_sub(len, Ordering::AcqRel);
             self.shared.held.fetch_sub(1, Ordering::AcqRel);
         }
-        self.metrics
-            .mqtt_unacked
-            .set(self.shared.held.load(Ordering::Acquire) as i64);
+        self.metrics.mqtt_unacked.set(self.shared.unacked() as i64);
         true
     }
 }
@@ -606,6 +631,15 @@ async fn run_connection(
                     ctx.metrics.mqtt_not_taken.inc();
                 }
             }
+            Ok(Event::Outgoing(Outgoing::PubAck(_))) => {
+                // Saturating: a PUBACK written just as `forget` reset the count.
+                let _ = ctx.shared.unwritten_acks.fetch_update(
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    |n| n.checked_sub(1),
+                );
+                ctx.metrics.mqtt_unacked.set(ctx.shared.unacked() as i64);
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 if resuming && !stopping {
                     resuming = false;
@@ -645,7 +679,7 @@ async fn run_connection(
             }
         }
         // Paused and everything taken is answered: every PUBACK is queued, so a DISCONNECT
-        // queued now goes out after them. Then resume, and the broker redelivers the rest.
+        // queued now goes out after them. Then resume, and the broker redelivers what was left.
         if paused
             && !resuming
             && !stopping
@@ -706,24 +740,30 @@ impl Ctx {
         if let Some(publish) = answered.ack {
             let live = self.shared.live.lock().expect("mqtt live lock");
             if *live == Some(answered.generation) {
+                // Counted before queuing: the connection task may write it at once.
+                self.shared.unwritten_acks.fetch_add(1, Ordering::AcqRel);
                 match self.client.try_ack(&publish) {
-                    Ok(()) => self
-                        .metrics
-                        .ack_latency
-                        .with_label_values(&[Transport::Mqtt.as_str()])
-                        .observe(answered.received.elapsed().as_secs_f64()),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "PUBACK could not be queued; the broker will redeliver the message"
-                    ),
+                    Ok(()) => {
+                        self.metrics
+                            .ack_latency
+                            .with_label_values(&[Transport::Mqtt.as_str()])
+                            .observe(answered.received.elapsed().as_secs_f64());
+                    }
+                    Err(e) => {
+                        self.shared.unwritten_acks.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!(
+                            error = %e,
+                            "PUBACK could not be queued; the broker will redeliver the message"
+                        );
+                    }
                 }
             }
         }
         self.shared
             .held_bytes
             .fetch_sub(answered.bytes, Ordering::AcqRel);
-        let held = self.shared.held.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.metrics.mqtt_unacked.set(held as i64);
+        self.shared.held.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.mqtt_unacked.set(self.shared.unacked() as i64);
     }
 
     /// Counts readings received and rejected under `transport="mqtt"`.
