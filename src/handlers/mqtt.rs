@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use prometheus::{Histogram, IntCounter};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     Request, Subscribe, SubscribeReasonCode,
@@ -311,7 +312,8 @@ struct Shared {
     /// The latest connection that resumed a session. The broker redelivers what older
     /// connections left unacked, so their messages need not be retried.
     resumed: AtomicU64,
-    /// Shutdown started: refused messages are no longer retried.
+    /// Shutdown started: refused messages are no longer retried, a lost connection is not
+    /// re-established, and the session is not resumed.
     stopping: AtomicBool,
     /// PUBACKs queued in rumqttc's request channel and not yet written. They count against
     /// `mqtt.max_unacked` too: rumqttc writes one request per poll but reads up to ten packets,
@@ -355,6 +357,10 @@ struct Ctx {
     settings: Arc<Settings>,
     admission: Admission,
     metrics: Arc<Metrics>,
+    /// `sluice_readings_received_total{transport="mqtt"}`, looked up once.
+    received: IntCounter,
+    /// `sluice_ack_latency_seconds{transport="mqtt"}`, looked up once.
+    ack_latency: Histogram,
     client: AsyncClient,
     shared: Arc<Shared>,
     /// Index of the device id level in topics.
@@ -396,8 +402,8 @@ impl MqttSource {
             let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
             options.set_credentials(user.clone(), password);
         }
-        // Room for one PUBACK and one dead letter per held message, so `try_ack` never finds
-        // the request channel full.
+        // Room for one PUBACK and one dead letter per message the budget admits (held, or
+        // PUBACK not yet written), so `try_ack` never finds the request channel full.
         let (client, mut eventloop) = AsyncClient::new(options, 2 * m.max_unacked + 16);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
@@ -418,8 +424,8 @@ impl MqttSource {
         });
         metrics.mqtt_connected.set(0);
         metrics.mqtt_unacked.set(0);
-        // Bounded by `held`: the connection task never sends more than `max_unacked` messages
-        // that the processor has not answered, so `try_send` never finds it full.
+        // The budget bounds it: the connection task never sends more than `max_unacked`
+        // messages that the processor has not answered, so `try_send` never finds it full.
         let (tx, rx) = mpsc::channel::<Taken>(m.max_unacked);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -442,9 +448,12 @@ impl MqttSource {
             },
             done_rx,
         ));
+        let mqtt = [Transport::Mqtt.as_str()];
         let ctx = Arc::new(Ctx {
             settings,
             admission,
+            received: metrics.readings_received.with_label_values(&mqtt),
+            ack_latency: metrics.ack_latency.with_label_values(&mqtt),
             metrics,
             client,
             shared,
@@ -744,9 +753,7 @@ impl Ctx {
                 self.shared.unwritten_acks.fetch_add(1, Ordering::AcqRel);
                 match self.client.try_ack(&publish) {
                     Ok(()) => {
-                        self.metrics
-                            .ack_latency
-                            .with_label_values(&[Transport::Mqtt.as_str()])
+                        self.ack_latency
                             .observe(answered.received.elapsed().as_secs_f64());
                     }
                     Err(e) => {
@@ -768,10 +775,7 @@ impl Ctx {
 
     /// Counts readings received and rejected under `transport="mqtt"`.
     fn count(&self, received: usize, rejected: impl IntoIterator<Item = RejectReason>) {
-        self.metrics
-            .readings_received
-            .with_label_values(&[Transport::Mqtt.as_str()])
-            .inc_by(received as u64);
+        self.received.inc_by(received as u64);
         for reason in rejected {
             self.metrics.rejected(Transport::Mqtt, reason, 1);
         }
