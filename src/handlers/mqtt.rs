@@ -8,7 +8,8 @@
 //!  broker ⇄ connection task (polls rumqttc's EventLoop, never blocks)
 //!              │ try_send, at most mqtt.max_unacked messages / max_unacked_bytes held
 //!              ▼
-//!           processor task: one future per message, in a FuturesOrdered (FIFO)
+//!           processor task: held messages in arrival order; up to ACTIVE_MESSAGES of them
+//!              answered at once, as futures in a FuturesOrdered (FIFO)
 //!              parse at the edge → dead-letter what can never be taken
 //!              → admission.submit → await the commit ack (retry on refusal)
 //!              → futures complete in any order, PUBACKs go out strictly in arrival order
@@ -43,9 +44,11 @@
 //!   topic level that is not a device id) is counted, republished at QoS 1 with its error to
 //!   `<mqtt.dead_letter_topic>/<device_id>` (or `/_invalid`), and PUBACKed. See [`DeadLetter`].
 //! - **Shutdown** ([`MqttSource::stop_taking`], [`MqttSource::finish`]): stop taking messages,
-//!   let the taken ones commit, PUBACK them in order, then DISCONNECT. Whatever is left unacked
-//!   stays in the broker's session and is redelivered to the next one.
+//!   let those already submitted commit, PUBACK them in order, then DISCONNECT. Whatever is left
+//!   unacked (including held messages not yet started) stays in the broker's session and is
+//!   redelivered to the next one.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,6 +79,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// First delay before resubmitting a refused message; doubles up to `pipeline.retry_after`.
 const RETRY_MIN: Duration = Duration::from_millis(10);
+/// Messages being answered at once (parsed, submitted, awaiting their commit); later held
+/// messages wait unparsed. Enough to fill the largest batches the batcher makes.
+const ACTIVE_MESSAGES: usize = 8192;
 /// Payloads larger than this are parsed on a blocking thread.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 /// Largest packet Sluice sends (the MQTT maximum); dead letters are bounded by the input limits.
@@ -435,7 +441,7 @@ impl MqttSource {
             subscription = %subscription,
             "MQTT source starting"
         );
-        let connection = tokio::spawn(run_connection(
+        let connection = tokio::spawn(metrics.tasks.mqtt.instrument(run_connection(
             eventloop,
             client.clone(),
             ConnCtx {
@@ -447,7 +453,7 @@ impl MqttSource {
                 tx,
             },
             done_rx,
-        ));
+        )));
         let mqtt = [Transport::Mqtt.as_str()];
         let ctx = Arc::new(Ctx {
             settings,
@@ -460,7 +466,12 @@ impl MqttSource {
             device_level,
             stop: stop_rx.clone(),
         });
-        let processor = tokio::spawn(run_processor(ctx, rx, stop_rx, done_tx));
+        let processor = tokio::spawn(ctx.metrics.tasks.mqtt.instrument(run_processor(
+            ctx.clone(),
+            rx,
+            stop_rx,
+            done_tx,
+        )));
         Ok(Self {
             stop: stop_tx,
             connection,
@@ -704,32 +715,57 @@ async fn run_connection(
 }
 
 /// Takes messages from the connection task, answers each, and sends PUBACKs in arrival order.
-/// Ends on shutdown once every taken message is answered, after asking for DISCONNECT.
+///
+/// At most [`ACTIVE_MESSAGES`] are being answered at a time (parsed, submitted, awaiting their
+/// commit); the rest of the held messages wait, unparsed, in arrival order. That keeps a
+/// broker's flood from turning into tens of thousands of futures and retries against a full
+/// pipeline: a waiting message costs its payload and little more.
+///
+/// On shutdown, the active messages are answered and PUBACKed; the waiting ones were never
+/// started and are left for the broker to redeliver. Ends after asking for DISCONNECT.
 async fn run_processor(
     ctx: Arc<Ctx>,
     mut rx: mpsc::Receiver<Taken>,
     mut stop: watch::Receiver<bool>,
     done: oneshot::Sender<()>,
 ) {
-    let mut fifo = FuturesOrdered::new();
+    let mut active = FuturesOrdered::new();
+    let mut waiting: VecDeque<Taken> = VecDeque::new();
     let mut open = true;
     let mut stopping = false;
     loop {
+        // In arrival order: everything waiting arrived after everything active.
+        while active.len() < ACTIVE_MESSAGES {
+            let Some(t) = waiting.pop_front() else { break };
+            if t.generation < ctx.shared.resumed.load(Ordering::Acquire) {
+                // A later connection resumed the session: the broker redelivers this one.
+                ctx.abandon(&t);
+            } else {
+                active.push_back(answer(ctx.clone(), t));
+            }
+        }
         tokio::select! {
             taken = rx.recv(), if open => match taken {
-                Some(t) => fifo.push_back(answer(ctx.clone(), t)),
+                Some(t) if stopping => ctx.abandon(&t),
+                Some(t) => waiting.push_back(t),
                 None => open = false,
             },
-            Some(answered) = fifo.next(), if !fifo.is_empty() => ctx.puback(answered),
+            Some(answered) = active.next(), if !active.is_empty() => ctx.puback(answered),
             _ = stop.changed(), if !stopping => {
                 stopping = true;
                 ctx.shared.stopping.store(true, Ordering::Release);
-                // Nothing more is taken; what is already in the channel still is answered.
+                // Nothing more is taken; what was not started is left for redelivery.
                 rx.close();
-                tracing::info!(held = ctx.shared.held.load(Ordering::Acquire), "MQTT: no longer taking messages; answering those taken");
+                for t in waiting.drain(..) {
+                    ctx.abandon(&t);
+                }
+                tracing::info!(
+                    answering = active.len(),
+                    "MQTT: no longer taking messages; answering those started"
+                );
             }
         }
-        if !open && fifo.is_empty() {
+        if !open && active.is_empty() && waiting.is_empty() {
             break;
         }
     }
@@ -769,6 +805,15 @@ impl Ctx {
         self.shared
             .held_bytes
             .fetch_sub(answered.bytes, Ordering::AcqRel);
+        self.shared.held.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.mqtt_unacked.set(self.shared.unacked() as i64);
+    }
+
+    /// Lets go of a message that was never started: no PUBACK, so the broker redelivers it.
+    fn abandon(&self, t: &Taken) {
+        self.shared
+            .held_bytes
+            .fetch_sub(t.publish.payload.len(), Ordering::AcqRel);
         self.shared.held.fetch_sub(1, Ordering::AcqRel);
         self.metrics.mqtt_unacked.set(self.shared.unacked() as i64);
     }
