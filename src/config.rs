@@ -270,11 +270,12 @@ pub struct MqttSettings {
     /// brokers overshoot it, so Sluice bounds what it takes: past this (or
     /// `max_unacked_bytes`) a message is left unacknowledged, and the session is resumed once
     /// the held ones are answered, so that the broker redelivers it. At most (and by default)
-    /// 65535, the number of MQTT packet ids; memory is bounded by `max_unacked_bytes` and about
-    /// 1.5 KB per message besides.
+    /// 65535, the number of MQTT packet ids.
     pub max_unacked: usize,
-    /// Most payload bytes held in those messages. One message is always taken when none is
-    /// held, however large (up to `limits.max_body_bytes`, beyond which it is dead-lettered).
+    /// Most payload bytes held in those messages: the memory knob. Lower saves memory; when a
+    /// broker floods Sluice with a backlog, lower also means more resumed sessions and more
+    /// resending by the broker. One message is always taken when none is held, however large
+    /// (up to `limits.max_body_bytes`, beyond which it is dead-lettered).
     pub max_unacked_bytes: usize,
     /// Largest MQTT packet Sluice reads. Payloads over `limits.max_body_bytes` and up to this
     /// are dead-lettered; a larger packet breaks the connection (and the broker redelivers it),
@@ -306,7 +307,7 @@ impl Default for MqttSettings {
             password: None,
             dead_letter_topic: "sluice/rejected".into(),
             max_unacked: 65_535,
-            max_unacked_bytes: 64 * 1024 * 1024,
+            max_unacked_bytes: 32 * 1024 * 1024,
             max_packet_bytes: 16 * 1024 * 1024,
         }
     }

@@ -81,7 +81,7 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_millis(10);
 /// Messages being answered at once (parsed, submitted, awaiting their commit); later held
 /// messages wait unparsed. Enough to fill the largest batches the batcher makes.
-const ACTIVE_MESSAGES: usize = 8192;
+const ACTIVE_MESSAGES: usize = 4096;
 /// Payloads larger than this are parsed on a blocking thread.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 /// Largest packet Sluice sends (the MQTT maximum); dead letters are bounded by the input limits.
