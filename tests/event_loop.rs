@@ -8,24 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{metric_value, reading, spawn_app_with, wait_until, TestApp};
+use common::{metric_value, reading, spawn_app_with, wait_until};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const WORKERS: usize = 2;
 const BLOCK: Duration = Duration::from_millis(300);
-
-async fn scrape(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
 
 /// Observations of `sluice_event_loop_lag_seconds` above 100 ms.
 fn lag_over_100ms(text: &str) -> f64 {
@@ -78,14 +67,14 @@ async fn a_blocked_event_loop_shows_in_lag_and_busy_time() {
         "the lag probe to record",
         || async {
             metric_value(
-                &scrape(&app).await,
+                &app.scrape().await,
                 "sluice_event_loop_lag_seconds_count",
                 &[],
             ) >= 3.0
         },
     )
     .await;
-    let before = scrape(&app).await;
+    let before = app.scrape().await;
     assert_eq!(
         metric_value(&before, "sluice_runtime_workers", &[]),
         WORKERS as f64
@@ -99,13 +88,13 @@ async fn a_blocked_event_loop_shows_in_lag_and_busy_time() {
         Duration::from_secs(10),
         "a lag sample over 100 ms and 0.25 s more busy time on every worker",
         || async {
-            let now = scrape(&app).await;
+            let now = app.scrape().await;
             lag_over_100ms(&now) > lag_over_100ms(&before)
                 && (0..WORKERS).all(|w| busy(&now, w) - busy(&before, w) >= 0.25)
         },
     )
     .await;
-    let after = scrape(&app).await;
+    let after = app.scrape().await;
     let lag_sum = |t: &str| metric_value(t, "sluice_event_loop_lag_seconds_sum", &[]);
     assert!(
         lag_sum(&after) - lag_sum(&before) >= 0.19,
@@ -139,7 +128,7 @@ async fn task_families_count_their_polls() {
         }
     };
     assert!(ack.contains("\"accepted\":1"), "{ack}");
-    let text = scrape(&app).await;
+    let text = app.scrape().await;
     let polls = |task: &str| metric_value(&text, "sluice_task_polls_total", &[("task", task)]);
     // Each of the 10 requests ran the ingest handler; the batches went through the batcher and
     // the store writer; the WebSocket connection's reader and writer ran.
@@ -176,7 +165,7 @@ async fn task_families_count_their_polls() {
 async fn runtime_telemetry_can_be_turned_off() {
     let app = spawn_app_with(|s| s.telemetry.runtime = false).await;
     assert_eq!(app.post_json(&reading("off-1", 1)).await.status(), 200);
-    let text = scrape(&app).await;
+    let text = app.scrape().await;
     assert_eq!(
         metric_value(
             &text,

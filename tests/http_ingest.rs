@@ -534,15 +534,7 @@ async fn unopenable_store_is_not_ready_and_refuses_ingest() {
 async fn metrics_and_probes() {
     let app = spawn_app().await;
     app.post_json(&json!([reading("m", 1)])).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.scrape().await;
     for name in [
         "sluice_readings_received_total",
         "sluice_readings_accepted_total",

@@ -213,17 +213,6 @@ async fn drive_mixed_traffic(app: &TestApp, marker: &str) -> Vec<u16> {
     statuses
 }
 
-async fn scrape(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 /// The values the test gives Grafana's variables.
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
@@ -373,7 +362,7 @@ async fn every_dashboard_query_and_alert_expression_works_against_a_real_prometh
         MIXED_TRAFFIC_STATUSES
     );
     let received = metric_value(
-        &scrape(&app).await,
+        &app.scrape().await,
         "sluice_readings_received_total",
         &[("transport", "http")],
     );
@@ -526,7 +515,7 @@ async fn scraped_metrics_pass_promtool_and_carry_no_device_id() {
         drive_mixed_traffic(&app, "dev-marker-7f3a").await,
         MIXED_TRAFFIC_STATUSES
     );
-    let text = scrape(&app).await;
+    let text = app.scrape().await;
     let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

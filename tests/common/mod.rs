@@ -97,18 +97,21 @@ impl TestApp {
         (status, body)
     }
 
-    /// Value of one sample from /metrics, e.g. `metric("sluice_readings_rejected_total", &[("reason","malformed")])`.
-    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = self
-            .client
+    /// The text of `GET /metrics`.
+    pub async fn scrape(&self) -> String {
+        self.client
             .get(self.url("/metrics"))
             .send()
             .await
-            .unwrap()
+            .expect("GET /metrics")
             .text()
             .await
-            .unwrap();
-        metric_value(&text, name, labels)
+            .expect("metrics body")
+    }
+
+    /// Value of one sample from /metrics, e.g. `metric("sluice_readings_rejected_total", &[("reason","malformed")])`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.scrape().await, name, labels)
     }
 
     /// Graceful shutdown; returns what `run_until` returned.
