@@ -8,13 +8,14 @@ use sluice::app::shutdown_signal;
 use sluice::telemetry::logging;
 use sluice::{Application, Settings};
 
-/// High-concurrency IoT ingestion: readings over HTTP into a durable store, acknowledged only
-/// after commit.
+/// High-concurrency IoT ingestion: readings over HTTP, WebSocket and MQTT into a durable
+/// store, acknowledged only after commit.
 ///
 /// Configuration is layered: built-in defaults, then the TOML file from --config (or
 /// SLUICE_CONFIG), then SLUICE__SECTION__KEY environment variables, e.g.
 /// SLUICE__SERVER__LISTEN=127.0.0.1:9000. With no configuration at all Sluice listens on
-/// 0.0.0.0:8080 and stores to ./data/sluice.db.
+/// 0.0.0.0:8080 and stores to ./data/sluice.db. A bad configuration exits with code 2 and names
+/// the key.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
