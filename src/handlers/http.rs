@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::problem::Problem;
 use super::{count_parsed, parse_readings, AppState, Format, INLINE_PARSE_BYTES};
 use crate::pipeline::{Ack, Refusal};
-use crate::reading::{BatchError, RejectReason, Rejection};
+use crate::reading::{now_ms, BatchError, RejectReason, Rejection};
 use crate::telemetry::metrics::Transport;
 
 /// The answer to an ingest request that was read (SPEC §3).
@@ -203,7 +203,7 @@ async fn ingest_inner(
         bytes
     };
 
-    let parsed = parse_readings(&state.settings, bytes, format, None).await;
+    let parsed = parse_readings(&state.settings, bytes, format, None, now_ms()).await;
     let parsed = match parsed {
         Ok(p) => p,
         Err(BatchError::Malformed(detail)) => {

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::pipeline::{Admission, Health};
-use crate::reading::{self, now_ms, BatchError, DeviceId, ParseContext, ParsedBatch};
+use crate::reading::{self, BatchError, DeviceId, ParseContext, ParsedBatch};
 use crate::services::{DeviceState, Live};
 use crate::store::StoreReader;
 use crate::telemetry::metrics::{Metrics, Transport};
@@ -43,12 +43,14 @@ pub enum Format {
 }
 
 /// Parses readings at the edge, on a blocking thread when the input is large. `bound` is the
-/// device the transport binds, if any.
+/// device the transport binds, if any; `received_ms` stands in for an absent `ts` and anchors
+/// the accepted time window.
 pub async fn parse_readings(
     settings: &Arc<Settings>,
     bytes: Bytes,
     format: Format,
     bound: Option<DeviceId>,
+    received_ms: i64,
 ) -> Result<ParsedBatch, BatchError> {
     let settings = settings.clone();
     let len = bytes.len();
@@ -60,7 +62,7 @@ pub async fn parse_readings(
             ))
         })?;
         let ctx = ParseContext {
-            now_ms: now_ms(),
+            now_ms: received_ms,
             max_future_skew: settings.limits.max_future_skew,
             max_age: settings.limits.max_age,
             max_readings: settings.limits.max_readings_per_request,

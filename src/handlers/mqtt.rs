@@ -64,11 +64,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::{parse_readings, Format};
 use crate::config::{LimitSettings, MqttSettings, Settings};
 use crate::pipeline::Admission;
-use crate::reading::{
-    self, format_ts, now_ms, BatchError, DeviceId, ParseContext, ParsedBatch, RejectReason,
-};
+use crate::reading::{self, format_ts, now_ms, BatchError, DeviceId, ParsedBatch, RejectReason};
 use crate::telemetry::metrics::{Metrics, Transport};
 
 /// First reconnect delay; doubles on each failure up to [`RECONNECT_MAX`].
@@ -82,8 +81,6 @@ const RETRY_MIN: Duration = Duration::from_millis(10);
 /// Messages being answered at once (parsed, submitted, awaiting their commit); later held
 /// messages wait unparsed. Enough to fill the largest batches the batcher makes.
 const ACTIVE_MESSAGES: usize = 4096;
-/// Payloads larger than this are parsed on a blocking thread.
-const INLINE_PARSE_BYTES: usize = 64 * 1024;
 /// Largest packet Sluice sends (the MQTT maximum); dead letters are bounded by the input limits.
 const MAX_OUTGOING_PACKET: usize = 268_435_455;
 /// Dead letters sent and not yet acknowledged by the broker (rumqttc preallocates this many).
@@ -891,59 +888,33 @@ struct Refused {
     readings: usize,
 }
 
-/// Parses a payload bound to `device`; a large one on a blocking thread.
+/// Parses a payload bound to `device` with the shared edge parser.
 async fn parse(
     settings: &Arc<Settings>,
     device: &DeviceId,
     payload: &Bytes,
     received_ms: i64,
 ) -> Result<ParsedBatch, Refused> {
-    let run = {
-        let settings = settings.clone();
-        let device = device.clone();
-        let payload = payload.clone();
-        move || {
-            let text = std::str::from_utf8(&payload).map_err(|e| Refused {
-                reason: RejectReason::Malformed,
-                detail: format!(
-                    "payload is not UTF-8: invalid byte at offset {}",
-                    e.valid_up_to()
-                ),
-                readings: 1,
-            })?;
-            let limits = &settings.limits;
-            let ctx = ParseContext {
-                now_ms: received_ms,
-                max_future_skew: limits.max_future_skew,
-                max_age: limits.max_age,
-                max_readings: limits.max_readings_per_request,
-                bound_device: Some(&device),
-            };
-            reading::parse_json_batch(text, &ctx).map_err(|e| match e {
-                BatchError::Malformed(detail) => Refused {
-                    reason: RejectReason::Malformed,
-                    detail,
-                    readings: 1,
-                },
-                e @ BatchError::TooMany { count, .. } => Refused {
-                    reason: RejectReason::TooManyReadings,
-                    detail: e.to_string(),
-                    readings: count,
-                },
-            })
-        }
-    };
-    if payload.len() > INLINE_PARSE_BYTES {
-        tokio::task::spawn_blocking(run).await.unwrap_or_else(|_| {
-            Err(Refused {
-                reason: RejectReason::Malformed,
-                detail: "payload could not be parsed".into(),
-                readings: 1,
-            })
-        })
-    } else {
-        run()
-    }
+    parse_readings(
+        settings,
+        payload.clone(),
+        Format::Json,
+        Some(device.clone()),
+        received_ms,
+    )
+    .await
+    .map_err(|e| match e {
+        BatchError::Malformed(detail) => Refused {
+            reason: RejectReason::Malformed,
+            detail,
+            readings: 1,
+        },
+        e @ BatchError::TooMany { count, .. } => Refused {
+            reason: RejectReason::TooManyReadings,
+            detail: e.to_string(),
+            readings: count,
+        },
+    })
 }
 
 /// Answers one message: dead-letters what can never be taken, and commits the rest, retrying

@@ -30,7 +30,7 @@ use super::problem::Problem;
 use super::{count_parsed, parse_readings, AppState, Format};
 use crate::config::WsSettings;
 use crate::pipeline::{AckResult, Refusal};
-use crate::reading::{BatchError, DeviceId, RejectReason};
+use crate::reading::{now_ms, BatchError, DeviceId, RejectReason};
 use crate::telemetry::metrics::Transport;
 
 /// Longest envelope `id` (SPEC §4).
@@ -421,7 +421,14 @@ async fn frame_answer(
             }
         }
     }
-    let parsed = parse_readings(&state.settings, payload, Format::Json, bound.cloned()).await;
+    let parsed = parse_readings(
+        &state.settings,
+        payload,
+        Format::Json,
+        bound.cloned(),
+        now_ms(),
+    )
+    .await;
     let parsed = match parsed {
         Ok(p) => p,
         Err(BatchError::Malformed(detail)) => {
