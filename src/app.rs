@@ -22,7 +22,7 @@ use crate::handlers::mqtt::MqttSource;
 use crate::handlers::{self, AppState, WsHub};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
-use crate::store::StoreReader;
+use crate::store::ReaderSlot;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::runtime::{RuntimeTelemetry, TaskMonitors};
 
@@ -99,7 +99,14 @@ impl Application {
         let devices = Arc::new(DeviceState::new());
         let live = Live::new();
         let services = Arc::new(Services::new(vec![devices.clone(), live.clone()]));
-        let pipeline = Pipeline::start(&settings, metrics.clone(), health.clone(), services);
+        let reader = Arc::new(ReaderSlot::default());
+        let pipeline = Pipeline::start(
+            &settings,
+            metrics.clone(),
+            health.clone(),
+            services,
+            reader.clone(),
+        );
         let mqtt = if settings.mqtt.enabled {
             Some(MqttSource::start(
                 settings.clone(),
@@ -115,7 +122,7 @@ impl Application {
             metrics,
             health,
             devices,
-            reader: Arc::new(StoreReader::new(&settings.storage)),
+            reader,
             ws: WsHub {
                 connections: Arc::new(tokio::sync::Semaphore::new(settings.ws.max_connections)),
                 shutdown: tokio_util::sync::CancellationToken::new(),

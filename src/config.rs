@@ -157,12 +157,32 @@ pub struct StorageSettings {
     /// demos use it to show what a slow disk does to the pipeline.
     #[serde(with = "humantime_serde")]
     pub commit_delay: Duration,
+    /// The journal's active generation is sealed and compacted into chunks at least this
+    /// often (when it holds anything).
+    #[serde(with = "humantime_serde")]
+    pub compaction_interval: Duration,
+    /// ...or as soon as it holds this many readings. Bigger generations make bigger, better
+    /// compressed chunks, and cost this many readings' worth of memory (about 130 bytes each
+    /// for 4 metrics).
+    pub journal_seal_readings: u32,
+    /// Past this many uncompacted readings (every generation not yet compacted), group
+    /// commits are refused (503) until compaction catches up: the bound on journal memory.
+    pub journal_max_readings: u64,
+    /// Fault injection: a pause between the steps of each compaction (chunks written, then
+    /// committed, then the segment deleted), so that tests can kill Sluice inside one.
+    #[serde(with = "humantime_serde")]
+    pub compaction_pause: Duration,
 }
 
 impl StorageSettings {
     /// The database file inside `data_dir`.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("sluice.db")
+    }
+
+    /// The journal's segment files live here, inside `data_dir`.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.data_dir.join("journal")
     }
 }
 
@@ -174,6 +194,10 @@ impl Default for StorageSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(60),
             commit_delay: Duration::ZERO,
+            compaction_interval: Duration::from_secs(10),
+            journal_seal_readings: 262_144,
+            journal_max_readings: 2_000_000,
+            compaction_pause: Duration::ZERO,
         }
     }
 }
@@ -457,6 +481,24 @@ impl Settings {
         }
         if self.storage.retention_interval.is_zero() {
             return invalid("storage.retention_interval", "must be more than 0s".into());
+        }
+        if self.storage.compaction_interval.is_zero() {
+            return invalid("storage.compaction_interval", "must be more than 0s".into());
+        }
+        if self.storage.journal_seal_readings == 0 {
+            return invalid("storage.journal_seal_readings", "must be at least 1".into());
+        }
+        if self.storage.journal_max_readings
+            < u64::from(self.storage.journal_seal_readings) + self.pipeline.queue_capacity as u64
+        {
+            return invalid(
+                "storage.journal_max_readings",
+                format!(
+                    "must be at least storage.journal_seal_readings + pipeline.queue_capacity ({})",
+                    u64::from(self.storage.journal_seal_readings)
+                        + self.pipeline.queue_capacity as u64
+                ),
+            );
         }
         if self.ws.max_in_flight == 0 {
             return invalid("ws.max_in_flight", "must be at least 1".into());

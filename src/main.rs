@@ -4,9 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use mimalloc::MiMalloc;
 use sluice::app::shutdown_signal;
 use sluice::telemetry::logging;
 use sluice::{Application, Settings};
+
+/// Every allocation goes through mimalloc (see ARCHITECTURE.md, "Why these crates").
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 /// High-concurrency IoT ingestion: readings over HTTP, WebSocket and MQTT into a durable
 /// store, acknowledged only after commit.

@@ -91,6 +91,8 @@ impl Serialize for DeviceId {
 pub enum MetricValue {
     /// A JSON integer that fits in i64.
     Int(i64),
+    /// A JSON integer above `i64::MAX` (up to `u64::MAX`), kept exact (SPEC §1).
+    UInt(u64),
     /// Any other finite JSON number.
     Float(f64),
     /// `true` / `false`.
@@ -101,6 +103,7 @@ impl Serialize for MetricValue {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match *self {
             MetricValue::Int(v) => s.serialize_i64(v),
+            MetricValue::UInt(v) => s.serialize_u64(v),
             MetricValue::Float(v) => s.serialize_f64(v),
             MetricValue::Bool(v) => s.serialize_bool(v),
         }
@@ -762,9 +765,15 @@ impl<'de> Visitor<'de> for MetricsSeed<'_> {
                     "at most {MAX_METRICS} metrics, got more"
                 )));
             }
-            *self.failed_field.borrow_mut() =
-                Some((format!("metrics.{name}"), RejectReason::InvalidMetrics));
-            let value = map.next_value::<MetricValueDe>()?.0;
+            // The field path is only built when the value is bad: it costs an allocation.
+            let value = match map.next_value::<MetricValueDe>() {
+                Ok(v) => v.0,
+                Err(e) => {
+                    *self.failed_field.borrow_mut() =
+                        Some((format!("metrics.{name}"), RejectReason::InvalidMetrics));
+                    return Err(e);
+                }
+            };
             out.push((name, value));
         }
         *self.failed_field.borrow_mut() = Some(("metrics".into(), RejectReason::InvalidMetrics));
@@ -791,7 +800,7 @@ impl<'de> serde::Deserialize<'de> for MetricValueDe {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
                 Ok(MetricValueDe(match i64::try_from(v) {
                     Ok(i) => MetricValue::Int(i),
-                    Err(_) => MetricValue::Float(v as f64),
+                    Err(_) => MetricValue::UInt(v),
                 }))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {

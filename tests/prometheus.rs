@@ -499,6 +499,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         "SluiceEventLoopLagHigh",
         "SluiceEventLoopSaturated",
         "SluiceReadingsShed",
+        "SluiceCompactionBehind",
     ] {
         assert!(
             tests.contains(&format!("alertname: {alert}")),

@@ -26,7 +26,7 @@ use crate::config::Settings;
 use crate::pipeline::{Admission, Health};
 use crate::reading::{self, BatchError, DeviceId, ParseContext, ParsedBatch};
 use crate::services::{DeviceState, Live};
-use crate::store::StoreReader;
+use crate::store::ReaderSlot;
 use crate::telemetry::metrics::{Metrics, Transport};
 
 /// Bodies and frames larger than this are parsed on a blocking thread, so a 4 MiB batch never
@@ -122,7 +122,7 @@ pub struct AppState {
     /// Latest state per device.
     pub devices: Arc<DeviceState>,
     /// Query access to the store.
-    pub reader: Arc<StoreReader>,
+    pub reader: Arc<ReaderSlot>,
     /// WebSocket connections.
     pub ws: WsHub,
 }

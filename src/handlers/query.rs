@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::problem::Problem;
 use super::AppState;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
-use crate::store::{Order, ReadingsQuery, StoredReading};
+use crate::store::{Order, ReadingsQuery, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
 pub const DEFAULT_LIMIT: usize = 1000;
@@ -59,7 +59,7 @@ pub struct ReadingsParams {
 #[derive(Serialize)]
 struct ReadingsBody {
     device_id: String,
-    readings: Vec<StoredReading>,
+    readings: Vec<StoredRow>,
 }
 
 fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Problem> {

@@ -128,6 +128,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         services: Arc<Services>,
+        reader: Arc<crate::store::ReaderSlot>,
     ) -> Self {
         let capacity = settings.pipeline.queue_capacity;
         // Each submission holds at least one reading, so this channel can never fill before
@@ -162,6 +163,7 @@ impl Pipeline {
             health,
             services,
             admission.clone(),
+            reader,
         )));
         Pipeline {
             admission,

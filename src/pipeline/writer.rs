@@ -1,15 +1,19 @@
 //! The store writer: batcher → processing services → **store** → ack.
 //!
-//! One task owns the [`SqliteStore`]. Every store call runs on a blocking thread
-//! (`spawn_blocking`), so an fsync never stalls the event loop. For each batch it:
+//! One task owns the store (a [`Store`], whichever backend). Every store call runs on a
+//! blocking thread (`spawn_blocking`), so an fsync never stalls the event loop. For each batch
+//! it:
 //! 1. runs the processing services' pre-commit hooks;
-//! 2. commits every reading in one transaction;
+//! 2. commits every reading in one group commit;
 //! 3. runs the post-commit hooks (device state);
 //! 4. acks each submission with its own counts, and only then releases its admission permits.
 //!
 //! If the store cannot be opened or a commit fails, the batch is answered "unavailable" (never
 //! acked), the store is marked down (so `/readyz` and admission refuse), and the writer probes
-//! it once a second until it works again.
+//! it once a second until it works again. A commit refused for load (the journal is full while
+//! compaction catches up) is answered "unavailable" too, and counted as shed, but the store
+//! stays up. Between batches, about once a second, the writer gives the store its upkeep
+//! ([`Store::maintain`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +25,11 @@ use super::{Ack, Admission, Health, Unavailable};
 use crate::config::StorageSettings;
 use crate::reading::{now_ms, Reading};
 use crate::services::Services;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{ReaderSlot, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
+
+/// The open store, as the writer holds it.
+type Boxed = Box<dyn Store>;
 
 /// Batches that may wait for the writer. Two lets the batcher fill the next batch while one
 /// commits, without letting batches (and memory) pile up behind a slow disk.
@@ -30,6 +37,8 @@ pub const BATCH_QUEUE: usize = 2;
 
 /// How often a down store is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an idle store gets its upkeep.
+const MAINTAIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything the writer needs besides the store itself.
 struct Ctx {
@@ -38,6 +47,7 @@ struct Ctx {
     health: Arc<Health>,
     services: Arc<Services>,
     admission: Admission,
+    reader: Arc<ReaderSlot>,
 }
 
 /// Runs until the batcher has stopped and every batch is answered.
@@ -48,6 +58,7 @@ pub async fn run(
     health: Arc<Health>,
     services: Arc<Services>,
     admission: Admission,
+    reader: Arc<ReaderSlot>,
 ) {
     let ctx = Arc::new(Ctx {
         settings,
@@ -55,10 +66,11 @@ pub async fn run(
         health,
         services,
         admission,
+        reader,
     });
     let mut store = open(&ctx).await;
-    let mut retention = tokio::time::interval(ctx.settings.retention_interval);
-    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut maintain = tokio::time::interval(MAINTAIN_INTERVAL);
+    maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe = tokio::time::interval(PROBE_INTERVAL);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let store_depth = ctx.metrics.queue_depth.with_label_values(&["store"]);
@@ -69,8 +81,8 @@ pub async fn run(
                 store_depth.set((rx.len()) as i64);
                 store = commit(&ctx, store, batch).await;
             }
-            _ = retention.tick(), if store.is_some() && ctx.health.store_up() => {
-                store = sweep(&ctx, store).await;
+            _ = maintain.tick(), if store.is_some() && ctx.health.store_up() => {
+                store = upkeep(&ctx, store).await;
             }
             _ = probe.tick(), if !ctx.health.store_up() => {
                 store = match store {
@@ -85,9 +97,9 @@ pub async fn run(
 
 /// Runs `f` with the store on a blocking thread and gives the store back.
 async fn blocking<T: Send + 'static>(
-    store: SqliteStore,
-    f: impl FnOnce(&mut SqliteStore) -> T + Send + 'static,
-) -> (Option<SqliteStore>, Option<T>) {
+    store: Boxed,
+    f: impl FnOnce(&mut Boxed) -> T + Send + 'static,
+) -> (Option<Boxed>, Option<T>) {
     match tokio::task::spawn_blocking(move || {
         let mut store = store;
         let out = f(&mut store);
@@ -107,25 +119,35 @@ fn store_failed(ctx: &Ctx, what: &str, e: &StoreError) {
     tracing::error!(error = %e, "store {what} failed");
     ctx.metrics
         .store_errors
-        .with_label_values(&["sqlite"])
+        .with_label_values(&[backend_label(ctx)])
         .inc();
     ctx.metrics.store_up.set(0);
     ctx.health.set_store_down(e.to_string());
 }
 
-async fn open(ctx: &Arc<Ctx>) -> Option<SqliteStore> {
+/// The `store` label before a store is open: the configured backend's name.
+fn backend_label(_ctx: &Ctx) -> &'static str {
+    crate::store::sqlite::BACKEND
+}
+
+async fn open(ctx: &Arc<Ctx>) -> Option<Boxed> {
     let settings = ctx.settings.clone();
     let services = ctx.services.clone();
+    let metrics = ctx.metrics.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let store = SqliteStore::open(&settings)?;
-        let latest = store.latest_per_device()?;
-        services.restore(&latest);
-        Ok::<_, StoreError>(store)
+        let opened = crate::store::open(&settings, &metrics)?;
+        services.restore(&opened.devices);
+        Ok::<_, StoreError>(opened.store)
     })
     .await;
     match opened {
         Ok(Ok(store)) => {
-            tracing::info!(path = %ctx.settings.db_path().display(), "store open");
+            ctx.reader.set(store.reader());
+            tracing::info!(
+                backend = store.backend(),
+                path = %ctx.settings.db_path().display(),
+                "store open"
+            );
             ctx.metrics.store_up.set(1);
             ctx.health.set_store_up();
             Some(store)
@@ -141,7 +163,7 @@ async fn open(ctx: &Arc<Ctx>) -> Option<SqliteStore> {
     }
 }
 
-async fn reprobe(ctx: &Arc<Ctx>, store: SqliteStore) -> Option<SqliteStore> {
+async fn reprobe(ctx: &Arc<Ctx>, store: Boxed) -> Option<Boxed> {
     let (store, result) = blocking(store, |s| s.probe()).await;
     match result {
         Some(Ok(())) => {
@@ -157,24 +179,16 @@ async fn reprobe(ctx: &Arc<Ctx>, store: SqliteStore) -> Option<SqliteStore> {
     store
 }
 
-async fn sweep(ctx: &Arc<Ctx>, store: Option<SqliteStore>) -> Option<SqliteStore> {
+async fn upkeep(ctx: &Arc<Ctx>, store: Option<Boxed>) -> Option<Boxed> {
     let store = store?;
-    let cutoff = now_ms() - ctx.settings.retention.as_millis() as i64;
-    let (store, result) = blocking(store, move |s| s.sweep_retention(cutoff)).await;
-    match result {
-        Some(Ok(n)) => {
-            if n > 0 {
-                tracing::info!(deleted = n, "retention sweep");
-            }
-            ctx.metrics.retention_deleted.inc_by(n);
-        }
-        Some(Err(e)) => store_failed(ctx, "retention sweep", &e),
-        None => {}
+    let (store, result) = blocking(store, |s| s.maintain()).await;
+    if let Some(Err(e)) = result {
+        store_failed(ctx, "upkeep", &e);
     }
     store
 }
 
-async fn commit(ctx: &Arc<Ctx>, store: Option<SqliteStore>, batch: Batch) -> Option<SqliteStore> {
+async fn commit(ctx: &Arc<Ctx>, store: Option<Boxed>, batch: Batch) -> Option<Boxed> {
     let Some(store) = store else {
         refuse(ctx, batch, "store not open");
         return None;
@@ -189,30 +203,35 @@ async fn commit(ctx: &Arc<Ctx>, store: Option<SqliteStore>, batch: Batch) -> Opt
         for sub in &mut batch.submissions {
             c.services.before_commit(&mut sub.readings);
         }
+        let all: Vec<&Reading> = batch
+            .submissions
+            .iter()
+            .flat_map(|sub| sub.readings.iter())
+            .collect();
         let started = Instant::now();
-        let result = s.commit(batch.submissions.iter().flat_map(|sub| sub.readings.iter()));
+        let commit_ms = now_ms();
+        let result = s.commit(&all, commit_ms);
         let elapsed = started.elapsed();
         if let Ok(inserted) = &result {
-            let stored: Vec<&Reading> = batch
-                .submissions
+            let stored: Vec<&Reading> = all
                 .iter()
-                .flat_map(|sub| sub.readings.iter())
                 .zip(inserted)
-                .filter_map(|(r, stored)| stored.then_some(r))
+                .filter_map(|(r, stored)| stored.then_some(*r))
                 .collect();
-            c.services.after_commit(&stored);
+            c.services.after_commit(&stored, commit_ms);
         }
-        (batch, result, elapsed)
+        drop(all);
+        (batch, result, elapsed, s.backend())
     })
     .await;
-    let Some((batch, result, elapsed)) = out else {
+    let Some((batch, result, elapsed, backend)) = out else {
         return store;
     };
     match result {
         Ok(inserted) => {
             ctx.metrics
                 .store_commit_seconds
-                .with_label_values(&["sqlite"])
+                .with_label_values(&[backend])
                 .observe(elapsed.as_secs_f64());
             ctx.metrics.batch_size.observe(batch.readings as f64);
             let mut flags = inserted.into_iter();
@@ -235,6 +254,10 @@ async fn commit(ctx: &Arc<Ctx>, store: Option<SqliteStore>, batch: Batch) -> Opt
                 let _ = sub.ack.send(Ok(ack));
                 drop(sub.permit);
             }
+        }
+        Err(e) if e.is_overload() => {
+            tracing::warn!(error = %e, "commit refused for load");
+            refuse(ctx, batch, &e.to_string());
         }
         Err(e) => {
             store_failed(ctx, "commit", &e);

@@ -1,8 +1,9 @@
 //! Device state: a post-commit service that remembers each device's `last_seen` and the
 //! latest value of each of its metrics. It serves `GET /v1/devices` and `GET /v1/devices/{id}`.
 //!
-//! State lives in memory and is rebuilt at start-up from each device's newest stored reading,
-//! so after a restart a device's metrics are those of that reading until new ones arrive.
+//! State lives in memory. The store persists the same state (the true `last_seen`, the newest
+//! `ts` and the latest value of every metric) and hands it back at start-up, so a restart
+//! shows each device exactly as before it.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -10,8 +11,8 @@ use std::sync::RwLock;
 use serde::Serialize;
 
 use super::Service;
-use crate::reading::{format_ts, now_ms, MetricValue, PairsAsMap, Reading};
-use crate::store::StoredLatest;
+use crate::reading::{format_ts, MetricValue, PairsAsMap, Reading};
+use crate::store::{merge_latest, DeviceLatest};
 
 /// What is known about one device.
 #[derive(Debug, Clone, Default)]
@@ -86,30 +87,16 @@ impl DeviceState {
     }
 }
 
-fn merge(entry: &mut Entry, ts: i64, metrics: impl Iterator<Item = (String, MetricValue)>) {
-    entry.last_ts_ms = entry.last_ts_ms.max(ts);
-    for (name, value) in metrics {
-        match entry.metrics.iter_mut().find(|(n, _, _)| *n == name) {
-            Some(slot) if slot.2 <= ts => {
-                slot.1 = value;
-                slot.2 = ts;
-            }
-            Some(_) => {}
-            None => entry.metrics.push((name, value, ts)),
-        }
-    }
-}
-
 impl Service for DeviceState {
     fn name(&self) -> &'static str {
         "device_state"
     }
 
-    fn after_commit(&self, stored: &[&Reading]) {
+    fn after_commit(&self, stored: &[&Reading], commit_ms: i64) {
         if stored.is_empty() {
             return;
         }
-        let now = now_ms();
+        let now = commit_ms;
         let mut devices = self.devices.write().expect("device state lock");
         for r in stored {
             let entry = match devices.get_mut(r.device_id.as_str()) {
@@ -117,29 +104,22 @@ impl Service for DeviceState {
                 None => devices.entry(r.device_id.as_str().to_owned()).or_default(),
             };
             entry.last_seen_ms = now;
-            merge(entry, r.ts_ms, r.metrics.iter().cloned());
+            entry.last_ts_ms = entry.last_ts_ms.max(r.ts_ms);
+            merge_latest(&mut entry.metrics, r.ts_ms, &r.metrics);
         }
     }
 
-    fn restore(&self, latest: &[StoredLatest]) {
+    fn restore(&self, latest: &[DeviceLatest]) {
         let mut devices = self.devices.write().expect("device state lock");
         for l in latest {
-            let parsed: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(&l.metrics_json).unwrap_or_default();
-            let metrics = parsed.into_iter().filter_map(|(k, v)| {
-                let value = match v {
-                    serde_json::Value::Bool(b) => MetricValue::Bool(b),
-                    serde_json::Value::Number(n) => match n.as_i64() {
-                        Some(i) => MetricValue::Int(i),
-                        None => MetricValue::Float(n.as_f64()?),
-                    },
-                    _ => return None,
-                };
-                Some((k, value))
-            });
-            let entry = devices.entry(l.device_id.clone()).or_default();
-            entry.last_seen_ms = entry.last_seen_ms.max(l.ts_ms);
-            merge(entry, l.ts_ms, metrics);
+            devices.insert(
+                l.device_id.clone(),
+                Entry {
+                    last_seen_ms: l.last_seen_ms,
+                    last_ts_ms: l.last_ts_ms,
+                    metrics: l.metrics.clone(),
+                },
+            );
         }
     }
 }

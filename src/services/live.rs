@@ -152,7 +152,7 @@ impl Service for Live {
         "live"
     }
 
-    fn after_commit(&self, stored: &[&Reading]) {
+    fn after_commit(&self, stored: &[&Reading], _commit_ms: i64) {
         let subscribers = self.subscribers.read().expect("live lock");
         if subscribers.is_empty() {
             return;
@@ -191,7 +191,7 @@ mod tests {
         let a = r("greenhouse-1", "temp1");
         let b = r("barn-1", "temp1");
         let c = r("greenhouse-2", "humidity");
-        live.after_commit(&[&a, &b, &c, &a, &a]);
+        live.after_commit(&[&a, &b, &c, &a, &a], 0);
         let first = rx.try_recv().unwrap();
         assert!(first.contains("\"device_id\":\"greenhouse-1\""), "{first}");
         assert!(first.starts_with("{\"type\":\"reading\""));

@@ -14,7 +14,7 @@ pub mod live;
 use std::sync::Arc;
 
 use crate::reading::Reading;
-use crate::store::StoredLatest;
+use crate::store::DeviceLatest;
 
 pub use device_state::DeviceState;
 pub use live::Live;
@@ -28,10 +28,11 @@ pub trait Service: Send + Sync {
     fn before_commit(&self, _readings: &mut [Reading]) {}
 
     /// After commit, with the readings stored by this batch.
-    fn after_commit(&self, _stored: &[&Reading]) {}
+    /// `commit_ms` is the server time (epoch ms) of the commit, as the store recorded it.
+    fn after_commit(&self, _stored: &[&Reading], _commit_ms: i64) {}
 
-    /// At start-up, with each device's newest stored reading.
-    fn restore(&self, _latest: &[StoredLatest]) {}
+    /// At start-up, with every device's state as the store restored it.
+    fn restore(&self, _devices: &[DeviceLatest]) {}
 }
 
 /// The ordered chain of services the store writer runs.
@@ -54,14 +55,14 @@ impl Services {
     }
 
     /// Runs every service's post-commit hook.
-    pub fn after_commit(&self, stored: &[&Reading]) {
+    pub fn after_commit(&self, stored: &[&Reading], commit_ms: i64) {
         for s in &self.chain {
-            s.after_commit(stored);
+            s.after_commit(stored, commit_ms);
         }
     }
 
     /// Runs every service's restore hook.
-    pub fn restore(&self, latest: &[StoredLatest]) {
+    pub fn restore(&self, latest: &[DeviceLatest]) {
         for s in &self.chain {
             tracing::debug!(
                 service = s.name(),

@@ -1,9 +1,270 @@
-//! Stores: the durable end of the pipeline. Only after a store commit is anything acked.
+//! Stores: the durable end of the pipeline. batcher → services → **store** → ack. Only after a
+//! store commit is anything acknowledged (SPEC §2).
 //!
-//! `sqlite` is the embedded default for a single machine.
+//! This module is the store *interface*: the writer, queries and start-up go through
+//! [`Store`], [`StoreRead`] and [`open`], whose types carry no backend's details. Backends:
+//! - [`sqlite`]: the embedded default for a single machine. A journal for the commit,
+//!   compaction into compressed per-device chunks in the background (see ARCHITECTURE.md).
+//!
+//! Every backend must pass the conformance suite in `tests/store_conformance.rs`.
 
 pub mod sqlite;
 
-pub use sqlite::{
-    Order, ReadingsQuery, SqliteStore, StoreError, StoreReader, StoredLatest, StoredReading,
-};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+use crate::config::StorageSettings;
+use crate::reading::{format_ts, MetricValue, PairsAsMap, Reading};
+use crate::telemetry::metrics::Metrics;
+
+pub use sqlite::SqliteStore;
+
+/// A store operation that failed. The pipeline answers 503 and never acks on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory or database could not be created or opened.
+    #[error("cannot open {path}: {reason}")]
+    Open {
+        /// The database file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// SQLite refused a statement.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Writing or syncing the journal failed (the message names the file).
+    #[error("journal: {0}")]
+    Journal(String),
+    /// Stored bytes could not be decoded (a damaged file, or a bug).
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer Sluice (schema version too high).
+    #[error("database schema version {found} is newer than this Sluice supports ({supported})")]
+    TooNew {
+        /// Version found in the file.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+    /// Compaction is behind: the journal holds `storage.journal_max_readings`. The commit is
+    /// refused (503, retry later) but the store stays up.
+    #[error(
+        "journal full: {held} readings wait for compaction (storage.journal_max_readings = {max})"
+    )]
+    JournalFull {
+        /// Uncompacted readings now.
+        held: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The store has not been opened yet (or could not be).
+    #[error("store not open")]
+    NotOpen,
+}
+
+impl StoreError {
+    /// Whether the store itself is fine and only this commit was refused for load.
+    pub fn is_overload(&self) -> bool {
+        matches!(self, StoreError::JournalFull { .. })
+    }
+}
+
+/// The write side of a backend, owned by the store writer task and only used on a blocking
+/// thread.
+pub trait Store: Send + 'static {
+    /// The backend's name: the `store` label of `sluice_store_*` metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Makes `readings` durable, in one group commit at server time `commit_ms` (epoch ms,
+    /// kept as each device's `last_seen`). Returns, per reading and in order, `true` if it
+    /// was stored and `false` if it duplicated a committed `(device_id, seq)` (including an
+    /// earlier reading of this same call). On error nothing is committed.
+    fn commit(&mut self, readings: &[&Reading], commit_ms: i64) -> Result<Vec<bool>, StoreError>;
+
+    /// A write that touches the disk, to learn whether a failed store has recovered.
+    fn probe(&mut self) -> Result<(), StoreError>;
+
+    /// Periodic upkeep on the writer's thread, between commits (about once a second): e.g.
+    /// sealing a journal generation that has reached its age. Must be quick.
+    fn maintain(&mut self) -> Result<(), StoreError>;
+
+    /// A handle for queries, usable from any thread while the store runs.
+    fn reader(&self) -> Arc<dyn StoreRead>;
+}
+
+/// The read side of a backend.
+pub trait StoreRead: Send + Sync {
+    /// Runs a readings query. `Ok(None)` when the device has never been stored.
+    fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError>;
+}
+
+/// A device's state as the store knows it, for the device-state service at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLatest {
+    /// Device id.
+    pub device_id: String,
+    /// Server time (epoch ms) its newest reading was committed.
+    pub last_seen_ms: i64,
+    /// Its newest reading's `ts` (epoch ms).
+    pub last_ts_ms: i64,
+    /// The latest value of every metric it ever reported, with the `ts` of that value.
+    pub metrics: Vec<(String, MetricValue, i64)>,
+}
+
+/// Updates the latest value of each metric in `metrics` measured at `ts` (a newer or equal
+/// `ts` wins, so the last committed of equal timestamps is kept).
+pub fn merge_latest(
+    latest: &mut Vec<(String, MetricValue, i64)>,
+    ts: i64,
+    metrics: &[(String, MetricValue)],
+) {
+    for (name, value) in metrics {
+        match latest.iter_mut().find(|(n, _, _)| n == name) {
+            Some(slot) if slot.2 <= ts => {
+                slot.1 = *value;
+                slot.2 = ts;
+            }
+            Some(_) => {}
+            None => latest.push((name.clone(), *value, ts)),
+        }
+    }
+}
+
+/// An opened store and the device state it restored.
+pub struct Opened {
+    /// The write side.
+    pub store: Box<dyn Store>,
+    /// Every known device.
+    pub devices: Vec<DeviceLatest>,
+}
+
+/// Opens the backend named by `settings.backend` (today only SQLite).
+pub fn open(settings: &StorageSettings, metrics: &Arc<Metrics>) -> Result<Opened, StoreError> {
+    let (store, devices) = SqliteStore::open(settings, metrics.clone())?;
+    Ok(Opened {
+        store: Box::new(store),
+        devices,
+    })
+}
+
+/// Where queries find the store's reader once the writer has opened it. Before that (or while
+/// the store cannot be opened) queries get [`StoreError::NotOpen`].
+#[derive(Default)]
+pub struct ReaderSlot {
+    /// Set by the store writer after each successful open.
+    inner: RwLock<Option<Arc<dyn StoreRead>>>,
+}
+
+impl ReaderSlot {
+    /// Installs the reader of a freshly opened store.
+    pub fn set(&self, reader: Arc<dyn StoreRead>) {
+        *self.inner.write().expect("reader slot lock") = Some(reader);
+    }
+
+    /// Runs a readings query against the open store.
+    pub fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
+        let reader = self
+            .inner
+            .read()
+            .expect("reader slot lock")
+            .clone()
+            .ok_or(StoreError::NotOpen)?;
+        reader.readings(q)
+    }
+}
+
+/// Sort order of a readings query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first.
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
+/// `GET /v1/devices/{id}/readings` parameters, already validated.
+#[derive(Debug, Clone)]
+pub struct ReadingsQuery {
+    /// Which device.
+    pub device_id: String,
+    /// Inclusive lower bound on `ts` (epoch ms).
+    pub from_ms: i64,
+    /// Exclusive upper bound on `ts` (epoch ms).
+    pub to_ms: i64,
+    /// Only readings that carry this metric, narrowed to it.
+    pub metric: Option<String>,
+    /// At most this many readings.
+    pub limit: usize,
+    /// Sort order by `(ts, rid)`.
+    pub order: Order,
+}
+
+impl ReadingsQuery {
+    /// Applies the query to rows of its device gathered from anywhere in a store: filters by
+    /// time and metric, sorts by `(ts, rid)` in the asked order, and keeps `limit`. Backends
+    /// share it so they answer alike.
+    pub fn finish(&self, rows: Vec<StoredRow>) -> Vec<StoredRow> {
+        let mut rows: Vec<StoredRow> = rows
+            .into_iter()
+            .filter(|r| r.ts_ms >= self.from_ms && r.ts_ms < self.to_ms)
+            .filter_map(|mut r| match &self.metric {
+                None => Some(r),
+                Some(m) => {
+                    let v = r.metrics.iter().find(|(n, _)| n == m)?.1;
+                    r.metrics = vec![(m.clone(), v)];
+                    Some(r)
+                }
+            })
+            .collect();
+        rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
+        if self.order == Order::Desc {
+            rows.reverse();
+        }
+        rows.truncate(self.limit);
+        rows
+    }
+}
+
+/// One stored reading of a known device, as the store keeps it: in a journal generation or
+/// inside a compacted chunk. The device is implied by where the row lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    /// Store-assigned reading id, increasing in arrival (commit) order across the whole store.
+    /// It orders readings with equal `ts` and names readings that have no `seq`.
+    pub rid: u64,
+    /// Device timestamp, Unix epoch milliseconds.
+    pub ts_ms: i64,
+    /// The device's sequence number, if it gave one.
+    pub seq: Option<u64>,
+    /// Metric values in the order the device sent them (1 to 256 entries).
+    pub metrics: Vec<(String, MetricValue)>,
+    /// Tags in the order the device sent them (0 to 16 entries).
+    pub tags: Vec<(String, String)>,
+}
+
+/// The query API's JSON for one stored reading (SPEC §3):
+/// `{"ts": <RFC 3339, ms, UTC>, "seq": <u64 or null>, "metrics": {...}, "tags": {...}}`.
+impl Serialize for StoredRow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("ts", &format_ts(self.ts_ms))?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("metrics", &PairsAsMap(&self.metrics))?;
+        m.serialize_entry("tags", &PairsAsMap(&self.tags))?;
+        m.end()
+    }
+}
+
+/// Maps a `u64` seq onto `i64` keeping its order, so SQL comparisons and `max()` over seqs
+/// stored as SQLite integers stay right above `i64::MAX`.
+pub fn seq_key(seq: u64) -> i64 {
+    (seq ^ (1 << 63)) as i64
+}
+
+/// The inverse of [`seq_key`].
+pub fn seq_from_key(key: i64) -> u64 {
+    (key as u64) ^ (1 << 63)
+}

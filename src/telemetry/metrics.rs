@@ -72,6 +72,17 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     /// 1 while the store accepts writes.
     pub store_up: IntGauge,
+    /// Readings committed to the journal and not yet compacted into chunks (bounded by
+    /// `storage.journal_max_readings`).
+    pub store_journal_readings: IntGauge,
+    /// `storage.journal_max_readings`: the journal's bound, so dashboards can show its fill.
+    pub store_journal_capacity: IntGauge,
+    /// Time one compaction of a journal generation takes, from seal to chunks committed.
+    pub store_compaction_seconds: Histogram,
+    /// Readings moved from the journal into chunks.
+    pub store_compacted_readings: IntCounter,
+    /// Group commits refused because compaction is behind (the journal is full).
+    pub store_journal_full: IntCounter,
     /// Open WebSocket connections by kind (`device`, `live`).
     pub ws_connections: IntGaugeVec,
     /// 1 while the MQTT source is connected and subscribed. Set by the MQTT source.
@@ -214,6 +225,54 @@ impl Metrics {
                     .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
+            },
+            store_journal_readings: {
+                let g = IntGauge::new(
+                    "sluice_store_journal_readings",
+                    "Readings committed to the journal and not yet compacted into chunks.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            store_journal_capacity: {
+                let g = IntGauge::new(
+                    "sluice_store_journal_capacity_readings",
+                    "storage.journal_max_readings: past it, commits are refused until compaction catches up.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            store_compaction_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "sluice_store_compaction_seconds",
+                        "Time to compact one journal generation into chunks.",
+                    )
+                    .buckets(exponential_buckets(0.005, 2.0, 14).expect("valid buckets")),
+                )
+                .expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            store_compacted_readings: {
+                let c = IntCounter::new(
+                    "sluice_store_compacted_readings_total",
+                    "Readings moved from the journal into compressed chunks.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            store_journal_full: {
+                let c = IntCounter::new(
+                    "sluice_store_journal_full_total",
+                    "Group commits refused because the journal held storage.journal_max_readings (compaction behind).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
             },
             ws_connections: gauge(
                 "sluice_ws_connections",

@@ -1,0 +1,298 @@
+//! Compaction and retention: journal → **chunks**, in the background, on their own thread and
+//! SQLite connection. Commits never wait for this thread; they do not touch SQLite.
+//!
+//! Compacting a sealed generation is one SQLite transaction:
+//! 1. for each device of the generation (in name order), decode its readings, sort them by
+//!    `(ts, rid)`, and insert them as chunks (`schema::insert_chunks`);
+//! 2. fold them into the device's row: seq high-water, true `last_seen`, newest `ts`, latest
+//!    value of every metric;
+//! 3. set `meta.compacted_gen` to the generation, and commit;
+//! 4. only then drop the generation from memory and delete its segment file.
+//!
+//! A crash before 3 leaves the segment, which start-up replays and compacts again; a crash
+//! after 3 leaves a segment at or below `compacted_gen`, which start-up deletes. Either way each
+//! reading is stored exactly once. `storage.compaction_pause` pauses between the steps, so
+//! tests can kill Sluice inside them.
+//!
+//! Retention runs here too, every `storage.retention_interval`: it drops whole chunks whose
+//! newest reading is older than `storage.retention`, and first records the highest seq it
+//! drops per device (`devices.retired_seq`), so a late resend of a dropped reading is still a
+//! duplicate.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection};
+
+use super::journal::{self, Gen};
+use super::schema::{insert_chunks, intern_device, DeviceRow};
+use super::{Shared, BACKEND};
+use crate::config::StorageSettings;
+use crate::reading::now_ms;
+use crate::store::StoreError;
+use crate::telemetry::metrics::Metrics;
+
+/// How long a failed compaction waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Handle to the compaction thread. Dropping it stops the thread (an unfinished compaction is
+/// rolled back; its segment stays for the next start) and joins it.
+pub struct Compactor {
+    /// Sealed generations to compact, in order.
+    jobs: Option<mpsc::Sender<Arc<Gen>>>,
+    /// Set on drop: abandon work between steps.
+    stop: Arc<AtomicBool>,
+    /// The thread.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Compactor {
+    /// Starts the thread with `conn` as the only SQLite writer.
+    pub fn spawn(
+        conn: Connection,
+        settings: &StorageSettings,
+        shared: Shared,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let (tx, rx) = mpsc::channel::<Arc<Gen>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            conn,
+            settings: settings.clone(),
+            shared,
+            metrics,
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sluice-compact".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| StoreError::Open {
+                path: settings.db_path(),
+                reason: format!("cannot start the compaction thread: {e}"),
+            })?;
+        Ok(Self {
+            jobs: Some(tx),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a sealed generation (already in the shared sealed list).
+    pub fn compact(&self, gen: Arc<Gen>) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(gen);
+        }
+    }
+
+    /// An error if the thread has died (it only ends on drop otherwise).
+    pub fn check(&self) -> Result<(), StoreError> {
+        match &self.thread {
+            Some(t) if !t.is_finished() => Ok(()),
+            _ => Err(StoreError::Journal(
+                "the compaction thread has stopped; see the log".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps for `d`, waking early if `stop` is set; returns whether to stop.
+fn pause(stop: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+    }
+    stop.load(Ordering::SeqCst)
+}
+
+/// The fault-injection pause between compaction steps (`storage.compaction_pause`).
+fn step(stop: &AtomicBool, d: Duration) -> Result<(), Abandoned> {
+    if stop.load(Ordering::SeqCst) || (!d.is_zero() && pause(stop, d)) {
+        return Err(Abandoned::Stopping);
+    }
+    Ok(())
+}
+
+/// The thread's state.
+struct Worker {
+    /// The only connection that writes the database.
+    conn: Connection,
+    /// Retention, pauses, paths.
+    settings: StorageSettings,
+    /// The journal, to drop compacted generations from.
+    shared: Shared,
+    /// Compaction and retention counters.
+    metrics: Arc<Metrics>,
+    /// Set when the store is dropped.
+    stop: Arc<AtomicBool>,
+}
+
+/// Why a compaction did not finish.
+enum Abandoned {
+    /// The store is closing; the generation stays in its segment.
+    Stopping,
+    /// An error; retried.
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Abandoned {
+    fn from(e: StoreError) -> Self {
+        Abandoned::Failed(e)
+    }
+}
+
+impl From<rusqlite::Error> for Abandoned {
+    fn from(e: rusqlite::Error) -> Self {
+        Abandoned::Failed(e.into())
+    }
+}
+
+impl Worker {
+    fn run(&mut self, rx: mpsc::Receiver<Arc<Gen>>) {
+        let mut next_retention = Instant::now();
+        loop {
+            if Instant::now() >= next_retention {
+                if let Err(e) = self.retention() {
+                    self.failed("retention", &e);
+                }
+                next_retention = Instant::now() + self.settings.retention_interval;
+            }
+            let wait = next_retention.saturating_duration_since(Instant::now());
+            let gen = match rx.recv_timeout(wait) {
+                Ok(gen) => gen,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            loop {
+                match self.compact(&gen) {
+                    Ok(()) => break,
+                    Err(Abandoned::Stopping) => return,
+                    Err(Abandoned::Failed(e)) => {
+                        self.failed("compaction", &e);
+                        if self.pause(RETRY) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn failed(&self, what: &str, e: &StoreError) {
+        tracing::error!(error = %e, "store {what} failed; will retry");
+        self.metrics
+            .store_errors
+            .with_label_values(&[BACKEND])
+            .inc();
+    }
+
+    /// Sleeps for `d` unless stopping; returns whether to stop.
+    fn pause(&self, d: Duration) -> bool {
+        pause(&self.stop, d)
+    }
+
+    fn compact(&mut self, gen: &Arc<Gen>) -> Result<(), Abandoned> {
+        let started = Instant::now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut names: Vec<&String> = gen.devices.keys().collect();
+        names.sort_unstable();
+        let mut chunks = 0usize;
+        for name in names {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(Abandoned::Stopping);
+            }
+            let de = &gen.devices[name];
+            let id = intern_device(&tx, name)?;
+            let mut rows = de
+                .entries
+                .iter()
+                .map(|e| gen.row(e))
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
+            let mut state = DeviceRow::read(&tx, id)?;
+            for r in &rows {
+                state.absorb(r, de.last_seen_ms);
+            }
+            chunks += insert_chunks(&tx, id, gen.id, &rows)?;
+            state.write(&tx, id)?;
+        }
+        step(&self.stop, self.settings.compaction_pause)?;
+        tx.execute(
+            "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted_gen'",
+            params![gen.id as i64],
+        )?;
+        tx.commit()?;
+        step(&self.stop, self.settings.compaction_pause)?;
+        {
+            let mut st = self.shared.write().expect("journal lock");
+            st.sealed.retain(|g| g.id != gen.id);
+            self.metrics.store_journal_readings.set(st.held() as i64);
+        }
+        let dir = self.settings.journal_dir();
+        let seg = journal::segment_path(&dir, gen.id);
+        // A file left behind is deleted at the next start (its generation is compacted).
+        if let Err(e) = std::fs::remove_file(&seg) {
+            tracing::warn!(segment = %seg.display(), error = %e, "cannot delete a compacted segment");
+        }
+        let elapsed = started.elapsed();
+        self.metrics
+            .store_compaction_seconds
+            .observe(elapsed.as_secs_f64());
+        self.metrics
+            .store_compacted_readings
+            .inc_by(u64::from(gen.readings));
+        tracing::debug!(
+            gen = gen.id,
+            readings = gen.readings,
+            devices = gen.devices.len(),
+            chunks,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "journal generation compacted"
+        );
+        Ok(())
+    }
+
+    /// Drops whole chunks older than `storage.retention`. Returns readings dropped.
+    fn retention(&mut self) -> Result<u64, StoreError> {
+        let cutoff = now_ms().saturating_sub(self.settings.retention.as_millis() as i64);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE devices SET retired_seq = max(coalesce(retired_seq, seq_floor), dropped)
+             FROM (SELECT device, max(seq_max) AS dropped, -9223372036854775808 AS seq_floor
+                   FROM chunks WHERE t_max < ?1 AND seq_max IS NOT NULL GROUP BY device) AS d
+             WHERE devices.id = d.device",
+            params![cutoff],
+        )?;
+        let dropped: i64 = tx.query_row(
+            "SELECT coalesce(sum(n), 0) FROM chunks WHERE t_max < ?1",
+            params![cutoff],
+            |r| r.get(0),
+        )?;
+        tx.execute("DELETE FROM chunks WHERE t_max < ?1", params![cutoff])?;
+        tx.commit()?;
+        if dropped > 0 {
+            tracing::info!(deleted = dropped, "retention dropped chunks");
+        }
+        self.metrics.retention_deleted.inc_by(dropped as u64);
+        Ok(dropped as u64)
+    }
+}

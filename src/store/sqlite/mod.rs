@@ -1,0 +1,478 @@
+//! The embedded store: a journal for the commit, compressed chunks in SQLite for the rest.
+//! The last step of the flow before the ack.
+//!
+//! ```text
+//! commit ──▶ journal segment (append + fdatasync) ──▶ ack
+//!              │ sealed every storage.compaction_interval or journal_seal_readings
+//!              ▼
+//!        compaction thread ──▶ SQLite: chunks (per device, time-ordered, compressed),
+//!                              devices (seq high-water, device state), meta (compacted_gen)
+//! ```
+//!
+//! - [`SqliteStore`] is the single writer, owned by the store writer task and only used on a
+//!   blocking thread. A group commit costs one sequential append of the bytes received
+//!   ([`journal`]), whatever the number of devices: no B-tree page is dirtied per device.
+//! - Duplicates are decided without a random write: each device's highest committed `seq` is
+//!   kept in memory (restored at start). A reading above it is new; only one at or below it
+//!   is looked up exactly, in the journal's in-memory index and then in that device's chunks.
+//! - Compaction ([`compaction`]) moves each sealed generation into chunks in one SQLite
+//!   transaction, on its own thread and connection. Commits never wait for it: they touch no
+//!   SQLite page. The journal's size is bounded by `storage.journal_max_readings`.
+//! - Queries ([`reader`]) merge the in-memory generations with the chunks.
+//! - The schema is versioned and older files are upgraded at start ([`schema`]).
+
+pub mod chunk;
+mod compaction;
+pub mod journal;
+mod reader;
+pub mod schema;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use self::compaction::Compactor;
+use self::journal::{FrameBuilder, Gen, Segment};
+use self::reader::SqliteReader;
+use self::schema::DeviceRow;
+use super::{seq_key, DeviceLatest, Store, StoreError, StoreRead};
+use crate::config::{StorageSettings, Synchronous};
+use crate::reading::{now_ms, Reading};
+use crate::telemetry::metrics::Metrics;
+
+/// The `store` label of this backend's metrics.
+pub const BACKEND: &str = "sqlite";
+
+/// The journal as queries, duplicate lookups and compaction see it.
+#[derive(Debug, Default)]
+pub struct JournalState {
+    /// The generation commits append to.
+    pub active: Gen,
+    /// Sealed generations waiting for (or in) compaction, oldest first. A generation leaves
+    /// this list only after its chunks are committed.
+    pub sealed: Vec<Arc<Gen>>,
+}
+
+impl JournalState {
+    /// Readings not yet compacted.
+    pub fn held(&self) -> u64 {
+        u64::from(self.active.readings)
+            + self
+                .sealed
+                .iter()
+                .map(|g| u64::from(g.readings))
+                .sum::<u64>()
+    }
+
+    /// Whether any in-memory generation holds `(device, seq)`.
+    pub fn contains(&self, device: &str, seq: u64) -> bool {
+        self.active.contains(device, seq) || self.sealed.iter().any(|g| g.contains(device, seq))
+    }
+}
+
+/// State shared by the writer, the compaction thread and the readers.
+pub type Shared = Arc<RwLock<JournalState>>;
+
+/// The single writer.
+pub struct SqliteStore {
+    /// Journal thresholds, durability and paths.
+    settings: StorageSettings,
+    /// The in-memory journal.
+    shared: Shared,
+    /// The active generation's segment file.
+    segment: Segment,
+    /// When the active generation received its first reading since it was created.
+    active_since: Option<Instant>,
+    /// Device id → highest committed `seq` (journal and chunks). Devices that never sent a
+    /// seq are absent.
+    max_seq: HashMap<String, u64>,
+    /// A read connection for exact duplicate lookups in chunks.
+    lookup: Connection,
+    /// The compaction thread.
+    compactor: Compactor,
+    /// Where the journal gauge and refusals are counted.
+    metrics: Arc<Metrics>,
+    /// Query side, sharing `shared`.
+    reader: Arc<SqliteReader>,
+    /// Copies the WAL into the database in the background; stopped when the store is dropped.
+    _checkpointer: Checkpointer,
+}
+
+/// WAL pages after which the compaction connection checkpoints by itself (64 MiB at 4 KiB
+/// pages). The background checkpointer does most of the copying; this bounds the WAL file.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+/// How often the background checkpointer runs.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)` periodically,
+/// so that copying compaction's pages into the database file never happens inside a
+/// compaction transaction.
+struct Checkpointer {
+    /// Dropping it stops the thread.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    /// The thread, joined on drop.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(path: &Path, settings: &StorageSettings) -> Result<Self, StoreError> {
+        let conn = open_connection(path, settings)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sluice-checkpoint".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "background checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                reason: format!("cannot start the checkpoint thread: {e}"),
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens a connection to the database file with the pragmas every connection uses.
+pub(crate) fn open_connection(
+    path: &Path,
+    settings: &StorageSettings,
+) -> Result<Connection, StoreError> {
+    let open_err = |reason: String| StoreError::Open {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| open_err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_err(e.to_string()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(open_err(format!("cannot enable WAL (journal_mode={mode})")));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={}; PRAGMA cache_size=-16000; PRAGMA temp_store=MEMORY;",
+        settings.synchronous.as_sql()
+    ))?;
+    Ok(conn)
+}
+
+/// Whether each journal frame is synced before the ack: with `full` and `extra`. With
+/// `normal` and `off` a frame reaches the OS page cache, which survives a crash of Sluice
+/// but not of the machine (as SQLite's own `normal` in WAL mode).
+fn syncs(s: Synchronous) -> bool {
+    matches!(s, Synchronous::Full | Synchronous::Extra)
+}
+
+impl SqliteStore {
+    /// Opens (creating or upgrading) the store in `settings.data_dir`: migrates the schema,
+    /// deletes journal segments that were already compacted, replays the others (cutting a
+    /// torn tail), and restores every device's seq high-water and state. Returns the store
+    /// and the device state for the device-state service.
+    pub fn open(
+        settings: &StorageSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Vec<DeviceLatest>), StoreError> {
+        let started = Instant::now();
+        let path = settings.db_path();
+        let dir = settings.journal_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Open {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut conn = open_connection(&path, settings)?;
+        schema::migrate(&mut conn)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
+        let compacted_gen: u64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'compacted_gen'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0) as u64;
+
+        let mut sealed = Vec::new();
+        let mut last_gen = compacted_gen;
+        for (id, seg) in journal::list_segments(&dir)? {
+            last_gen = last_gen.max(id);
+            if id <= compacted_gen {
+                // Its chunks are committed; the crash came before the file was deleted.
+                std::fs::remove_file(&seg).map_err(|e| journal::io_err(&seg, e))?;
+                continue;
+            }
+            let (gen, _) = journal::replay(&seg, id, true)?;
+            if gen.readings == 0 {
+                std::fs::remove_file(&seg).map_err(|e| journal::io_err(&seg, e))?;
+                continue;
+            }
+            sealed.push(Arc::new(gen));
+        }
+        let segment = Segment::create(&dir, last_gen + 1, syncs(settings.synchronous))?;
+
+        // Device state and seq high-water: the compacted part from `devices`, then the journal.
+        let mut rows: HashMap<String, DeviceRow> = HashMap::new();
+        {
+            let mut stmt =
+                conn.prepare("SELECT name, max_seq, last_seen, last_ts, latest FROM devices")?;
+            let mut q = stmt.query([])?;
+            while let Some(r) = q.next()? {
+                let latest: Option<Vec<u8>> = r.get(4)?;
+                rows.insert(
+                    r.get(0)?,
+                    DeviceRow {
+                        max_seq: r.get::<_, Option<i64>>(1)?.map(super::seq_from_key),
+                        last_seen_ms: r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                        last_ts_ms: r.get(3)?,
+                        latest: match latest {
+                            Some(b) => schema::decode_latest(&b)?,
+                            None => Vec::new(),
+                        },
+                    },
+                );
+            }
+        }
+        let mut replayed = 0u64;
+        for gen in &sealed {
+            for (name, de) in &gen.devices {
+                let row = rows.entry(name.clone()).or_default();
+                for e in &de.entries {
+                    row.absorb(&gen.row(e)?, de.last_seen_ms);
+                    replayed += 1;
+                }
+            }
+        }
+        let max_seq = rows
+            .iter()
+            .filter_map(|(n, r)| r.max_seq.map(|s| (n.clone(), s)))
+            .collect();
+        let devices: Vec<DeviceLatest> = rows
+            .into_iter()
+            .filter_map(|(device_id, r)| {
+                Some(DeviceLatest {
+                    device_id,
+                    last_seen_ms: r.last_seen_ms,
+                    last_ts_ms: r.last_ts_ms?,
+                    metrics: r.latest,
+                })
+            })
+            .collect();
+
+        let shared: Shared = Arc::new(RwLock::new(JournalState {
+            active: Gen::new(last_gen + 1),
+            sealed: sealed.clone(),
+        }));
+        metrics.store_journal_readings.set(replayed as i64);
+        metrics
+            .store_journal_capacity
+            .set(settings.journal_max_readings.min(i64::MAX as u64) as i64);
+        let checkpointer = Checkpointer::spawn(&path, settings)?;
+        let compactor = Compactor::spawn(conn, settings, shared.clone(), metrics.clone())?;
+        for gen in sealed {
+            compactor.compact(gen);
+        }
+        let lookup = open_connection(&path, settings)?;
+        let reader = Arc::new(SqliteReader::new(&path, settings, shared.clone()));
+        tracing::info!(
+            devices = devices.len(),
+            journal_readings = replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store restored"
+        );
+        Ok((
+            Self {
+                settings: settings.clone(),
+                shared,
+                segment,
+                active_since: None,
+                max_seq,
+                lookup,
+                compactor,
+                metrics,
+                reader,
+                _checkpointer: checkpointer,
+            },
+            devices,
+        ))
+    }
+
+    /// Whether `(device, seq)`, at or below the device's high-water, is in a chunk, or was
+    /// dropped by retention (then it counts as a duplicate too: it was stored once).
+    fn in_chunks(&self, device: &str, seq: u64) -> Result<bool, StoreError> {
+        let key = seq_key(seq);
+        let dev: Option<(i64, Option<i64>)> = self
+            .lookup
+            .prepare_cached("SELECT id, retired_seq FROM devices WHERE name = ?1")?
+            .query_row(params![device], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((id, retired)) = dev else {
+            return Ok(false);
+        };
+        if retired.is_some_and(|r| key <= r) {
+            return Ok(true);
+        }
+        let mut stmt = self.lookup.prepare_cached(
+            "SELECT id, data FROM chunks WHERE device = ?1 AND seq_min <= ?2 AND seq_max >= ?2",
+        )?;
+        let mut q = stmt.query(params![id, key])?;
+        while let Some(r) = q.next()? {
+            let chunk_id: i64 = r.get(0)?;
+            let data: Vec<u8> = r.get(1)?;
+            let seqs = chunk::decode_seqs(&data)
+                .map_err(|e| StoreError::Corrupt(format!("chunk {chunk_id}: {e}")))?;
+            if seqs.contains(&Some(seq)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Seals the active generation when it is big or old enough, and hands it to compaction.
+    fn maybe_seal(&mut self) -> Result<(), StoreError> {
+        let (readings, id) = {
+            let st = self.shared.read().expect("journal lock");
+            (st.active.readings, st.active.id)
+        };
+        let old_enough = self
+            .active_since
+            .is_some_and(|t| t.elapsed() >= self.settings.compaction_interval);
+        if readings == 0 || (readings < self.settings.journal_seal_readings && !old_enough) {
+            return Ok(());
+        }
+        let segment = Segment::create(
+            &self.settings.journal_dir(),
+            id + 1,
+            syncs(self.settings.synchronous),
+        )?;
+        let sealed = {
+            let mut st = self.shared.write().expect("journal lock");
+            let gen = Arc::new(std::mem::replace(&mut st.active, Gen::new(id + 1)));
+            st.sealed.push(gen.clone());
+            gen
+        };
+        self.segment = segment;
+        self.active_since = None;
+        tracing::debug!(gen = id, readings, "journal generation sealed");
+        self.compactor.compact(sealed);
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn commit(&mut self, readings: &[&Reading], commit_ms: i64) -> Result<Vec<bool>, StoreError> {
+        self.compactor.check()?;
+        let (held, first_idx) = {
+            let st = self.shared.read().expect("journal lock");
+            (st.held(), st.active.readings)
+        };
+        let max = self.settings.journal_max_readings;
+        if held + readings.len() as u64 > max {
+            self.metrics.store_journal_full.inc();
+            return Err(StoreError::JournalFull { held, max });
+        }
+        let mut frame = FrameBuilder::new(commit_ms, first_idx);
+        let mut flags = Vec::with_capacity(readings.len());
+        // Seqs taken by this batch so far, and the high-water they raise, applied on success.
+        let mut taken: HashSet<(&str, u64)> = HashSet::new();
+        let mut raised: HashMap<&str, u64> = HashMap::new();
+        {
+            let st = self.shared.read().expect("journal lock");
+            for (pos, r) in readings.iter().enumerate() {
+                let new = match r.seq {
+                    None => true,
+                    Some(s) => {
+                        let dev = r.device_id.as_str();
+                        let committed = self.max_seq.get(dev).copied();
+                        let new = if committed.is_none_or(|m| s > m) {
+                            // Above everything committed: only this batch can hold it.
+                            !taken.contains(&(dev, s))
+                        } else {
+                            !(taken.contains(&(dev, s))
+                                || st.contains(dev, s)
+                                || self.in_chunks(dev, s)?)
+                        };
+                        if new {
+                            taken.insert((dev, s));
+                            let hw = raised.entry(dev).or_insert(s);
+                            *hw = (*hw).max(s);
+                        }
+                        new
+                    }
+                };
+                if new {
+                    frame.push(pos, r);
+                }
+                flags.push(new);
+            }
+        }
+        if frame.count() > 0 {
+            // The durability point: nothing below runs unless the frame is on disk.
+            self.segment.append(frame.finish())?;
+            let mut st = self.shared.write().expect("journal lock");
+            frame.apply(&mut st.active, |pos| readings[pos].device_id.as_str());
+            self.metrics.store_journal_readings.set(st.held() as i64);
+            drop(st);
+            for (dev, s) in raised {
+                match self.max_seq.get_mut(dev) {
+                    Some(m) => *m = (*m).max(s),
+                    None => {
+                        self.max_seq.insert(dev.to_owned(), s);
+                    }
+                }
+            }
+            if self.active_since.is_none() {
+                self.active_since = Some(Instant::now());
+            }
+        }
+        self.maybe_seal()?;
+        Ok(flags)
+    }
+
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.compactor.check()?;
+        let first_idx = self.shared.read().expect("journal lock").active.readings;
+        // An empty frame: a real append and sync, which replay skips.
+        self.segment
+            .append(FrameBuilder::new(now_ms(), first_idx).finish())
+    }
+
+    fn maintain(&mut self) -> Result<(), StoreError> {
+        self.compactor.check()?;
+        self.maybe_seal()
+    }
+
+    fn reader(&self) -> Arc<dyn StoreRead> {
+        self.reader.clone()
+    }
+}

@@ -1,0 +1,181 @@
+//! Queries of the embedded store: `GET /v1/devices/{id}/readings` reads here, never through
+//! the writer.
+//!
+//! A query merges two sources: the journal's in-memory generations (readings not yet
+//! compacted) and the device's chunks in SQLite, read on this reader's own connections (WAL
+//! lets them run beside compaction). To see each reading exactly once while compaction moves
+//! it, the query first notes which generations are in memory and copies their matching rows,
+//! then reads only chunks from *other* generations. A generation leaves memory only after its
+//! chunks are committed, so a reading is always in one of the two views.
+//!
+//! Chunks are visited newest first for `order=desc` (oldest first for `asc`) and the visit
+//! stops once `limit` rows are certain: "the last 1000 readings" decodes only the newest
+//! chunks.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::journal::{decode_bytes, Entry, Gen};
+use super::schema::decode_chunk;
+use super::{open_connection, Shared};
+use crate::config::StorageSettings;
+use crate::store::{Order, ReadingsQuery, StoreError, StoreRead, StoredRow};
+
+/// Idle read connections kept for reuse.
+const POOL: usize = 4;
+
+/// Read-only access for queries, with a small pool of connections.
+pub struct SqliteReader {
+    /// The database file.
+    path: PathBuf,
+    /// Settings used to open connections.
+    settings: StorageSettings,
+    /// The in-memory journal.
+    shared: Shared,
+    /// Idle connections, reused across queries.
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl SqliteReader {
+    /// A reader for the database at `path`, sharing the writer's journal. Connections open
+    /// lazily.
+    pub fn new(path: &Path, settings: &StorageSettings, shared: Shared) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            settings: settings.clone(),
+            shared,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.pool.lock().expect("pool lock").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_connection(&self.path, &self.settings)?,
+        };
+        let result = f(&conn);
+        if result.is_ok() {
+            let mut pool = self.pool.lock().expect("pool lock");
+            if pool.len() < POOL {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+
+    /// The device's rows in the in-memory generations, within the query's time range; the
+    /// generations seen; and whether any of them knows the device.
+    ///
+    /// The journal lock is held only to pick entries and copy their bytes (the writer waits
+    /// for it to file a commit); decoding happens after it is released. Without a metric
+    /// filter only the `limit` first entries in the query's order can matter, so only those
+    /// are copied.
+    fn journal_rows(
+        &self,
+        q: &ReadingsQuery,
+    ) -> Result<(Vec<StoredRow>, HashSet<u64>, bool), StoreError> {
+        let mut picked: Vec<(i64, u64, usize, usize)> = Vec::new(); // ts, rid, start, end
+        let mut bytes = Vec::new();
+        let mut gens = HashSet::new();
+        let mut known = false;
+        {
+            let st = self.shared.read().expect("journal lock");
+            let mut candidates: Vec<(i64, u64, &Gen, &Entry)> = Vec::new();
+            for gen in st.sealed.iter().map(|g| &**g).chain([&st.active]) {
+                gens.insert(gen.id);
+                let Some(de) = gen.devices.get(&q.device_id) else {
+                    continue;
+                };
+                known = true;
+                candidates.extend(
+                    de.entries
+                        .iter()
+                        .filter(|e| e.ts_ms >= q.from_ms && e.ts_ms < q.to_ms)
+                        .map(|e| (e.ts_ms, gen.rid(e.idx), gen, e)),
+                );
+            }
+            if q.metric.is_none() && candidates.len() > q.limit {
+                let key = |c: &(i64, u64, &Gen, &Entry)| (c.0, c.1);
+                match q.order {
+                    Order::Asc => candidates.select_nth_unstable_by_key(q.limit, key),
+                    Order::Desc => candidates
+                        .select_nth_unstable_by_key(q.limit, |c| std::cmp::Reverse(key(c))),
+                };
+                candidates.truncate(q.limit);
+            }
+            for (ts, rid, gen, e) in candidates {
+                let b = gen.bytes(e)?;
+                picked.push((ts, rid, bytes.len(), bytes.len() + b.len()));
+                bytes.extend_from_slice(b);
+            }
+        }
+        let rows = picked
+            .into_iter()
+            .map(|(_, rid, start, end)| decode_bytes(&bytes[start..end], rid))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((rows, gens, known))
+    }
+}
+
+impl StoreRead for SqliteReader {
+    fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
+        let (journal, in_memory, known) = self.journal_rows(q)?;
+        let mut rows = q.finish(journal);
+        self.with_conn(|conn| {
+            let device: Option<i64> = conn
+                .prepare_cached("SELECT id FROM devices WHERE name = ?1")?
+                .query_row(params![q.device_id], |r| r.get(0))
+                .optional()?;
+            let Some(device) = device else {
+                return Ok(known.then_some(rows));
+            };
+            let sql = match q.order {
+                Order::Desc => {
+                    "SELECT id, gen, t_min, t_max, data FROM chunks
+                     WHERE device = ?1 AND t_max >= ?2 AND t_min < ?3 ORDER BY t_max DESC"
+                }
+                Order::Asc => {
+                    "SELECT id, gen, t_min, t_max, data FROM chunks
+                     WHERE device = ?1 AND t_max >= ?2 AND t_min < ?3 ORDER BY t_min ASC"
+                }
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
+            let mut chunks = stmt.query(params![device, q.from_ms, q.to_ms])?;
+            while let Some(c) = chunks.next()? {
+                let gen: i64 = c.get(1)?;
+                if in_memory.contains(&(gen as u64)) {
+                    continue; // Seen in memory already (compaction committed meanwhile).
+                }
+                let (t_min, t_max): (i64, i64) = (c.get(2)?, c.get(3)?);
+                // Once `limit` rows are in hand, a chunk entirely beyond the worst of them
+                // cannot contribute, nor can any later one (the visit is ordered).
+                if rows.len() >= q.limit {
+                    let worst = rows.last().map(|r| r.ts_ms).unwrap_or_default();
+                    let beyond = match q.order {
+                        Order::Desc => t_max < worst,
+                        Order::Asc => t_min > worst,
+                    };
+                    if beyond {
+                        break;
+                    }
+                }
+                let id: i64 = c.get(0)?;
+                let data = c
+                    .get_ref(4)?
+                    .as_blob()
+                    .map_err(|e| StoreError::Corrupt(format!("chunk {id}: {e}")))?;
+                rows.extend(decode_chunk(id, data)?);
+                rows = q.finish(rows);
+            }
+            // A device with a row is known, even with nothing in range (or all retired).
+            Ok(Some(rows))
+        })
+    }
+}

@@ -1,0 +1,496 @@
+//! The store conformance suite: what every backend behind `sluice::store::Store` must do, run
+//! against each one through the same public interface (SPEC §1–2).
+//!
+//! A backend plugs in by implementing [`Backend`] and adding one line to the `suite!` list at
+//! the bottom. `settle` must leave the store in its "fully organised" state (for SQLite: every
+//! journal generation compacted into chunks), so each property is checked on both sides of it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::config::StorageSettings;
+use sluice::reading::{DeviceId, MetricValue, Reading};
+use sluice::store::{self, Opened, Order, ReadingsQuery, Store, StoredRow};
+use sluice::telemetry::metrics::Metrics;
+
+/// One backend under test, with a private place to keep its data.
+trait Backend {
+    /// Opens the store (again, after a restart: the same data).
+    fn open(&self) -> Opened;
+    /// Waits until the store has organised everything it holds.
+    fn settle(&self, store: &mut dyn Store);
+}
+
+/// The embedded store in a temp dir; every commit's generation is sealed at the next
+/// `maintain`.
+struct Sqlite {
+    dir: tempfile::TempDir,
+    metrics: Arc<Metrics>,
+    tweak: fn(&mut StorageSettings),
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Self::with(|_| {})
+    }
+    fn with(tweak: fn(&mut StorageSettings)) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            metrics: Arc::new(Metrics::new()),
+            tweak,
+        }
+    }
+    fn settings(&self) -> StorageSettings {
+        let mut s = StorageSettings {
+            data_dir: self.dir.path().to_path_buf(),
+            compaction_interval: Duration::from_millis(1),
+            retention: Duration::from_secs(100 * 365 * 86400),
+            ..StorageSettings::default()
+        };
+        (self.tweak)(&mut s);
+        s
+    }
+}
+
+impl Backend for Sqlite {
+    fn open(&self) -> Opened {
+        store::open(&self.settings(), &self.metrics).expect("store opens")
+    }
+    fn settle(&self, store: &mut dyn Store) {
+        std::thread::sleep(Duration::from_millis(2)); // past compaction_interval (1 ms)
+        store.maintain().expect("maintain");
+        wait_until(|| self.metrics.store_journal_readings.get() == 0);
+    }
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not met within 20 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+const T0: i64 = 1_790_000_000_000;
+
+fn reading(
+    device: &str,
+    seq: Option<u64>,
+    ts_ms: i64,
+    metrics: Vec<(&str, MetricValue)>,
+) -> Reading {
+    Reading {
+        device_id: DeviceId::parse(device).expect("device id"),
+        ts_ms,
+        seq,
+        metrics: metrics
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        tags: Vec::new(),
+    }
+}
+
+fn simple(device: &str, seq: u64) -> Reading {
+    reading(
+        device,
+        Some(seq),
+        T0 + seq as i64 * 1000,
+        vec![("v", MetricValue::Int(seq as i64))],
+    )
+}
+
+fn commit(store: &mut dyn Store, readings: &[Reading]) -> Vec<bool> {
+    let refs: Vec<&Reading> = readings.iter().collect();
+    store
+        .commit(&refs, sluice::reading::now_ms())
+        .expect("commit")
+}
+
+fn query(store: &dyn Store, device: &str, order: Order, limit: usize) -> Option<Vec<StoredRow>> {
+    store
+        .reader()
+        .readings(&ReadingsQuery {
+            device_id: device.into(),
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+            metric: None,
+            limit,
+            order,
+        })
+        .expect("query")
+}
+
+fn seqs(rows: &[StoredRow]) -> Vec<u64> {
+    rows.iter().map(|r| r.seq.expect("seq")).collect()
+}
+
+/// One answer per reading, in order; a duplicate inside one batch is stored once.
+fn answers_in_order_and_dedupes_within_a_batch(b: &dyn Backend) {
+    let mut s = b.open().store;
+    let batch = [
+        simple("a", 1),
+        simple("b", 1),
+        simple("a", 1),
+        simple("a", 2),
+        simple("a", 1),
+    ];
+    assert_eq!(commit(&mut *s, &batch), [true, true, false, true, false]);
+    assert_eq!(
+        seqs(&query(&*s, "a", Order::Asc, 100).expect("known")),
+        [1, 2]
+    );
+    // Readings without seq are never duplicates.
+    let noseq = reading("c", None, T0, vec![("v", MetricValue::Bool(true))]);
+    assert_eq!(commit(&mut *s, &[noseq.clone(), noseq]), [true, true]);
+    assert_eq!(query(&*s, "c", Order::Asc, 100).expect("known").len(), 2);
+    assert!(query(&*s, "nobody", Order::Asc, 100).is_none());
+}
+
+/// Duplicates are found in the journal, after compaction, across a restart, out of order.
+fn dedupes_everywhere(b: &dyn Backend) {
+    let mut s = b.open().store;
+    assert_eq!(
+        commit(&mut *s, &[simple("d", 5), simple("d", 7)]),
+        [true, true]
+    );
+    // Still in the journal (or its equivalent): a resend and an out-of-order new seq.
+    assert_eq!(
+        commit(&mut *s, &[simple("d", 5), simple("d", 6)]),
+        [false, true]
+    );
+    b.settle(&mut *s);
+    // Compacted: the same again, plus one more gap filled.
+    assert_eq!(
+        commit(&mut *s, &[simple("d", 7), simple("d", 6), simple("d", 3)]),
+        [false, false, true]
+    );
+    drop(s);
+    let mut s = b.open().store;
+    // Across a restart, with part compacted (3 is not yet settled).
+    assert_eq!(
+        commit(
+            &mut *s,
+            &[
+                simple("d", 3),
+                simple("d", 5),
+                simple("d", 8),
+                simple("d", 8)
+            ]
+        ),
+        [false, false, true, false]
+    );
+    b.settle(&mut *s);
+    drop(s);
+    let mut s = b.open().store;
+    assert_eq!(
+        commit(&mut *s, &[simple("d", 8), simple("d", 4)]),
+        [false, true]
+    );
+    assert_eq!(
+        seqs(&query(&*s, "d", Order::Asc, 100).expect("known")),
+        [3, 4, 5, 6, 7, 8]
+    );
+}
+
+/// Queries answer the same before and after compaction, with data split across both.
+fn queries_agree_across_compaction(b: &dyn Backend) {
+    let mut s = b.open().store;
+    let mk = |seq: u64| {
+        // Two readings share each timestamp; every third carries a second metric.
+        let mut m = vec![("temp", MetricValue::Float(seq as f64 / 10.0))];
+        if seq % 3 == 0 {
+            m.push(("door", MetricValue::Bool(seq % 2 == 0)));
+        }
+        reading("q", Some(seq), T0 + (seq as i64 / 2) * 1000, m)
+    };
+    let first: Vec<Reading> = (1..=40).map(mk).collect();
+    commit(&mut *s, &first);
+    b.settle(&mut *s);
+    let second: Vec<Reading> = (41..=60).map(mk).collect();
+    commit(&mut *s, &second);
+    let queries = |s: &dyn Store| {
+        let mut out = Vec::new();
+        for order in [Order::Asc, Order::Desc] {
+            for (from, to) in [(i64::MIN, i64::MAX), (T0 + 10_000, T0 + 25_000)] {
+                for metric in [None, Some("door".to_owned())] {
+                    for limit in [1, 7, 1000] {
+                        let q = ReadingsQuery {
+                            device_id: "q".into(),
+                            from_ms: from,
+                            to_ms: to,
+                            metric: metric.clone(),
+                            limit,
+                            order,
+                        };
+                        out.push(s.reader().readings(&q).expect("query").expect("known"));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let before = queries(&*s);
+    b.settle(&mut *s);
+    let after = queries(&*s);
+    assert_eq!(before, after);
+    // Spot checks of the semantics themselves.
+    let all = query(&*s, "q", Order::Asc, 1000).expect("known");
+    assert_eq!(seqs(&all), (1..=60).collect::<Vec<_>>());
+    let last = query(&*s, "q", Order::Desc, 7).expect("known");
+    assert_eq!(seqs(&last), (54..=60).rev().collect::<Vec<_>>());
+    let doors = &before[5]; // asc, whole range, metric=door, limit 1000
+    assert!(doors
+        .iter()
+        .all(|r| r.metrics.len() == 1 && r.metrics[0].0 == "door"));
+}
+
+/// Values read back exactly: integer extremes, awkward floats, booleans, long multibyte tags.
+fn values_read_back_exactly(b: &dyn Backend) {
+    let mut s = b.open().store;
+    let tag_value: String = "ü€𝄞".repeat(43).chars().take(128).collect();
+    let mut r = reading(
+        "v",
+        Some(u64::MAX),
+        -1,
+        vec![
+            ("imin", MetricValue::Int(i64::MIN)),
+            ("imax", MetricValue::Int(i64::MAX)),
+            ("umax", MetricValue::UInt(u64::MAX)),
+            ("tenth", MetricValue::Float(0.1)),
+            ("negzero", MetricValue::Float(-0.0)),
+            ("tiny", MetricValue::Float(f64::MIN_POSITIVE / 3.0)),
+            ("big", MetricValue::Float(f64::MAX)),
+            ("yes", MetricValue::Bool(true)),
+            ("no", MetricValue::Bool(false)),
+        ],
+    );
+    r.tags = (0..16)
+        .map(|i| (format!("tag{i:02}"), tag_value.clone()))
+        .collect();
+    let r2 = reading("v", Some(0), 0, vec![("tenth", MetricValue::Int(1))]);
+    commit(&mut *s, &[r.clone(), r2.clone()]);
+    let check = |s: &dyn Store| {
+        let rows = query(s, "v", Order::Asc, 10).expect("known");
+        assert_eq!(rows.len(), 2);
+        let got = &rows[0];
+        assert_eq!((got.ts_ms, got.seq), (-1, Some(u64::MAX)));
+        assert_eq!(got.tags, r.tags);
+        assert_eq!(got.metrics.len(), r.metrics.len());
+        for ((n1, v1), (n2, v2)) in got.metrics.iter().zip(&r.metrics) {
+            assert_eq!(n1, n2);
+            match (v1, v2) {
+                (MetricValue::Float(a), MetricValue::Float(b)) => {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{n1}")
+                }
+                _ => assert_eq!(v1, v2, "{n1}"),
+            }
+        }
+        assert_eq!(rows[1].metrics, r2.metrics);
+        assert_eq!(rows[1].seq, Some(0));
+    };
+    check(&*s);
+    b.settle(&mut *s);
+    check(&*s);
+    drop(s);
+    let s = b.open().store;
+    check(&*s);
+}
+
+/// Device state survives a restart exactly: true last_seen, every metric's latest value.
+fn device_state_survives_restart(b: &dyn Backend) {
+    let mut s = b.open().store;
+    commit(
+        &mut *s,
+        &[
+            reading(
+                "st",
+                Some(1),
+                T0,
+                vec![("a", MetricValue::Int(1)), ("b", MetricValue::Float(2.5))],
+            ),
+            reading("st", Some(2), T0 + 1000, vec![("a", MetricValue::Int(3))]),
+            // Older ts arriving later does not replace a newer value.
+            reading(
+                "st",
+                Some(3),
+                T0 - 1000,
+                vec![("a", MetricValue::Int(-1)), ("c", MetricValue::Bool(true))],
+            ),
+        ],
+    );
+    let opened = {
+        drop(s);
+        b.open()
+    };
+    let dev = opened
+        .devices
+        .iter()
+        .find(|d| d.device_id == "st")
+        .expect("restored");
+    assert_eq!(dev.last_ts_ms, T0 + 1000);
+    assert!(dev.last_seen_ms > T0, "last_seen is the commit time");
+    let by_name = |n: &str| dev.metrics.iter().find(|m| m.0 == n).map(|m| (m.1, m.2));
+    assert_eq!(by_name("a"), Some((MetricValue::Int(3), T0 + 1000)));
+    assert_eq!(by_name("b"), Some((MetricValue::Float(2.5), T0)));
+    assert_eq!(by_name("c"), Some((MetricValue::Bool(true), T0 - 1000)));
+    let last_seen = dev.last_seen_ms;
+    let mut s = opened.store;
+    b.settle(&mut *s);
+    drop(s);
+    let again = b.open();
+    let dev2 = again
+        .devices
+        .iter()
+        .find(|d| d.device_id == "st")
+        .expect("restored");
+    assert_eq!(
+        dev2.last_seen_ms, last_seen,
+        "last_seen does not move on restart"
+    );
+    assert_eq!(dev2.metrics.len(), 3);
+}
+
+macro_rules! suite {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+            #[test]
+            fn answers_in_order_and_dedupes_within_a_batch() {
+                super::answers_in_order_and_dedupes_within_a_batch(&$make);
+            }
+            #[test]
+            fn dedupes_everywhere() {
+                super::dedupes_everywhere(&$make);
+            }
+            #[test]
+            fn queries_agree_across_compaction() {
+                super::queries_agree_across_compaction(&$make);
+            }
+            #[test]
+            fn values_read_back_exactly() {
+                super::values_read_back_exactly(&$make);
+            }
+            #[test]
+            fn device_state_survives_restart() {
+                super::device_state_survives_restart(&$make);
+            }
+        }
+    };
+}
+
+suite!(sqlite, Sqlite::new());
+
+// ---- SQLite-only behaviour: the journal, retention, upgrade ----
+
+/// A refused commit (journal full) stores nothing, and the store keeps working after.
+#[test]
+fn sqlite_nothing_committed_on_error() {
+    let small = Sqlite::with(|s| {
+        s.journal_max_readings = 3;
+        s.compaction_interval = Duration::from_secs(3600);
+        s.journal_seal_readings = 1000;
+    });
+    let mut s = small.open().store;
+    let batch: Vec<Reading> = (1..=4).map(|i| simple("e", i)).collect();
+    let refs: Vec<&Reading> = batch.iter().collect();
+    let err = s.commit(&refs, 0).expect_err("over journal_max_readings");
+    assert!(err.is_overload(), "{err}");
+    assert!(query(&*s, "e", Order::Asc, 10).is_none());
+    assert_eq!(commit(&mut *s, &batch[..3]), [true, true, true]);
+    drop(s);
+    let s = small.open().store;
+    assert_eq!(
+        seqs(&query(&*s, "e", Order::Asc, 10).expect("known")),
+        [1, 2, 3]
+    );
+}
+
+/// Retention drops old chunks, keeps newer ones, and a resend of a dropped reading is still a
+/// duplicate.
+#[test]
+fn sqlite_retention_drops_old_chunks() {
+    let b = Sqlite::with(|s| {
+        s.retention = Duration::from_secs(3600);
+        s.retention_interval = Duration::from_millis(20);
+    });
+    let mut s = b.open().store;
+    let now = sluice::reading::now_ms();
+    let old = reading(
+        "r",
+        Some(1),
+        now - 2 * 3600 * 1000,
+        vec![("v", MetricValue::Int(1))],
+    );
+    let new = reading("r", Some(2), now, vec![("v", MetricValue::Int(2))]);
+    commit(&mut *s, std::slice::from_ref(&old));
+    b.settle(&mut *s);
+    commit(&mut *s, &[new]);
+    b.settle(&mut *s);
+    wait_until(|| b.metrics.retention_deleted.get() >= 1);
+    assert_eq!(seqs(&query(&*s, "r", Order::Asc, 10).expect("known")), [2]);
+    assert_eq!(
+        commit(&mut *s, &[old]),
+        [false],
+        "a retired seq stays a duplicate"
+    );
+}
+
+/// A database written by the first release (schema version 1: one row per reading) is
+/// upgraded in place: readings, seqs and device state carry over.
+#[test]
+fn sqlite_upgrades_a_version_1_database() {
+    let b = Sqlite::new();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1/sluice.db"),
+        b.dir.path().join("sluice.db"),
+    )
+    .expect("fixture");
+    let opened = b.open();
+    let names: std::collections::BTreeSet<&str> = opened
+        .devices
+        .iter()
+        .map(|d| d.device_id.as_str())
+        .collect();
+    assert_eq!(names, ["legacy-1", "legacy-2"].into());
+    let mut s = opened.store;
+    let l1 = query(&*s, "legacy-1", Order::Asc, 10).expect("known");
+    assert_eq!(seqs(&l1), [1, 2]);
+    assert_eq!(
+        l1[0].metrics[1],
+        ("n".to_owned(), MetricValue::Int(i64::MIN))
+    );
+    assert_eq!(l1[0].metrics[2], ("ok".to_owned(), MetricValue::Bool(true)));
+    let tag_keys: Vec<&str> = l1[0].tags.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(tag_keys, ["site", "zeta", "alpha"], "tag order kept");
+    let l2 = query(&*s, "legacy-2", Order::Asc, 10).expect("known");
+    assert_eq!(l2[1].seq, Some(u64::MAX));
+    let MetricValue::Float(z) = l2[0].metrics[0].1 else {
+        panic!("float")
+    };
+    assert_eq!(z.to_bits(), (-0.0f64).to_bits());
+    // Dedupe continues across the upgrade; new readings sort after the old ones.
+    let later = |seq| {
+        reading(
+            "legacy-1",
+            Some(seq),
+            1_795_946_410_000,
+            vec![("v", MetricValue::Int(1))],
+        )
+    };
+    assert_eq!(commit(&mut *s, &[later(2), later(3)]), [false, true]);
+    let l2b = reading(
+        "legacy-2",
+        Some(u64::MAX),
+        T0,
+        vec![("y", MetricValue::Int(1))],
+    );
+    assert_eq!(commit(&mut *s, &[l2b]), [false]);
+    b.settle(&mut *s);
+    drop(s);
+    let s = b.open().store;
+    assert_eq!(
+        seqs(&query(&*s, "legacy-1", Order::Asc, 10).expect("known")),
+        [1, 2, 3]
+    );
+}
