@@ -149,21 +149,28 @@ impl Pipeline {
         metrics.queue_depth.with_label_values(&["store"]).set(0);
 
         let admission = Admission::new(sub_tx, capacity, metrics.clone(), health.clone());
+        // The writer signals when it has nothing queued, so the batcher flushes at once.
+        let writer_idle = Arc::new(tokio::sync::Notify::new());
+        writer_idle.notify_one();
         let batcher = tokio::spawn(metrics.tasks.batcher.instrument(batcher::run(
             sub_rx,
             batch_tx,
             settings.pipeline.clone(),
             metrics.clone(),
             drain_rx,
+            writer_idle.clone(),
         )));
         let writer = tokio::spawn(metrics.tasks.store.instrument(writer::run(
             batch_rx,
-            settings.storage.clone(),
-            metrics.clone(),
-            health,
-            services,
-            admission.clone(),
-            reader,
+            writer::Ctx {
+                settings: settings.storage.clone(),
+                metrics: metrics.clone(),
+                health,
+                services,
+                admission: admission.clone(),
+                reader,
+            },
+            writer_idle,
         )));
         Pipeline {
             admission,

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::batcher::Batch;
 use super::{Ack, Admission, Health, Unavailable};
@@ -41,33 +41,25 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const MAINTAIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything the writer needs besides the store itself.
-struct Ctx {
-    settings: StorageSettings,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    services: Arc<Services>,
-    admission: Admission,
-    reader: Arc<ReaderSlot>,
+pub struct Ctx {
+    /// Which store to open, and how.
+    pub settings: StorageSettings,
+    /// Commit, shed and store counters.
+    pub metrics: Arc<Metrics>,
+    /// Store up or down, for `/readyz` and admission.
+    pub health: Arc<Health>,
+    /// Processing services run around each commit; restored at open.
+    pub services: Arc<Services>,
+    /// To update the admission depth gauge after acks release permits.
+    pub admission: Admission,
+    /// Where queries find the store's reader once it is open.
+    pub reader: Arc<ReaderSlot>,
 }
 
-/// Runs until the batcher has stopped and every batch is answered.
-pub async fn run(
-    mut rx: mpsc::Receiver<Batch>,
-    settings: StorageSettings,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    services: Arc<Services>,
-    admission: Admission,
-    reader: Arc<ReaderSlot>,
-) {
-    let ctx = Arc::new(Ctx {
-        settings,
-        metrics,
-        health,
-        services,
-        admission,
-        reader,
-    });
+/// Runs until the batcher has stopped and every batch is answered. `idle` is notified each
+/// time the writer has finished a batch and none is queued.
+pub async fn run(mut rx: mpsc::Receiver<Batch>, ctx: Ctx, idle: Arc<Notify>) {
+    let ctx = Arc::new(ctx);
     let mut store = open(&ctx).await;
     let mut maintain = tokio::time::interval(MAINTAIN_INTERVAL);
     maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -80,6 +72,10 @@ pub async fn run(
                 let Some(batch) = batch else { break };
                 store_depth.set((rx.len()) as i64);
                 store = commit(&ctx, store, batch).await;
+                if rx.is_empty() {
+                    // Tell the batcher to flush what it has gathered now, not at its deadline.
+                    idle.notify_one();
+                }
             }
             _ = maintain.tick(), if store.is_some() && ctx.health.store_up() => {
                 store = upkeep(&ctx, store).await;

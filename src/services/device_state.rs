@@ -5,7 +5,6 @@
 //! `ts` and the latest value of every metric) and hands it back at start-up, so a restart
 //! shows each device exactly as before it.
 
-use std::collections::HashMap;
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -42,7 +41,7 @@ pub struct DeviceView {
 #[derive(Debug, Default)]
 pub struct DeviceState {
     /// Device id → state. Written once per batch by the store writer, read by queries.
-    devices: RwLock<HashMap<String, Entry>>,
+    devices: RwLock<foldhash::HashMap<String, Entry>>,
 }
 
 impl DeviceState {

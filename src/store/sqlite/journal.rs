@@ -23,7 +23,6 @@
 //! this index; compaction turns a sealed generation into chunks, after which its segment file
 //! is deleted.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -69,7 +68,7 @@ pub struct Gen {
     /// Encoded readings, back to back (the frame bodies without their headers).
     pub arena: Vec<u8>,
     /// Device id → its readings in this generation.
-    pub devices: HashMap<String, DeviceEntries>,
+    pub devices: foldhash::HashMap<String, DeviceEntries>,
     /// Readings held.
     pub readings: u32,
 }

@@ -27,7 +27,7 @@ pub mod journal;
 mod reader;
 pub mod schema;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -88,7 +88,7 @@ pub struct SqliteStore {
     active_since: Option<Instant>,
     /// Device id → highest committed `seq` (journal and chunks). Devices that never sent a
     /// seq are absent.
-    max_seq: HashMap<String, u64>,
+    max_seq: foldhash::HashMap<String, u64>,
     /// A read connection for exact duplicate lookups in chunks.
     lookup: Connection,
     /// The compaction thread.
@@ -404,8 +404,8 @@ impl Store for SqliteStore {
         let mut frame = FrameBuilder::new(commit_ms, first_idx);
         let mut flags = Vec::with_capacity(readings.len());
         // Seqs taken by this batch so far, and the high-water they raise, applied on success.
-        let mut taken: HashSet<(&str, u64)> = HashSet::new();
-        let mut raised: HashMap<&str, u64> = HashMap::new();
+        let mut taken: foldhash::HashSet<(&str, u64)> = Default::default();
+        let mut raised: foldhash::HashMap<&str, u64> = Default::default();
         {
             let st = self.shared.read().expect("journal lock");
             for (pos, r) in readings.iter().enumerate() {
@@ -455,7 +455,12 @@ impl Store for SqliteStore {
                 self.active_since = Some(Instant::now());
             }
         }
-        self.maybe_seal()?;
+        // The batch is durable: a failure to start the next segment must not turn it into an
+        // error (the readings would be refused yet stored). It is retried at the next commit
+        // or `maintain`, which reports it.
+        if let Err(e) = self.maybe_seal() {
+            tracing::warn!(error = %e, "cannot seal the journal generation; will retry");
+        }
         Ok(flags)
     }
 
