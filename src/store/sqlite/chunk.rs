@@ -93,6 +93,9 @@ pub const MAX_UNCOMPRESSED_LEN: usize = 256 << 20;
 /// higher levels on this already delta-encoded data and many times faster.
 const ZSTD_LEVEL: i32 = 3;
 
+/// Bodies shorter than this are stored as they are, without trying zstd.
+const MIN_COMPRESS: usize = 192;
+
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 
@@ -178,6 +181,14 @@ pub fn encode(rows: &[StoredRow]) -> Vec<u8> {
     thread_local! {
         static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
+    }
+    // A body this small (a device with a handful of readings in a generation) does not
+    // shrink enough to pay for zstd's table building, which dominated compaction of
+    // 100 000-device generations.
+    if body.len() < MIN_COMPRESS {
+        out[codec_at] = CODEC_STORED;
+        out.extend_from_slice(&body);
+        return out;
     }
     let compressed = COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();

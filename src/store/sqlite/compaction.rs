@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection};
 
 use super::journal::{self, Gen};
-use super::schema::{insert_chunks, intern_device, DeviceRow};
+use super::schema::{insert_chunks, DeviceRow};
 use super::{Shared, BACKEND};
 use crate::config::StorageSettings;
 use crate::reading::now_ms;
@@ -219,14 +219,13 @@ impl Worker {
                 return Err(Abandoned::Stopping);
             }
             let de = &gen.devices[name];
-            let id = intern_device(&tx, name)?;
+            let (id, mut state) = DeviceRow::load_or_create(&tx, name)?;
             let mut rows = de
                 .entries
                 .iter()
                 .map(|e| gen.row(e))
                 .collect::<Result<Vec<_>, _>>()?;
             rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
-            let mut state = DeviceRow::read(&tx, id)?;
             for r in &rows {
                 state.absorb(r, de.last_seen_ms);
             }

@@ -279,33 +279,39 @@ pub struct DeviceRow {
 }
 
 impl DeviceRow {
-    /// Reads device `id`'s row (defaults when the columns are still empty).
-    pub fn read(tx: &Connection, id: i64) -> Result<Self, StoreError> {
+    /// Device `name`'s id and row, creating the device if it is new (one lookup by name).
+    pub fn load_or_create(tx: &Connection, name: &str) -> Result<(i64, Self), StoreError> {
         let row = tx
             .prepare_cached(
-                "SELECT max_seq, last_seen, last_ts, latest FROM devices WHERE id = ?1",
+                "SELECT id, max_seq, last_seen, last_ts, latest FROM devices WHERE name = ?1",
             )?
-            .query_row(params![id], |r| {
+            .query_row(params![name], |r| {
                 Ok((
-                    r.get::<_, Option<i64>>(0)?,
+                    r.get::<_, i64>(0)?,
                     r.get::<_, Option<i64>>(1)?,
                     r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
                 ))
             })
             .optional()?;
-        let Some((max_seq, last_seen, last_ts, latest)) = row else {
-            return Ok(Self::default());
+        let Some((id, max_seq, last_seen, last_ts, latest)) = row else {
+            tx.prepare_cached("INSERT INTO devices (name) VALUES (?1)")?
+                .execute(params![name])?;
+            return Ok((tx.last_insert_rowid(), Self::default()));
         };
-        Ok(Self {
-            max_seq: max_seq.map(crate::store::seq_from_key),
-            last_seen_ms: last_seen.unwrap_or(0),
-            last_ts_ms: last_ts,
-            latest: match latest {
-                Some(b) => decode_latest(&b)?,
-                None => Vec::new(),
+        Ok((
+            id,
+            Self {
+                max_seq: max_seq.map(crate::store::seq_from_key),
+                last_seen_ms: last_seen.unwrap_or(0),
+                last_ts_ms: last_ts,
+                latest: match latest {
+                    Some(b) => decode_latest(&b)?,
+                    None => Vec::new(),
+                },
             },
-        })
+        ))
     }
 
     /// Folds in one reading committed at `commit_ms`.
@@ -357,20 +363,6 @@ pub fn decode_latest(b: &[u8]) -> Result<Vec<(String, MetricValue, i64)>, StoreE
         out.push((name, value, d.i64()?));
     }
     Ok(out)
-}
-
-/// Device `name`'s interned id, creating it if new.
-pub fn intern_device(tx: &Connection, name: &str) -> Result<i64, StoreError> {
-    let existing: Option<i64> = tx
-        .prepare_cached("SELECT id FROM devices WHERE name = ?1")?
-        .query_row(params![name], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = existing {
-        return Ok(id);
-    }
-    tx.prepare_cached("INSERT INTO devices (name) VALUES (?1)")?
-        .execute(params![name])?;
-    Ok(tx.last_insert_rowid())
 }
 
 /// Decodes a chunk blob, naming the chunk in the error.
