@@ -861,6 +861,37 @@ mod tests {
     }
 
     #[test]
+    fn numbers_read_back_as_given() {
+        // Long mantissas that serde_json's fast float path rounds one ULP off.
+        for text in [
+            "8.469785299465608e+251",
+            "6.5913101261897515e-133",
+            "9.501363022599779e+17",
+            "0.1",
+            "-0.0",
+            "5e-324",
+        ] {
+            let r = parse_reading(
+                &format!(r#"{{"device_id": "f", "metrics": {{"x": {text}}}}}"#),
+                &ctx(),
+            )
+            .unwrap();
+            let want: f64 = text.parse().unwrap();
+            match r.metrics[0].1 {
+                MetricValue::Float(got) => assert_eq!(got.to_bits(), want.to_bits(), "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let r = parse_reading(
+            r#"{"device_id": "u", "metrics": {"max": 18446744073709551615, "min": -9223372036854775808}}"#,
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(r.metrics[0].1, MetricValue::UInt(u64::MAX));
+        assert_eq!(r.metrics[1].1, MetricValue::Int(i64::MIN));
+    }
+
+    #[test]
     fn parses_the_spec_example() {
         let r = parse_reading(
             r#"{"device_id": "greenhouse-7", "ts": "2026-11-17T12:00:00.123Z", "seq": 1042,

@@ -406,8 +406,8 @@ fn sqlite_nothing_committed_on_error() {
     );
 }
 
-/// Retention drops old chunks, keeps newer ones, and a resend of a dropped reading is still a
-/// duplicate.
+/// Retention drops old chunks and keeps newer ones. A seq below a dropped one that was never
+/// stored (a device whose counter restarted) is new, not a duplicate.
 #[test]
 fn sqlite_retention_drops_old_chunks() {
     let b = Sqlite::with(|s| {
@@ -418,21 +418,26 @@ fn sqlite_retention_drops_old_chunks() {
     let now = sluice::reading::now_ms();
     let old = reading(
         "r",
-        Some(1),
+        Some(1000),
         now - 2 * 3600 * 1000,
         vec![("v", MetricValue::Int(1))],
     );
-    let new = reading("r", Some(2), now, vec![("v", MetricValue::Int(2))]);
+    let new = reading("r", Some(2000), now, vec![("v", MetricValue::Int(2))]);
     commit(&mut *s, std::slice::from_ref(&old));
     b.settle(&mut *s);
-    commit(&mut *s, &[new]);
+    commit(&mut *s, std::slice::from_ref(&new));
     b.settle(&mut *s);
     wait_until(|| b.metrics.retention_deleted.get() >= 1);
-    assert_eq!(seqs(&query(&*s, "r", Order::Asc, 10).expect("known")), [2]);
     assert_eq!(
-        commit(&mut *s, &[old]),
-        [false],
-        "a retired seq stays a duplicate"
+        seqs(&query(&*s, "r", Order::Asc, 10).expect("known")),
+        [2000]
+    );
+    // Never stored: new, although below the dropped seq 1000 (a counter that restarted).
+    let restarted = reading("r", Some(1), now + 1, vec![("v", MetricValue::Int(3))]);
+    assert_eq!(commit(&mut *s, &[restarted, new]), [true, false]);
+    assert_eq!(
+        seqs(&query(&*s, "r", Order::Asc, 10).expect("known")),
+        [2000, 1]
     );
 }
 
@@ -493,4 +498,20 @@ fn sqlite_upgrades_a_version_1_database() {
         seqs(&query(&*s, "legacy-1", Order::Asc, 10).expect("known")),
         [1, 2, 3]
     );
+}
+
+/// Two stores never share a data directory: the second waits (its open fails, naming the
+/// reason) until the first is gone.
+#[test]
+fn sqlite_one_process_per_data_dir() {
+    let b = Sqlite::new();
+    let first = b.open();
+    let second = store::open(&b.settings(), &b.metrics);
+    let err = second
+        .err()
+        .expect("a second open of the same data dir fails");
+    assert!(err.to_string().contains("another Sluice process"), "{err}");
+    drop(first);
+    let mut s = b.open().store;
+    assert_eq!(commit(&mut *s, &[simple("lock", 1)]), [true]);
 }

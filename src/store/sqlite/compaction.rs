@@ -15,9 +15,10 @@
 //! tests can kill Sluice inside them.
 //!
 //! Retention runs here too, every `storage.retention_interval`: it drops whole chunks whose
-//! newest reading is older than `storage.retention`, and first records the highest seq it
-//! drops per device (`devices.retired_seq`), so a late resend of a dropped reading is still a
-//! duplicate.
+//! newest reading is older than `storage.retention`. A dropped reading is no longer stored, so
+//! a late resend of it is taken as new (and dropped again by the next sweep, its `ts` being
+//! as old). Keeping a high-water mark of dropped seqs instead would refuse, as duplicates,
+//! readings that were never stored: a device whose counter restarted, or a backfill.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -274,13 +275,6 @@ impl Worker {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "UPDATE devices SET retired_seq = max(coalesce(retired_seq, seq_floor), dropped)
-             FROM (SELECT device, max(seq_max) AS dropped, -9223372036854775808 AS seq_floor
-                   FROM chunks WHERE t_max < ?1 AND seq_max IS NOT NULL GROUP BY device) AS d
-             WHERE devices.id = d.device",
-            params![cutoff],
-        )?;
         let dropped: i64 = tx.query_row(
             "SELECT coalesce(sum(n), 0) FROM chunks WHERE t_max < ?1",
             params![cutoff],

@@ -299,8 +299,13 @@ impl FrameBuilder {
     }
 }
 
-/// Reads a segment back into a generation. Stops at the first torn or corrupt frame and, if
-/// `repair`, truncates the file there. Returns the generation and whether it was cut.
+/// Reads a segment back into a generation.
+///
+/// A crash can only tear the end of a segment: the frame being written when it happened,
+/// which was never acknowledged. So a bad frame with nothing valid after it is cut off (the
+/// file truncated there, if `repair`). A bad frame *followed* by valid frames is damage to
+/// acknowledged data: it is refused with [`StoreError::Corrupt`], naming the file and
+/// offset, and the file is left as it is. Returns the generation and whether it was cut.
 pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreError> {
     let mut bytes = Vec::new();
     File::open(path)
@@ -325,6 +330,12 @@ pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreEr
         }
     }
     if cut {
+        if let Some(next) = next_valid_frame(&bytes, pos + 1) {
+            return Err(StoreError::Corrupt(format!(
+                "journal segment {}: the frame at byte {pos} is damaged but valid frames follow                  (at byte {next}); cutting it would lose acknowledged readings. Sluice will not                  start on it: restore the file, or move it out of the journal directory to                  start without its readings",
+                path.display()
+            )));
+        }
         tracing::warn!(
             segment = %path.display(),
             valid_bytes = pos,
@@ -341,6 +352,20 @@ pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreEr
         }
     }
     Ok((gen, cut))
+}
+
+/// The offset of the first whole, checksummed frame at or after `from`, if any.
+fn next_valid_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at + HEADER <= bytes.len() {
+        let i = bytes[at..].windows(4).position(|w| w == MAGIC)?;
+        at += i;
+        if parse_frame(&bytes[at..]).is_some() {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
 }
 
 /// A whole, checksummed frame at the start of `b`: its body and total length.
@@ -641,26 +666,32 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_byte_ends_the_segment_without_panic() {
+    fn damage_before_the_last_frame_is_refused_and_in_the_last_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut seg = Segment::create(dir.path(), 1, false).expect("segment");
         let r = reading("a", Some(1), MetricValue::Int(i64::MIN));
+        let mut last_start = 0;
         for i in 0..3u32 {
+            last_start = seg.len() as usize;
             let mut f = FrameBuilder::new(1, i);
             f.push(0, &r);
             seg.append(f.finish()).expect("append");
         }
         let path = segment_path(dir.path(), 1);
         let bytes = std::fs::read(&path).expect("read");
-        for at in (0..bytes.len()).step_by(7) {
+        for at in 0..bytes.len() {
             let mut b = bytes.clone();
             b[at] ^= 0x5a;
             std::fs::write(&path, &b).expect("write");
-            let (gen, _) = replay(&path, 1, false).expect("replay never fails on content");
-            assert!(
-                gen.readings < 3,
-                "a damaged frame at byte {at} was replayed"
-            );
+            let replayed = replay(&path, 1, false);
+            if at < last_start {
+                let err = replayed.expect_err("damage followed by valid frames is refused");
+                assert!(err.to_string().contains("valid frames follow"), "{err}");
+            } else {
+                let (gen, cut) = replayed.expect("a damaged last frame is a torn tail");
+                assert!(cut);
+                assert_eq!(gen.readings, 2, "byte {at}");
+            }
         }
     }
 }

@@ -46,6 +46,13 @@ use crate::telemetry::metrics::Metrics;
 /// The `store` label of this backend's metrics.
 pub const BACKEND: &str = "sqlite";
 
+/// A generation is sealed at this many bytes of readings whatever their count (entries hold
+/// u32 offsets into it).
+const ARENA_SEAL_BYTES: usize = 1 << 30;
+
+/// Chunks whose seq columns the duplicate lookup keeps decoded.
+const SEQ_CACHE_CHUNKS: usize = 32;
+
 /// The journal as queries, duplicate lookups and compaction see it.
 #[derive(Debug, Default)]
 pub struct JournalState {
@@ -91,6 +98,10 @@ pub struct SqliteStore {
     max_seq: foldhash::HashMap<String, u64>,
     /// A read connection for exact duplicate lookups in chunks.
     lookup: Connection,
+    /// The sorted seqs of recently looked-up chunks (chunk id → seqs), oldest first. Chunks
+    /// never change once written, so entries stay right until retention drops the chunk (and
+    /// then a hit only calls a resend of a dropped reading a duplicate).
+    seq_cache: Vec<(i64, Arc<Vec<u64>>)>,
     /// The compaction thread.
     compactor: Compactor,
     /// Where the journal gauge and refusals are counted.
@@ -99,6 +110,39 @@ pub struct SqliteStore {
     reader: Arc<SqliteReader>,
     /// Copies the WAL into the database in the background; stopped when the store is dropped.
     _checkpointer: Checkpointer,
+    /// The exclusive lock on `data_dir/LOCK`. Declared last, so it is released only after the
+    /// compaction and checkpoint threads have stopped.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the exclusive lock that makes `data_dir` this process's alone. Two processes on one
+/// store would each replay and delete the other's journal segments. The lock is released by
+/// the kernel when the process dies, so a kill -9 leaves nothing to clean up.
+fn lock_data_dir(
+    settings: &StorageSettings,
+) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = settings.data_dir.join("LOCK");
+    let err = |reason: String| StoreError::Open {
+        path: path.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(&settings.data_dir).map_err(|e| err(e.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(e.to_string()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => err(
+                "another Sluice process is using this data directory (storage.data_dir); \
+                 waiting for it to stop"
+                    .into(),
+            ),
+            other => err(format!("cannot lock: {other}")),
+        },
+    )
 }
 
 /// WAL pages after which the compaction connection checkpoints by itself (64 MiB at 4 KiB
@@ -123,13 +167,25 @@ impl Checkpointer {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("sluice-checkpoint".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "background checkpoint failed");
+            .spawn(move || {
+                // Logged when it starts failing and when it recovers, not ten times a second.
+                let mut failing = false;
+                loop {
+                    match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Err(e) if !failing => {
+                            tracing::warn!(error = %e, "background checkpoint failed; retrying quietly");
+                            failing = true;
+                        }
+                        Ok(()) if failing => {
+                            tracing::info!("background checkpoint works again");
+                            failing = false;
+                        }
+                        _ => {}
+                    }
                 }
             })
             .map_err(|e| StoreError::Open {
@@ -201,6 +257,7 @@ impl SqliteStore {
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Vec<DeviceLatest>), StoreError> {
         let started = Instant::now();
+        let lock = lock_data_dir(settings)?;
         let path = settings.db_path();
         let dir = settings.journal_dir();
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::Open {
@@ -314,40 +371,65 @@ impl SqliteStore {
                 active_since: None,
                 max_seq,
                 lookup,
+                seq_cache: Vec::new(),
                 compactor,
                 metrics,
                 reader,
                 _checkpointer: checkpointer,
+                _lock: lock,
             },
             devices,
         ))
     }
 
-    /// Whether `(device, seq)`, at or below the device's high-water, is in a chunk, or was
-    /// dropped by retention (then it counts as a duplicate too: it was stored once).
-    fn in_chunks(&self, device: &str, seq: u64) -> Result<bool, StoreError> {
+    /// Whether `(device, seq)`, at or below the device's high-water, is in a chunk.
+    ///
+    /// Only chunks whose seq range covers `seq` are read, and their decoded seq columns are
+    /// kept in a small cache, so a client resending thousands of old readings costs one
+    /// decode per chunk, not one per reading. A chunk that cannot be decoded is logged and
+    /// counted, and the reading is taken as new: a duplicate stored (at-least-once) rather
+    /// than every device's commits failing over one damaged chunk.
+    fn in_chunks(&mut self, device: &str, seq: u64) -> Result<bool, StoreError> {
         let key = seq_key(seq);
-        let dev: Option<(i64, Option<i64>)> = self
-            .lookup
-            .prepare_cached("SELECT id, retired_seq FROM devices WHERE name = ?1")?
-            .query_row(params![device], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((id, retired)) = dev else {
-            return Ok(false);
+        let candidates: Vec<i64> = {
+            let mut stmt = self.lookup.prepare_cached(
+                "SELECT c.id FROM chunks c JOIN devices d ON d.id = c.device
+                 WHERE d.name = ?1 AND c.seq_min <= ?2 AND c.seq_max >= ?2",
+            )?;
+            let ids = stmt.query_map(params![device, key], |r| r.get(0))?;
+            ids.collect::<Result<_, _>>()?
         };
-        if retired.is_some_and(|r| key <= r) {
-            return Ok(true);
-        }
-        let mut stmt = self.lookup.prepare_cached(
-            "SELECT id, data FROM chunks WHERE device = ?1 AND seq_min <= ?2 AND seq_max >= ?2",
-        )?;
-        let mut q = stmt.query(params![id, key])?;
-        while let Some(r) = q.next()? {
-            let chunk_id: i64 = r.get(0)?;
-            let data: Vec<u8> = r.get(1)?;
-            let seqs = chunk::decode_seqs(&data)
-                .map_err(|e| StoreError::Corrupt(format!("chunk {chunk_id}: {e}")))?;
-            if seqs.contains(&Some(seq)) {
+        for id in candidates {
+            let seqs = match self.seq_cache.iter().position(|(c, _)| *c == id) {
+                Some(i) => self.seq_cache[i].1.clone(),
+                None => {
+                    let data: Vec<u8> = self.lookup.query_row(
+                        "SELECT data FROM chunks WHERE id = ?1",
+                        params![id],
+                        |r| r.get(0),
+                    )?;
+                    let mut seqs: Vec<u64> = match chunk::decode_seqs(&data) {
+                        Ok(s) => s.into_iter().flatten().collect(),
+                        Err(e) => {
+                            tracing::error!(chunk = id, device, error = %e,
+                                "cannot decode a chunk for a duplicate lookup; taking the reading as new");
+                            self.metrics
+                                .store_errors
+                                .with_label_values(&[BACKEND])
+                                .inc();
+                            continue;
+                        }
+                    };
+                    seqs.sort_unstable();
+                    let seqs = Arc::new(seqs);
+                    if self.seq_cache.len() == SEQ_CACHE_CHUNKS {
+                        self.seq_cache.remove(0);
+                    }
+                    self.seq_cache.push((id, seqs.clone()));
+                    seqs
+                }
+            };
+            if seqs.binary_search(&seq).is_ok() {
                 return Ok(true);
             }
         }
@@ -356,14 +438,16 @@ impl SqliteStore {
 
     /// Seals the active generation when it is big or old enough, and hands it to compaction.
     fn maybe_seal(&mut self) -> Result<(), StoreError> {
-        let (readings, id) = {
+        let (readings, id, arena) = {
             let st = self.shared.read().expect("journal lock");
-            (st.active.readings, st.active.id)
+            (st.active.readings, st.active.id, st.active.arena.len())
         };
         let old_enough = self
             .active_since
             .is_some_and(|t| t.elapsed() >= self.settings.compaction_interval);
-        if readings == 0 || (readings < self.settings.journal_seal_readings && !old_enough) {
+        // Entries address the arena with u32 offsets: seal long before 4 GiB.
+        let big = readings >= self.settings.journal_seal_readings || arena >= ARENA_SEAL_BYTES;
+        if readings == 0 || !(big || old_enough) {
             return Ok(());
         }
         let segment = Segment::create(
@@ -407,7 +491,8 @@ impl Store for SqliteStore {
         let mut taken: foldhash::HashSet<(&str, u64)> = Default::default();
         let mut raised: foldhash::HashMap<&str, u64> = Default::default();
         {
-            let st = self.shared.read().expect("journal lock");
+            let shared = self.shared.clone();
+            let st = shared.read().expect("journal lock");
             for (pos, r) in readings.iter().enumerate() {
                 let new = match r.seq {
                     None => true,

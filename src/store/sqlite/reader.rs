@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -73,55 +73,67 @@ impl SqliteReader {
     /// The device's rows in the in-memory generations, within the query's time range; the
     /// generations seen; and whether any of them knows the device.
     ///
-    /// The journal lock is held only to pick entries and copy their bytes (the writer waits
-    /// for it to file a commit); decoding happens after it is released. Without a metric
-    /// filter only the `limit` first entries in the query's order can matter, so only those
-    /// are copied.
+    /// The journal lock (which the writer needs to file each commit) is held only to clone
+    /// the sealed generations' `Arc`s and to copy the active generation's matching bytes;
+    /// sealed generations never change, so they are read and everything is decoded after
+    /// the lock is released. Without a metric filter only the `limit` first entries in the
+    /// query's order can matter, so only those are copied or decoded.
     fn journal_rows(
         &self,
         q: &ReadingsQuery,
     ) -> Result<(Vec<StoredRow>, HashSet<u64>, bool), StoreError> {
-        let mut picked: Vec<(i64, u64, usize, usize)> = Vec::new(); // ts, rid, start, end
-        let mut bytes = Vec::new();
         let mut gens = HashSet::new();
         let mut known = false;
-        {
+        let mut copied: Vec<(u64, usize, usize)> = Vec::new(); // rid, start, end in `bytes`
+        let mut bytes = Vec::new();
+        let sealed: Vec<Arc<Gen>> = {
             let st = self.shared.read().expect("journal lock");
-            let mut candidates: Vec<(i64, u64, &Gen, &Entry)> = Vec::new();
-            for gen in st.sealed.iter().map(|g| &**g).chain([&st.active]) {
-                gens.insert(gen.id);
-                let Some(de) = gen.devices.get(&q.device_id) else {
-                    continue;
-                };
+            gens.insert(st.active.id);
+            if let Some(picked) = pick(&st.active, q) {
                 known = true;
-                candidates.extend(
-                    de.entries
-                        .iter()
-                        .filter(|e| e.ts_ms >= q.from_ms && e.ts_ms < q.to_ms)
-                        .map(|e| (e.ts_ms, gen.rid(e.idx), gen, e)),
-                );
+                for e in picked {
+                    let b = st.active.bytes(e)?;
+                    copied.push((st.active.rid(e.idx), bytes.len(), bytes.len() + b.len()));
+                    bytes.extend_from_slice(b);
+                }
             }
-            if q.metric.is_none() && candidates.len() > q.limit {
-                let key = |c: &(i64, u64, &Gen, &Entry)| (c.0, c.1);
-                match q.order {
-                    Order::Asc => candidates.select_nth_unstable_by_key(q.limit, key),
-                    Order::Desc => candidates
-                        .select_nth_unstable_by_key(q.limit, |c| std::cmp::Reverse(key(c))),
-                };
-                candidates.truncate(q.limit);
-            }
-            for (ts, rid, gen, e) in candidates {
-                let b = gen.bytes(e)?;
-                picked.push((ts, rid, bytes.len(), bytes.len() + b.len()));
-                bytes.extend_from_slice(b);
+            st.sealed.clone()
+        };
+        let mut rows = copied
+            .into_iter()
+            .map(|(rid, start, end)| decode_bytes(&bytes[start..end], rid))
+            .collect::<Result<Vec<_>, _>>()?;
+        for gen in &sealed {
+            gens.insert(gen.id);
+            if let Some(picked) = pick(gen, q) {
+                known = true;
+                for e in picked {
+                    rows.push(gen.row(e)?);
+                }
             }
         }
-        let rows = picked
-            .into_iter()
-            .map(|(_, rid, start, end)| decode_bytes(&bytes[start..end], rid))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok((rows, gens, known))
     }
+}
+
+/// The device's entries of `gen` that the query can use (`None` if the device is not in it):
+/// those in its time range, and without a metric filter only the `limit` first in its order.
+fn pick<'g>(gen: &'g Gen, q: &ReadingsQuery) -> Option<Vec<&'g Entry>> {
+    let de = gen.devices.get(&q.device_id)?;
+    let mut c: Vec<&Entry> = de
+        .entries
+        .iter()
+        .filter(|e| e.ts_ms >= q.from_ms && e.ts_ms < q.to_ms)
+        .collect();
+    if q.metric.is_none() && c.len() > q.limit {
+        let key = |e: &&Entry| (e.ts_ms, e.idx);
+        match q.order {
+            Order::Asc => c.select_nth_unstable_by_key(q.limit, key),
+            Order::Desc => c.select_nth_unstable_by_key(q.limit, |e| std::cmp::Reverse(key(e))),
+        };
+        c.truncate(q.limit);
+    }
+    Some(c)
 }
 
 impl StoreRead for SqliteReader {

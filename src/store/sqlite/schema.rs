@@ -1,10 +1,10 @@
 //! The SQLite file's schema, its versions, and the upgrade of older files in place at start.
 //!
 //! Version 2 (this build), in `PRAGMA user_version`:
-//! - `devices(id, name, max_seq, retired_seq, last_seen, last_ts, latest)`: interned device
-//!   ids, plus what start-up needs without reading any reading: the highest compacted `seq`
-//!   (as [`seq_key`]), the highest `seq` dropped by retention, and the device state (true
-//!   `last_seen`, newest `ts`, latest value of every metric, encoded by [`encode_latest`]).
+//! - `devices(id, name, max_seq, last_seen, last_ts, latest)`: interned device ids, plus what
+//!   start-up needs without reading any reading: the highest compacted `seq` (as
+//!   [`seq_key`]) and the device state (true `last_seen`, newest `ts`, latest value of every
+//!   metric, encoded by [`encode_latest`]).
 //! - `chunks(id, device, gen, t_min, t_max, seq_min, seq_max, n, data)`: compacted readings,
 //!   one device per chunk, time-ordered, column-encoded and compressed (`chunk.rs`). The time
 //!   and seq ranges let queries and duplicate lookups skip chunks; `gen` is the journal
@@ -54,9 +54,8 @@ CREATE INDEX IF NOT EXISTS chunks_time ON chunks (t_max);
 ";
 
 /// Columns version 2 adds to version 1's `devices`.
-const DEVICE_COLUMNS: [&str; 5] = [
+const DEVICE_COLUMNS: [&str; 4] = [
     "max_seq INTEGER",
-    "retired_seq INTEGER",
     "last_seen INTEGER",
     "last_ts INTEGER",
     "latest BLOB",
