@@ -215,6 +215,8 @@ impl Worker {
         let mut names: Vec<&String> = gen.devices.keys().collect();
         names.sort_unstable();
         let mut chunks = 0usize;
+        // Per device, the highest seq this generation moves into chunks.
+        let mut maxima: Vec<(&String, u64)> = Vec::new();
         for name in names {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(Abandoned::Stopping);
@@ -230,6 +232,9 @@ impl Worker {
             for r in &rows {
                 state.absorb(r, de.last_seen_ms);
             }
+            if let Some(m) = rows.iter().filter_map(|r| r.seq).max() {
+                maxima.push((name, m));
+            }
             chunks += insert_chunks(&tx, id, gen.id, &rows)?;
             state.write(&tx, id)?;
         }
@@ -242,6 +247,14 @@ impl Worker {
         step(&self.stop, self.settings.compaction_pause)?;
         {
             let mut st = self.shared.write().expect("journal lock");
+            for (name, m) in &maxima {
+                match st.compacted_max.get_mut(*name) {
+                    Some(c) => *c = (*c).max(*m),
+                    None => {
+                        st.compacted_max.insert((*name).clone(), *m);
+                    }
+                }
+            }
             st.sealed.retain(|g| g.id != gen.id);
             self.metrics.store_journal_readings.set(st.held() as i64);
         }

@@ -61,6 +61,11 @@ pub struct JournalState {
     /// Sealed generations waiting for (or in) compaction, oldest first. A generation leaves
     /// this list only after its chunks are committed.
     pub sealed: Vec<Arc<Gen>>,
+    /// Device id → highest seq among its readings that are in chunks and no longer in memory
+    /// (raised by compaction as it drops a generation). A seq above it cannot be in a chunk
+    /// that memory does not also hold, so its duplicate check needs no SQLite lookup: the
+    /// common case of a fleet whose connections commit a device's readings out of order.
+    pub compacted_max: foldhash::HashMap<String, u64>,
 }
 
 impl JournalState {
@@ -77,6 +82,11 @@ impl JournalState {
     /// Whether any in-memory generation holds `(device, seq)`.
     pub fn contains(&self, device: &str, seq: u64) -> bool {
         self.active.contains(device, seq) || self.sealed.iter().any(|g| g.contains(device, seq))
+    }
+
+    /// Whether `(device, seq)` could be in a chunk that no in-memory generation also holds.
+    pub fn maybe_only_in_chunks(&self, device: &str, seq: u64) -> bool {
+        self.compacted_max.get(device).is_some_and(|&m| seq <= m)
     }
 }
 
@@ -316,6 +326,10 @@ impl SqliteStore {
                 );
             }
         }
+        let compacted_max: foldhash::HashMap<String, u64> = rows
+            .iter()
+            .filter_map(|(n, r)| r.max_seq.map(|s| (n.clone(), s)))
+            .collect();
         let mut replayed = 0u64;
         for gen in &sealed {
             for (name, de) in &gen.devices {
@@ -345,6 +359,7 @@ impl SqliteStore {
         let shared: Shared = Arc::new(RwLock::new(JournalState {
             active: Gen::new(last_gen + 1),
             sealed: sealed.clone(),
+            compacted_max,
         }));
         metrics.store_journal_readings.set(replayed as i64);
         metrics
@@ -505,7 +520,7 @@ impl Store for SqliteStore {
                         } else {
                             !(taken.contains(&(dev, s))
                                 || st.contains(dev, s)
-                                || self.in_chunks(dev, s)?)
+                                || (st.maybe_only_in_chunks(dev, s) && self.in_chunks(dev, s)?))
                         };
                         if new {
                             taken.insert((dev, s));

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_device_time ON chunks (device, t_max);
 CREATE INDEX IF NOT EXISTS chunks_time ON chunks (t_max);
+CREATE INDEX IF NOT EXISTS chunks_device_seq ON chunks (device, seq_max);
 ";
 
 /// Columns version 2 adds to version 1's `devices`.
@@ -71,6 +72,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         });
     }
     if version == VERSION {
+        // Every statement of V2 is idempotent: a file made by an earlier build of this
+        // version gets any index added since.
+        conn.execute_batch(V2)?;
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
