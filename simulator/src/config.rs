@@ -64,6 +64,20 @@ pub enum Mode {
     Ramp,
 }
 
+/// Which devices an HTTP request carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceMix {
+    /// Each sender owns every `--connections`-th device and cycles through them, like a
+    /// gateway forwarding its own devices: a request carries at most `--devices / --connections`
+    /// devices.
+    Gateway,
+    /// Each reading of a request is from a device drawn at random (seeded) from the whole
+    /// fleet, so a request of 100 readings mixes about 100 devices. Each device still numbers
+    /// its readings 1, 2, 3, … whichever sender draws it.
+    Random,
+}
+
 /// Options of a run.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -103,9 +117,14 @@ pub struct RunArgs {
     /// HTTP: longest a due reading waits for its batch to fill before the batch is sent anyway.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub linger: Duration,
-    /// HTTP: concurrent requests (each a sender owning a share of the devices).
+    /// HTTP: concurrent requests (each a sender owning a share of the devices, or drawing
+    /// from the whole fleet with --device-mix random).
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
+    /// HTTP: gateway (each sender owns every --connections-th device and cycles through them)
+    /// or random (each reading from a random device of the whole fleet, drawn with --seed).
+    #[arg(long, value_enum, default_value_t = DeviceMix::Gateway)]
+    pub device_mix: DeviceMix,
     /// WebSocket / MQTT: readings per frame or message (1 = a single reading object).
     #[arg(long, default_value_t = 1)]
     pub frame_readings: usize,
@@ -202,6 +221,8 @@ pub struct RunConfig {
     pub linger: Duration,
     /// HTTP senders.
     pub connections: usize,
+    /// Which devices an HTTP request carries.
+    pub device_mix: DeviceMix,
     /// Readings per WS frame / MQTT message.
     pub frame_readings: usize,
     /// WS frames / MQTT publishes in flight.
@@ -326,6 +347,9 @@ impl RunArgs {
         {
             bail!("--batch, --frame-readings, --window and --connections must be at least 1");
         }
+        if self.device_mix == DeviceMix::Random && self.transport != Transport::Http {
+            bail!("--device-mix random is for --transport http (ws and mqtt bind a connection or topic to each device)");
+        }
         if self.transport == Transport::Mqtt && self.window > u16::MAX as usize {
             bail!("--window must be at most 65535 with mqtt");
         }
@@ -378,6 +402,7 @@ impl RunArgs {
             batch: self.batch,
             linger: self.linger,
             connections: self.connections,
+            device_mix: self.device_mix,
             frame_readings: self.frame_readings,
             window: self.window,
             qos: self.qos,
@@ -464,6 +489,7 @@ mod tests {
         assert!(parse(&["--target", "https://x"]).is_err());
         assert!(parse(&["--transport", "mqtt", "--broker", "mqtts://x:8883"]).is_err());
         assert!(parse(&["--qos", "2"]).is_err());
+        assert!(parse(&["--transport", "ws", "--device-mix", "random"]).is_err());
     }
 
     #[test]
@@ -473,6 +499,9 @@ mod tests {
         let c = parse(&["--seed", "7", "--device-prefix", "lab-a"]).unwrap();
         assert_eq!((c.seed, c.device_prefix.as_str()), (7, "lab-a"));
         assert!(!c.idle && parse(&["--transport", "ws", "--idle"]).unwrap().idle);
+        assert_eq!(c.device_mix, DeviceMix::Gateway);
+        let c = parse(&["--device-mix", "random", "--devices", "100000"]).unwrap();
+        assert_eq!(c.device_mix, DeviceMix::Random);
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub fn device_id(prefix: &str, n: u32) -> String {
 }
 
 /// SplitMix64: turns (seed, device number) into well-spread, independent seeds.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

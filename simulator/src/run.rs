@@ -37,6 +37,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         .cfg
         .progress
         .then(|| tokio::spawn(progress(ctx.clone(), progress_done.clone())));
+    let timeline = tokio::spawn(timeline(ctx.clone(), progress_done.clone()));
 
     let end = ctx.start + ctx.cfg.duration;
     let ramp = match ctx.cfg.mode {
@@ -73,6 +74,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
     if let Some(p) = progress {
         let _ = p.await;
     }
+    let acked_per_s = timeline.await.unwrap_or_default();
 
     let s = &ctx.stats;
     let mut summary = Summary {
@@ -112,6 +114,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         connect_errors: s.connect_errors.get(),
         connections_peak: s.connections_peak.get(),
         latency_ms: s.latency(),
+        acked_per_s,
         warmup_s: ctx.cfg.warmup.as_secs_f64(),
         ramp,
         verify: None,
@@ -202,6 +205,27 @@ async fn ramp(ctx: &Ctx, end: Instant, interrupt: &CancellationToken) -> RampRep
         knee_rate: knee,
         stopped_because,
         p99_bound_ms: bound_ms,
+    }
+}
+
+/// Readings acknowledged in each second since the start, until `done`; the last element holds
+/// the part of a second before `done`, so the elements add up to every ack.
+async fn timeline(ctx: Arc<Ctx>, done: CancellationToken) -> Vec<u64> {
+    let second = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(ctx.start + second, second);
+    let mut out = Vec::new();
+    let mut last = 0;
+    loop {
+        let end = tokio::select! {
+            _ = tick.tick() => false,
+            _ = done.cancelled() => true,
+        };
+        let acked = ctx.stats.acked.get();
+        out.push(acked - last);
+        last = acked;
+        if end {
+            return out;
+        }
     }
 }
 

@@ -458,6 +458,7 @@ mod tests {
         assert_eq!(by.get("invalid_ts"), Some(&1));
         assert_eq!(by.get("unexpected"), Some(&2));
         let log = s.acklog.as_ref().unwrap().snapshot();
+        let log: Vec<Vec<u64>> = log.iter().map(|r| r.to_vec()).collect();
         assert_eq!(log, vec![vec![1], vec![7]]);
         assert_eq!(s.latency().count, 6);
         assert!((s.latency().p50 - 3.0).abs() < 0.01);

@@ -112,6 +112,10 @@ pub struct Summary {
     pub connections_peak: u64,
     /// Send → ack latency per reading, ms (answers during `--warmup` left out).
     pub latency_ms: Percentiles,
+    /// Valid readings acknowledged in each second of the run, from its start (generation, then
+    /// drain): element `i` counts acks in `[i s, i+1 s)`; the last one the final part-second.
+    /// They add up to `acked`.
+    pub acked_per_s: Vec<u64>,
     /// Seconds at the start left out of `latency_ms`.
     pub warmup_s: f64,
     /// The ramp, in ramp mode.
@@ -165,6 +169,7 @@ impl Summary {
         "connect_errors",
         "connections_peak",
         "latency_ms",
+        "acked_per_s",
         "warmup_s",
         "ramp",
         "verify",

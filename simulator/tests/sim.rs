@@ -438,6 +438,59 @@ async fn null_sink_answers_http_and_ws() {
     sink.abort();
 }
 
+/// `--device-mix random`: requests mix devices from the whole fleet, every device's stored
+/// `seq`s are 1, 2, …, n with none missing, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_device_mix_keeps_every_device_seq_contiguous() {
+    let app = spawn_sluice(|_| {}).await;
+    let url = app.url();
+    let s = sim(&[
+        "--target",
+        &url,
+        "--transport",
+        "http",
+        "--mode",
+        "max",
+        "--device-mix",
+        "random",
+        "--devices",
+        "300",
+        "--connections",
+        "8",
+        "--batch",
+        "50",
+        "--duration",
+        "2s",
+        "--seed",
+        "11",
+        "--device-prefix",
+        "mixed",
+        "--verify",
+    ])
+    .await;
+    assert_no_loss(&s);
+    assert!(s.acked >= 3000, "acked only {}", s.acked);
+    let v = s.verify.as_ref().unwrap();
+    assert!(
+        v.devices >= 290,
+        "readings from {} of 300 devices",
+        v.devices
+    );
+    assert_eq!(s.acked_per_s.iter().sum::<u64>(), s.acked);
+    let client = reqwest::Client::new();
+    let mut total = 0;
+    for n in 0..300 {
+        let mut seqs = sluice_sim::verify::stored_seqs(&client, &url, &format!("mixed-{n}"))
+            .await
+            .unwrap();
+        seqs.sort_unstable();
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "mixed-{n}: seqs 1..n, each once");
+        total += seqs.len() as u64;
+    }
+    assert_eq!(total, s.acked);
+}
+
 /// Paging by `ts` past one page (10 000 rows), with many readings sharing a millisecond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_back_pages_past_ten_thousand_rows() {
