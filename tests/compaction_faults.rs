@@ -55,25 +55,6 @@ fn env(pause_ms: u64) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Every stored seq of `device`, with repeats (so "exactly once" can be checked).
-async fn stored_list(client: &reqwest::Client, base: &str, device: &str) -> Vec<u64> {
-    let res = client
-        .get(format!("{base}/v1/devices/{device}/readings?limit=10000"))
-        .send()
-        .await
-        .expect("query");
-    if res.status() == 404 {
-        return Vec::new();
-    }
-    let body: Value = res.json().await.expect("json");
-    body["readings"]
-        .as_array()
-        .expect("readings")
-        .iter()
-        .map(|r| r["seq"].as_u64().expect("seq"))
-        .collect()
-}
-
 async fn post(client: &reqwest::Client, base: &str, body: &[Value]) -> Option<Value> {
     let res = client
         .post(format!("{base}/v1/readings"))
@@ -174,7 +155,7 @@ async fn check_exactly_once(
 ) -> usize {
     let mut total = 0;
     for (device, seqs) in acked {
-        let stored = stored_list(client, base, device).await;
+        let stored = stored_seq_list(client, base, device).await;
         let set: BTreeSet<u64> = stored.iter().copied().collect();
         assert_eq!(
             set.len(),

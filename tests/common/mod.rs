@@ -173,13 +173,22 @@ where
 
 /// Every stored seq of `device`, paging through the query API by `ts`.
 pub async fn stored_seqs(client: &reqwest::Client, base: &str, device: &str) -> BTreeSet<u64> {
+    stored_seq_list(client, base, device)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Every stored seq of `device` in the store's order, repeats kept (so "stored exactly once"
+/// can be checked). Empty for an unknown device.
+pub async fn stored_seq_list(client: &reqwest::Client, base: &str, device: &str) -> Vec<u64> {
     let res = client
         .get(format!("{base}/v1/devices/{device}/readings?limit=10000"))
         .send()
         .await
         .expect("query sent");
     if res.status() == 404 {
-        return BTreeSet::new();
+        return Vec::new();
     }
     assert!(res.status().is_success(), "query failed: {}", res.status());
     let body: Value = res.json().await.unwrap();
