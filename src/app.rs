@@ -99,7 +99,7 @@ impl Application {
         let devices = Arc::new(DeviceState::new());
         let live = Live::new();
         let services = Arc::new(Services::new(vec![devices.clone(), live.clone()]));
-        let reader = Arc::new(ReaderSlot::default());
+        let reader = Arc::new(ReaderSlot::new(settings.storage.backend));
         let pipeline = Pipeline::start(
             &settings,
             metrics.clone(),

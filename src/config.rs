@@ -27,7 +27,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Sizes of the admission queue and the batcher.
     pub pipeline: PipelineSettings,
-    /// The embedded SQLite store.
+    /// The store: embedded SQLite (default) or a shared PostgreSQL database.
     pub storage: StorageSettings,
     /// Device WebSocket ingest and live streams.
     pub ws: WsSettings,
@@ -139,10 +139,35 @@ impl Synchronous {
     }
 }
 
+/// `storage.backend`: where group commits go (SPEC §8, §13).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded store in `storage.data_dir`: one process, no other service.
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database shared by every replica (`[storage.postgres]`).
+    Postgres,
+}
+
+impl Backend {
+    /// The name used in config and as the `store` label of `sluice_store_*` metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
 /// `[storage]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
+    /// `"sqlite"` (default) or `"postgres"`.
+    pub backend: Backend,
+    /// `[storage.postgres]`: used when `backend = "postgres"`.
+    pub postgres: PostgresSettings,
     /// Directory holding `sluice.db` (and its WAL). Created if missing.
     pub data_dir: PathBuf,
     /// Durability of each commit. See [`Synchronous`].
@@ -186,9 +211,123 @@ impl StorageSettings {
     }
 }
 
+/// `[storage.postgres]`: the shared database of `storage.backend = "postgres"` (SPEC §13).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database` or the `host=… dbname=…` key-value form
+    /// (libpq's syntax, as tokio-postgres parses it). The password is redacted in logs and
+    /// `--check-config`. Plain connections only (no TLS).
+    pub url: DbUrl,
+    /// Connections in the pool: one for the group commit at a time, the rest for queries and
+    /// the retention sweep.
+    pub pool_size: usize,
+    /// Longest wait to connect (and to get a pooled connection) before the attempt fails and
+    /// the store is marked down.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: DbUrl(String::new()),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A database connection string whose password never appears in logs, `Debug` output or
+/// `--check-config` (shown as `<redacted>`, the rest kept so that a wrong host is visible).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DbUrl(String);
+
+impl DbUrl {
+    /// Wraps a connection string.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The string itself, with its password, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether none was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.trim().is_empty()
+    }
+
+    /// The string with the password replaced by `<redacted>`: in the URL form the part
+    /// between `user:` and `@`, in the key-value form the value of `password=`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        if let Some(rest) = s
+            .strip_prefix("postgres://")
+            .or_else(|| s.strip_prefix("postgresql://"))
+        {
+            let scheme = &s[..s.len() - rest.len()];
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            if let Some(at) = rest[..authority_end].rfind('@') {
+                if let Some(colon) = rest[..at].find(':') {
+                    return format!("{scheme}{}:<redacted>{}", &rest[..colon], &rest[at..]);
+                }
+            }
+            // A password can also come as a query parameter.
+            return redact_pairs(s, '&');
+        }
+        redact_pairs(s, ' ')
+    }
+}
+
+/// Replaces the value of every `password=` pair separated by `sep` (or starting the string
+/// after `?`) with `<redacted>`.
+fn redact_pairs(s: &str, sep: char) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("password=") {
+        let at_boundary = i == 0 || matches!(rest.as_bytes()[i - 1], b' ' | b'&' | b'?' | b'\t');
+        out.push_str(&rest[..i + "password=".len()]);
+        rest = &rest[i + "password=".len()..];
+        if at_boundary {
+            let end = if sep == ' ' && rest.starts_with('\'') {
+                rest[1..].find('\'').map_or(rest.len(), |j| j + 2)
+            } else {
+                rest.find([sep, ' ']).unwrap_or(rest.len())
+            };
+            out.push_str("<redacted>");
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for DbUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
+            backend: Backend::Sqlite,
+            postgres: PostgresSettings::default(),
             data_dir: PathBuf::from("./data"),
             synchronous: Synchronous::Full,
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -475,6 +614,31 @@ impl Settings {
         }
         if self.pipeline.retry_after.is_zero() {
             return invalid("pipeline.retry_after", "must be more than 0s".into());
+        }
+        if self.storage.backend == Backend::Postgres {
+            let pg = &self.storage.postgres;
+            if pg.url.is_empty() {
+                return invalid(
+                    "storage.postgres.url",
+                    "is required with storage.backend = \"postgres\" (e.g. postgres://sluice@db:5432/sluice, or SLUICE__STORAGE__POSTGRES__URL)".into(),
+                );
+            }
+            if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
+                // tokio-postgres's message never quotes the string, so no password leaks.
+                return invalid(
+                    "storage.postgres.url",
+                    format!("`{}` is not a PostgreSQL connection string: {e}", pg.url),
+                );
+            }
+            if pg.pool_size < 2 {
+                return invalid(
+                    "storage.postgres.pool_size",
+                    format!("is {}; must be at least 2 (one for commits, one for queries)", pg.pool_size),
+                );
+            }
+            if pg.connect_timeout.is_zero() {
+                return invalid("storage.postgres.connect_timeout", "must be more than 0s".into());
+            }
         }
         if self.storage.retention.is_zero() {
             return invalid("storage.retention", "must be more than 0s".into());

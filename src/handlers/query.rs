@@ -1,6 +1,8 @@
 //! Query endpoints: read back what the pipeline committed.
 //!
-//! - `GET /v1/devices` and `GET /v1/devices/{id}` answer from the device-state service (memory).
+//! - `GET /v1/devices` and `GET /v1/devices/{id}` answer from the device-state service
+//!   (memory), or, when the store keeps a device table shared by replicas (PostgreSQL), from
+//!   that table on a blocking thread, so every replica answers the same (SPEC §13).
 //! - `GET /v1/devices/{id}/readings` queries the store on a blocking thread.
 
 use axum::extract::{Path, Query, State};
@@ -10,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::Problem;
 use super::AppState;
+use crate::services::device_state::{DeviceState, DeviceView};
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::store::{Order, ReadingsQuery, StoredRow};
 
@@ -18,9 +21,32 @@ pub const DEFAULT_LIMIT: usize = 1000;
 /// Largest `limit`.
 pub const MAX_LIMIT: usize = 10_000;
 
+/// The store's shared device table, or `None` to answer from memory (see
+/// [`crate::store::StoreRead::devices`]). A store error is a 503 problem.
+async fn shared_devices(
+    state: &AppState,
+    device: Option<String>,
+) -> Option<Result<Vec<DeviceView>, Problem>> {
+    let reader = state.reader.clone();
+    let retry = state.settings.pipeline.retry_after;
+    let unavailable =
+        |detail: String| Problem::unavailable("unavailable", "Store unavailable", detail, retry);
+    let found = tokio::task::spawn_blocking(move || reader.devices(device.as_deref())).await;
+    match found {
+        Err(e) => Some(Err(unavailable(e.to_string()))),
+        Ok(None) => None,
+        Ok(Some(Err(e))) => Some(Err(unavailable(e.to_string()))),
+        Ok(Some(Ok(list))) => Some(Ok(list.iter().map(DeviceState::view_of).collect())),
+    }
+}
+
 /// `GET /v1/devices`
 pub async fn list_devices(State(state): State<AppState>) -> Response {
-    let devices = state.devices.list();
+    let devices = match shared_devices(&state, None).await {
+        None => state.devices.list(),
+        Some(Ok(list)) => list,
+        Some(Err(p)) => return p.into_response(),
+    };
     Json(serde_json::json!({ "devices": devices })).into_response()
 }
 
@@ -34,7 +60,12 @@ pub async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
-    match state.devices.get(id.as_str()) {
+    let found = match shared_devices(&state, Some(id.as_str().to_owned())).await {
+        None => state.devices.get(id.as_str()),
+        Some(Ok(list)) => list.into_iter().next(),
+        Some(Err(p)) => return p.into_response(),
+    };
+    match found {
         Some(d) => Json(d).into_response(),
         None => Problem::not_found(format!("device `{id}` has no stored readings")).into_response(),
     }

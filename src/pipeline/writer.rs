@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::batcher::Batch;
 use super::{Ack, Admission, Health, Unavailable};
-use crate::config::StorageSettings;
+use crate::config::{Backend, StorageSettings};
 use crate::reading::{now_ms, Reading};
 use crate::services::Services;
 use crate::store::{ReaderSlot, Store, StoreError};
@@ -122,8 +122,8 @@ fn store_failed(ctx: &Ctx, what: &str, e: &StoreError) {
 }
 
 /// The `store` label before a store is open: the configured backend's name.
-fn backend_label(_ctx: &Ctx) -> &'static str {
-    crate::store::sqlite::BACKEND
+fn backend_label(ctx: &Ctx) -> &'static str {
+    ctx.settings.backend.as_str()
 }
 
 async fn open(ctx: &Arc<Ctx>) -> Option<Boxed> {
@@ -139,11 +139,18 @@ async fn open(ctx: &Arc<Ctx>) -> Option<Boxed> {
     match opened {
         Ok(Ok(store)) => {
             ctx.reader.set(store.reader());
-            tracing::info!(
-                backend = store.backend(),
-                path = %ctx.settings.db_path().display(),
-                "store open"
-            );
+            match ctx.settings.backend {
+                Backend::Sqlite => tracing::info!(
+                    backend = store.backend(),
+                    path = %ctx.settings.db_path().display(),
+                    "store open"
+                ),
+                Backend::Postgres => tracing::info!(
+                    backend = store.backend(),
+                    url = %ctx.settings.postgres.url,
+                    "store open"
+                ),
+            }
             ctx.metrics.store_up.set(1);
             ctx.health.set_store_up();
             Some(store)

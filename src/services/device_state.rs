@@ -61,6 +61,18 @@ impl DeviceState {
         }
     }
 
+    /// The API's view of a device as the store's device table has it.
+    pub fn view_of(d: &DeviceLatest) -> DeviceView {
+        Self::view(
+            &d.device_id,
+            &Entry {
+                last_seen_ms: d.last_seen_ms,
+                last_ts_ms: d.last_ts_ms,
+                metrics: d.metrics.clone(),
+            },
+        )
+    }
+
     /// One device, if known.
     pub fn get(&self, id: &str) -> Option<DeviceView> {
         let devices = self.devices.read().expect("device state lock");

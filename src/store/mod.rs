@@ -5,19 +5,23 @@
 //! [`Store`], [`StoreRead`] and [`open`], whose types carry no backend's details. Backends:
 //! - [`sqlite`]: the embedded default for a single machine. A journal for the commit,
 //!   compaction into compressed per-device chunks in the background (see ARCHITECTURE.md).
+//! - [`postgres`]: one PostgreSQL database shared by stateless replicas (SPEC §13). Each group
+//!   commit is one transaction; dedupe is the database's unique key.
 //!
 //! Every backend must pass the conformance suite in `tests/store_conformance.rs`.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::config::StorageSettings;
+use crate::config::{Backend, StorageSettings};
 use crate::reading::{format_ts, MetricValue, PairsAsMap, Reading};
 use crate::telemetry::metrics::Metrics;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A store operation that failed. The pipeline answers 503 and never acks on any of these.
@@ -34,6 +38,11 @@ pub enum StoreError {
     /// SQLite refused a statement.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL could not be reached, or refused a statement or the commit. A commit whose
+    /// connection dropped during `COMMIT` lands here too: its outcome is unknown, so it is not
+    /// acked, and a retry finds its readings as duplicates if it did commit.
+    #[error("postgres: {0}")]
+    Postgres(String),
     /// Writing or syncing the journal failed (the message names the file).
     #[error("journal: {0}")]
     Journal(String),
@@ -98,6 +107,13 @@ pub trait Store: Send + 'static {
 pub trait StoreRead: Send + Sync {
     /// Runs a readings query. `Ok(None)` when the device has never been stored.
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError>;
+
+    /// The device table, for a backend whose device state every replica shares: every
+    /// device sorted by id, or only `device` if given (empty when it is unknown). `None` when
+    /// the backend keeps no shared table, and the device-state service (memory) answers.
+    fn devices(&self, _device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+        None
+    }
 }
 
 /// A device's state as the store knows it, for the device-state service at start-up.
@@ -140,13 +156,25 @@ pub struct Opened {
     pub devices: Vec<DeviceLatest>,
 }
 
-/// Opens the backend named by `settings.backend` (today only SQLite).
+/// Opens the backend named by `settings.backend`: a SQLite store in `storage.data_dir`, or a
+/// connection pool to `storage.postgres.url` (migrating its schema first).
 pub fn open(settings: &StorageSettings, metrics: &Arc<Metrics>) -> Result<Opened, StoreError> {
-    let (store, devices) = SqliteStore::open(settings, metrics.clone())?;
-    Ok(Opened {
-        store: Box::new(store),
-        devices,
-    })
+    match settings.backend {
+        Backend::Sqlite => {
+            let (store, devices) = SqliteStore::open(settings, metrics.clone())?;
+            Ok(Opened {
+                store: Box::new(store),
+                devices,
+            })
+        }
+        Backend::Postgres => {
+            let (store, devices) = PgStore::open(settings, metrics.clone())?;
+            Ok(Opened {
+                store: Box::new(store),
+                devices,
+            })
+        }
+    }
 }
 
 /// Where queries find the store's reader once the writer has opened it. Before that (or while
@@ -155,9 +183,33 @@ pub fn open(settings: &StorageSettings, metrics: &Arc<Metrics>) -> Result<Opened
 pub struct ReaderSlot {
     /// Set by the store writer after each successful open.
     inner: RwLock<Option<Arc<dyn StoreRead>>>,
+    /// The configured backend keeps a device table shared by replicas (PostgreSQL), so device
+    /// queries must come from it, and fail with the store rather than fall back to memory.
+    shared_devices: bool,
 }
 
 impl ReaderSlot {
+    /// An empty slot for the configured backend.
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            inner: RwLock::new(None),
+            shared_devices: backend == Backend::Postgres,
+        }
+    }
+
+    /// Devices from the store's shared device table (see [`StoreRead::devices`]); `None` when
+    /// the backend has none and the device-state service answers from memory.
+    pub fn devices(&self, device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+        if !self.shared_devices {
+            return None;
+        }
+        let reader = self.inner.read().expect("reader slot lock").clone();
+        match reader {
+            Some(r) => r.devices(device),
+            None => Some(Err(StoreError::NotOpen)),
+        }
+    }
+
     /// Installs the reader of a freshly opened store.
     pub fn set(&self, reader: Arc<dyn StoreRead>) {
         *self.inner.write().expect("reader slot lock") = Some(reader);
@@ -255,6 +307,69 @@ impl Serialize for StoredRow {
         m.serialize_entry("metrics", &PairsAsMap(&self.metrics))?;
         m.serialize_entry("tags", &PairsAsMap(&self.tags))?;
         m.end()
+    }
+}
+
+/// Parses a metrics object stored as JSON text, keeping the order and the exact value: an
+/// integer that fits `i64` is [`MetricValue::Int`], a larger one up to `u64::MAX`
+/// [`MetricValue::UInt`], anything else with a fraction or exponent [`MetricValue::Float`].
+pub fn metrics_from_json(json: &str) -> Result<Vec<(String, MetricValue)>, String> {
+    let pairs: OrderedPairs<serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| e.to_string())?;
+    pairs
+        .0
+        .into_iter()
+        .map(|(k, v)| {
+            let value = metric_value_from_json(&k, v)?;
+            Ok((k, value))
+        })
+        .collect()
+}
+
+/// One stored metric value (see [`metrics_from_json`]); `name` is for the error only.
+pub fn metric_value_from_json(name: &str, v: serde_json::Value) -> Result<MetricValue, String> {
+    Ok(match v {
+        serde_json::Value::Bool(b) => MetricValue::Bool(b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => MetricValue::Int(i),
+            (None, Some(u), _) => MetricValue::UInt(u),
+            (_, _, Some(f)) => MetricValue::Float(f),
+            _ => return Err(format!("{name}: not a number")),
+        },
+        other => return Err(format!("{name}: unexpected {other}")),
+    })
+}
+
+/// Parses a tags object stored as JSON text, in order.
+pub fn tags_from_json(json: &str) -> Result<Vec<(String, String)>, String> {
+    serde_json::from_str::<OrderedPairs<String>>(json)
+        .map(|p| p.0)
+        .map_err(|e| e.to_string())
+}
+
+/// A JSON object read as its pairs in document order (serde_json's map would sort them).
+struct OrderedPairs<V>(Vec<(String, V)>);
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for OrderedPairs<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = OrderedPairs<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = map.next_entry::<String, V>()? {
+                    out.push(kv);
+                }
+                Ok(OrderedPairs(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 

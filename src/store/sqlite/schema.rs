@@ -139,11 +139,11 @@ fn upgrade_v1_readings(tx: &Transaction<'_>) -> Result<i64, StoreError> {
                 ts_ms: r.get(0)?,
                 // Version 1 stored a u64 seq as its i64 bit pattern.
                 seq: r.get::<_, Option<i64>>(2)?.map(|s| s as u64),
-                metrics: legacy_metrics(&metrics)
+                metrics: crate::store::metrics_from_json(&metrics)
                     .map_err(|e| StoreError::Corrupt(format!("device {name}: metrics: {e}")))?,
                 tags: match tags {
                     None => Vec::new(),
-                    Some(t) => legacy_tags(&t)
+                    Some(t) => crate::store::tags_from_json(&t)
                         .map_err(|e| StoreError::Corrupt(format!("device {name}: tags: {e}")))?,
                 },
             });
@@ -170,62 +170,6 @@ fn upgrade_v1_readings(tx: &Transaction<'_>) -> Result<i64, StoreError> {
         "upgraded the database from schema version 1: readings moved into chunks"
     );
     Ok(max_id >> 32)
-}
-
-/// Version 1's metrics JSON, keeping the order and the integer/float distinction.
-fn legacy_metrics(json: &str) -> Result<Vec<(String, MetricValue)>, String> {
-    let pairs: OrderedPairs<serde_json::Value> =
-        serde_json::from_str(json).map_err(|e| e.to_string())?;
-    pairs
-        .0
-        .into_iter()
-        .map(|(k, v)| {
-            let value = match v {
-                serde_json::Value::Bool(b) => MetricValue::Bool(b),
-                serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                    (Some(i), _, _) => MetricValue::Int(i),
-                    (None, Some(u), _) => MetricValue::UInt(u),
-                    (_, _, Some(f)) => MetricValue::Float(f),
-                    _ => return Err(format!("{k}: not a number")),
-                },
-                other => return Err(format!("{k}: unexpected {other}")),
-            };
-            Ok((k, value))
-        })
-        .collect()
-}
-
-/// Version 1's tags JSON, in order.
-fn legacy_tags(json: &str) -> Result<Vec<(String, String)>, String> {
-    serde_json::from_str::<OrderedPairs<String>>(json)
-        .map(|p| p.0)
-        .map_err(|e| e.to_string())
-}
-
-/// A JSON object read as its pairs in document order (serde_json's map would sort them).
-struct OrderedPairs<V>(Vec<(String, V)>);
-
-impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for OrderedPairs<V> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<V>(std::marker::PhantomData<V>);
-        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
-            type Value = OrderedPairs<V>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(kv) = map.next_entry::<String, V>()? {
-                    out.push(kv);
-                }
-                Ok(OrderedPairs(out))
-            }
-        }
-        d.deserialize_map(Visit(std::marker::PhantomData))
-    }
 }
 
 /// Writes `rows` (one device's, sorted by `(ts, rid)`) as chunks of at most [`CHUNK_ROWS`].

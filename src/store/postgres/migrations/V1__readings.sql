@@ -1,0 +1,36 @@
+-- Sluice schema version 1: the readings table (SPEC §1-3, §13).
+--
+-- One row per stored reading. A plain table, not partitioned by time: the unique key below
+-- must hold across all time and every replica, and a unique key on a partitioned table (or a
+-- TimescaleDB hypertable) must include the partition column, which would let the same
+-- (device_id, seq) with another ts in. Retention deletes old rows in bounded batches instead
+-- of dropping partitions (ARCHITECTURE.md, "PostgreSQL").
+CREATE TABLE readings (
+    -- The device id (SPEC §1: 1-128 bytes of [A-Za-z0-9._:-]).
+    device_id text        NOT NULL,
+    -- The device's sequence number, bit-cast from u64 (values above 2^63-1 read as negative
+    -- here and exactly in the API). NULL when the device sent none: NULLs never conflict.
+    seq       bigint,
+    -- The reading's own timestamp, millisecond precision.
+    ts        timestamptz NOT NULL,
+    -- Store-assigned id, increasing in commit order; orders equal timestamps, and names a
+    -- reading that has no seq.
+    rid       bigint      GENERATED ALWAYS AS IDENTITY (CACHE 1024),
+    -- Metric values as JSON text in the order the device sent them. `json`, not `jsonb`: it
+    -- keeps every number's exact text (u64 beyond 2^53, a float such as 1e19 stays a float)
+    -- and costs less to insert; cast to jsonb for operators and indexes.
+    metrics   json        NOT NULL,
+    -- Tags as JSON text, or NULL when there are none.
+    tags      json
+);
+
+-- Dedupe (SPEC §2): exact across replicas and all time. The commit's
+-- INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING relies on it.
+CREATE UNIQUE INDEX readings_device_seq ON readings (device_id, seq);
+
+-- A device's time range, in (ts, rid) order: the query API's only access path.
+CREATE INDEX readings_device_ts ON readings (device_id, ts, rid);
+
+-- Retention: readings arrive roughly in ts order, so a BRIN index finds old pages cheaply
+-- and costs almost nothing to maintain.
+CREATE INDEX readings_ts_brin ON readings USING brin (ts);

@@ -1,0 +1,724 @@
+//! The PostgreSQL backend (`storage.backend = "postgres"`, SPEC §13): batcher → services →
+//! **store** → ack, where the store is one database shared by every replica.
+//!
+//! - **Commit.** One transaction per group commit: the batch goes by binary `COPY` into a
+//!   per-connection temporary staging table, then `INSERT … SELECT … ON CONFLICT (device_id,
+//!   seq) DO NOTHING RETURNING device_id, seq` moves it into `readings` and says exactly which
+//!   readings were new. (A `COPY` straight into `readings` would abort on the first duplicate.)
+//!   The device table is upserted in the same transaction. The ack follows `COMMIT`.
+//! - **Order.** Rows are inserted and devices upserted sorted by key, so two replicas committing
+//!   overlapping batches take their row locks in the same order; a deadlock or serialization
+//!   failure that happens anyway is retried (up to [`MAX_ATTEMPTS`] times).
+//! - **Unknown outcome.** A connection lost during `COMMIT` is an error: not acked. If it did
+//!   commit, the client's retry finds its readings as duplicates.
+//! - **Schema.** Versioned migrations (`migrations/`, run by refinery at open) under a
+//!   session advisory lock, so replicas starting together migrate once.
+//! - **Retention** deletes expired readings in bounded batches, from a background task, one
+//!   replica at a time (a transaction-scoped advisory lock).
+//!
+//! The [`Store`] interface is synchronous and is called on blocking threads, while
+//! tokio-postgres is async: the backend owns a small runtime ([`Driver`], one worker thread)
+//! that drives its connections, and each call blocks on it.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, BytesMut};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::NoTls;
+
+use super::{
+    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceLatest, Order,
+    OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead, StoredRow,
+};
+use crate::config::StorageSettings;
+use crate::reading::{now_ms, MetricValue, PairsAsMap, Reading};
+use crate::telemetry::metrics::Metrics;
+
+/// The `store` label of this backend's metrics.
+pub const BACKEND: &str = "postgres";
+
+/// Attempts of one group commit that PostgreSQL aborted as a deadlock or serialization
+/// failure (both say "retry the transaction").
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// Session advisory lock held while migrating (an arbitrary constant: "sluice" in ASCII).
+const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
+/// Transaction advisory lock of the retention sweep, so one replica sweeps at a time.
+const RETENTION_LOCK: i64 = MIGRATION_LOCK + 1;
+/// Readings deleted per retention transaction: bounds its locks and WAL burst.
+const RETENTION_BATCH: i64 = 10_000;
+
+/// Milliseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+
+mod embedded {
+    refinery::embed_migrations!("src/store/postgres/migrations");
+}
+
+/// The newest schema version this build knows (the last file in `migrations/`).
+pub fn schema_version() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Created on every pooled connection: where a group commit lands before its dedupe. Emptied
+/// by each transaction's end.
+const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS sluice_staging (
+        idx       int4        NOT NULL,
+        device_id text        NOT NULL,
+        seq       int8,
+        ts        timestamptz NOT NULL,
+        metrics   json        NOT NULL,
+        tags      json
+    ) ON COMMIT DELETE ROWS";
+
+const COPY_STAGING: &str =
+    "COPY sluice_staging (idx, device_id, seq, ts, metrics, tags) FROM STDIN (FORMAT binary)";
+
+const STAGING_TYPES: [Type; 6] = [
+    Type::INT4,
+    Type::TEXT,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+    Type::JSON,
+    Type::JSON,
+];
+
+/// Moves the batch in; the first of equal keys (lowest `idx`) wins, as in every backend.
+const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics, tags)
+     SELECT device_id, seq, ts, metrics, tags FROM sluice_staging
+     ORDER BY device_id, seq, idx
+     ON CONFLICT (device_id, seq) DO NOTHING
+     RETURNING device_id, seq";
+
+const UPSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
+     SELECT d, $1, t, l::jsonb FROM unnest($2::text[], $3::int8[], $4::text[]) AS u(d, t, l)
+     ON CONFLICT (device_id) DO UPDATE SET
+         last_seen_ms = greatest(devices.last_seen_ms, excluded.last_seen_ms),
+         last_ts_ms = greatest(devices.last_ts_ms, excluded.last_ts_ms),
+         latest = sluice_merge_latest(devices.latest, excluded.latest)";
+
+/// Owns the runtime that drives this backend's connections. Dropping it never blocks (so the
+/// store may be dropped anywhere, also inside async code).
+struct Driver {
+    /// One worker thread: it only moves bytes between sockets and the blocked callers.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Driver {
+    fn new() -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Postgres(format!("cannot start its runtime: {e}")))?;
+        Ok(Self { rt: Some(rt) })
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives as long as the driver")
+    }
+
+    /// Runs `f` to completion on this runtime, blocking the calling (non-async) thread.
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.runtime().block_on(f)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The write side: the pool, and the retention schedule.
+pub struct PgStore {
+    /// Drives the pool's connections.
+    driver: Arc<Driver>,
+    /// Connections for commits, queries and retention (`storage.postgres.pool_size`).
+    pool: Pool,
+    /// Retention settings.
+    settings: StorageSettings,
+    /// Retention counter.
+    metrics: Arc<Metrics>,
+    /// Shared with queries.
+    reader: Arc<PgReader>,
+    /// When the next retention sweep is due.
+    next_retention: Instant,
+    /// A sweep is running (they never overlap within a replica).
+    sweeping: Arc<AtomicBool>,
+}
+
+/// The read side.
+pub struct PgReader {
+    /// Drives the pool's connections.
+    driver: Arc<Driver>,
+    /// The same pool as the writer's.
+    pool: Pool,
+}
+
+/// A tokio-postgres or pool error, with the server's SQLSTATE and message when it sent one.
+fn pg_err(e: impl StdError) -> StoreError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(text, ": {s}");
+        source = s.source();
+    }
+    StoreError::Postgres(text)
+}
+
+/// Whether PostgreSQL asked for this transaction to be retried.
+fn should_retry(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+impl PgStore {
+    /// Connects, migrates the schema to this build's version (under an advisory lock, so
+    /// concurrent starts migrate once), and reads back the device table.
+    ///
+    /// Errors: [`StoreError::Postgres`] when the server cannot be reached or refuses (the
+    /// writer retries every second), or when the database holds a schema version this build
+    /// does not know (a newer Sluice migrated it).
+    pub fn open(
+        settings: &StorageSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Vec<DeviceLatest>), StoreError> {
+        let pg = &settings.postgres;
+        let mut config = tokio_postgres::Config::from_str(pg.url.expose()).map_err(pg_err)?;
+        config.connect_timeout(pg.connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("sluice");
+        }
+        let driver = Arc::new(Driver::new()?);
+        driver.block_on(migrate(&config))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pg.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(pg.connect_timeout))
+            .create_timeout(Some(pg.connect_timeout))
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(STAGING_DDL)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
+            .build()
+            .map_err(pg_err)?;
+        let reader = Arc::new(PgReader {
+            driver: driver.clone(),
+            pool: pool.clone(),
+        });
+        let devices = reader.load_devices(None)?;
+        Ok((
+            Self {
+                driver,
+                pool,
+                settings: settings.clone(),
+                metrics,
+                reader,
+                next_retention: Instant::now(),
+                sweeping: Arc::new(AtomicBool::new(false)),
+            },
+            devices,
+        ))
+    }
+}
+
+/// Runs the embedded migrations on a connection of its own, holding [`MIGRATION_LOCK`].
+async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(pg_err)?;
+    let connection = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg_err)?;
+    let report = embedded::migrations::runner()
+        .set_abort_missing(true)
+        .run_async(&mut client)
+        .await;
+    // Closing the connection releases the lock in any case; unlocking is only tidier.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    drop(client);
+    let _ = connection.await;
+    match report {
+        Ok(report) => {
+            for m in report.applied_migrations() {
+                tracing::info!(version = m.version(), name = m.name(), "postgres: migrated");
+            }
+            Ok(())
+        }
+        Err(e) => Err(StoreError::Postgres(format!(
+            "schema migration failed (this build knows versions up to {}): {e}",
+            schema_version()
+        ))),
+    }
+}
+
+/// A reading's metrics and tags, as the JSON text they are stored as.
+struct Encoded {
+    /// `{"metric": value, ...}` in the device's order.
+    metrics: String,
+    /// `{"tag": "value", ...}`, or `None` when there are no tags.
+    tags: Option<String>,
+}
+
+fn encode(r: &Reading) -> Encoded {
+    Encoded {
+        metrics: serde_json::to_string(&PairsAsMap(&r.metrics)).unwrap_or_default(),
+        tags: (!r.tags.is_empty())
+            .then(|| serde_json::to_string(&PairsAsMap(&r.tags)).unwrap_or_default()),
+    }
+}
+
+/// One commit attempt's failure.
+enum Attempt {
+    /// PostgreSQL asked for a retry (deadlock, serialization failure).
+    Retry(tokio_postgres::Error),
+    /// Anything else.
+    Failed(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Attempt {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if should_retry(&e) {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Failed(pg_err(e))
+        }
+    }
+}
+
+impl PgStore {
+    async fn try_commit(
+        &self,
+        readings: &[&Reading],
+        encoded: &[Encoded],
+        commit_ms: i64,
+    ) -> Result<Vec<bool>, Attempt> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Attempt::Failed(pg_err(e)))?;
+        let tx = client.transaction().await?;
+        let sink = tx.copy_in(COPY_STAGING).await?;
+        let writer = BinaryCopyInWriter::new(sink, &STAGING_TYPES);
+        tokio::pin!(writer);
+        for (i, (r, e)) in readings.iter().zip(encoded).enumerate() {
+            let idx = i as i32;
+            let seq = r.seq.map(|s| s as i64);
+            let ts = Timestamp(r.ts_ms);
+            let metrics = JsonText(&e.metrics);
+            let tags = e.tags.as_deref().map(JsonText);
+            writer
+                .as_mut()
+                .write(&[&idx, &r.device_id.as_str(), &seq, &ts, &metrics, &tags])
+                .await?;
+        }
+        writer.as_mut().finish().await?;
+        let inserted = tx.query(INSERT_READINGS, &[]).await?;
+
+        // Which readings were new: each returned key claims its first occurrence.
+        let mut new_keys: foldhash::HashMap<(&str, i64), u32> = foldhash::HashMap::default();
+        for row in &inserted {
+            let seq: Option<i64> = row.get(1);
+            if let Some(seq) = seq {
+                let device: &str = row.get(0);
+                *new_keys.entry((device, seq)).or_default() += 1;
+            }
+        }
+        let flags: Vec<bool> = readings
+            .iter()
+            .map(|r| match r.seq {
+                None => true,
+                Some(seq) => match new_keys.get_mut(&(r.device_id.as_str(), seq as i64)) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                },
+            })
+            .collect();
+
+        // The device table, in the same transaction, in key order.
+        let mut devices: std::collections::BTreeMap<&str, (i64, Vec<(String, MetricValue, i64)>)> =
+            std::collections::BTreeMap::new();
+        for (r, _) in readings.iter().zip(&flags).filter(|(_, stored)| **stored) {
+            let (last_ts, latest) = devices
+                .entry(r.device_id.as_str())
+                .or_insert((i64::MIN, Vec::new()));
+            *last_ts = (*last_ts).max(r.ts_ms);
+            merge_latest(latest, r.ts_ms, &r.metrics);
+        }
+        if !devices.is_empty() {
+            let mut ids = Vec::with_capacity(devices.len());
+            let mut last_ts = Vec::with_capacity(devices.len());
+            let mut latest = Vec::with_capacity(devices.len());
+            for (id, (ts, values)) in &devices {
+                ids.push(*id);
+                last_ts.push(*ts);
+                latest.push(latest_json(values));
+            }
+            tx.execute(UPSERT_DEVICES, &[&commit_ms, &ids, &last_ts, &latest])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(flags)
+    }
+}
+
+/// A device's latest values as the device table keeps them:
+/// `{"<metric>": ["<exact JSON text of the value>", <ts ms>], ...}`.
+fn latest_json(values: &[(String, MetricValue, i64)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = values
+        .iter()
+        .map(|(name, value, ts)| {
+            let text = serde_json::to_string(value).unwrap_or_default();
+            (name.clone(), serde_json::json!([text, ts]))
+        })
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Parses [`latest_json`]'s format.
+fn latest_from_json(json: &str) -> Result<Vec<(String, MetricValue, i64)>, String> {
+    let pairs: OrderedPairs<(String, i64)> =
+        serde_json::from_str(json).map_err(|e| e.to_string())?;
+    pairs
+        .0
+        .into_iter()
+        .map(|(name, (text, ts))| {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let value = metric_value_from_json(&name, v)?;
+            Ok((name, value, ts))
+        })
+        .collect()
+}
+
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn commit(&mut self, readings: &[&Reading], commit_ms: i64) -> Result<Vec<bool>, StoreError> {
+        if readings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoded: Vec<Encoded> = readings.iter().map(|r| encode(r)).collect();
+        let mut attempt = 1;
+        loop {
+            match self
+                .driver
+                .block_on(self.try_commit(readings, &encoded, commit_ms))
+            {
+                Ok(flags) => return Ok(flags),
+                Err(Attempt::Retry(e)) if attempt < MAX_ATTEMPTS => {
+                    tracing::info!(attempt, error = %e, "postgres: commit aborted; retrying");
+                    attempt += 1;
+                }
+                Err(Attempt::Retry(e)) => return Err(pg_err(e)),
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.driver.block_on(async {
+            let client = self.pool.get().await.map_err(pg_err)?;
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(pg_err)?;
+            if row.get::<_, bool>(0) {
+                return Err(StoreError::Postgres(
+                    "the server is a read-only standby (in recovery)".into(),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    fn maintain(&mut self) -> Result<(), StoreError> {
+        if Instant::now() < self.next_retention || self.sweeping.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.next_retention = Instant::now() + self.settings.retention_interval;
+        let pool = self.pool.clone();
+        let metrics = self.metrics.clone();
+        let sweeping = self.sweeping.clone();
+        let retention = self.settings.retention;
+        self.driver.runtime().spawn(async move {
+            let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
+            match sweep(&pool, cutoff, &metrics).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "postgres: retention sweep"),
+                Err(e) => tracing::warn!(error = %e, "postgres: retention sweep failed"),
+            }
+            sweeping.store(false, Ordering::Release);
+        });
+        Ok(())
+    }
+
+    fn reader(&self) -> Arc<dyn StoreRead> {
+        self.reader.clone()
+    }
+}
+
+/// Deletes readings older than `cutoff_ms` in batches of [`RETENTION_BATCH`], each its own
+/// transaction; stops early when another replica holds the sweep lock. Returns how many.
+async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, StoreError> {
+    let mut client = pool.get().await.map_err(pg_err)?;
+    let mut deleted = 0;
+    loop {
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RETENTION_LOCK])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if !locked {
+            return Ok(deleted);
+        }
+        let n = tx
+            .execute(
+                "DELETE FROM readings WHERE ctid = ANY (ARRAY(
+                     SELECT ctid FROM readings WHERE ts < $1 LIMIT $2))",
+                &[&Timestamp(cutoff_ms), &RETENTION_BATCH],
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        metrics.retention_deleted.inc_by(n);
+        deleted += n;
+        if n < RETENTION_BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
+}
+
+impl PgReader {
+    /// The device table: every device sorted by id, or only `device`.
+    fn load_devices(&self, device: Option<&str>) -> Result<Vec<DeviceLatest>, StoreError> {
+        self.driver.block_on(async {
+            let client = self.pool.get().await.map_err(pg_err)?;
+            let rows = client
+                .query(
+                    "SELECT device_id, last_seen_ms, last_ts_ms, latest::text FROM devices
+                     WHERE $1::text IS NULL OR device_id = $1 ORDER BY device_id",
+                    &[&device],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|row| {
+                    let device_id: String = row.get(0);
+                    let latest: &str = row.get(3);
+                    let metrics = latest_from_json(latest).map_err(|e| {
+                        StoreError::Corrupt(format!("devices.latest of `{device_id}`: {e}"))
+                    })?;
+                    Ok(DeviceLatest {
+                        device_id,
+                        last_seen_ms: row.get(1),
+                        last_ts_ms: row.get(2),
+                        metrics,
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+impl StoreRead for PgReader {
+    fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
+        let sql = match q.order {
+            Order::Asc => {
+                "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
+                 WHERE device_id = $1 AND ts >= $2 AND ts < $3
+                   AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
+                 ORDER BY ts, rid LIMIT $5"
+            }
+            Order::Desc => {
+                "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
+                 WHERE device_id = $1 AND ts >= $2 AND ts < $3
+                   AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
+                 ORDER BY ts DESC, rid DESC LIMIT $5"
+            }
+        };
+        self.driver.block_on(async {
+            let client = self.pool.get().await.map_err(pg_err)?;
+            let limit = q.limit as i64;
+            let rows = client
+                .query(
+                    sql,
+                    &[
+                        &q.device_id,
+                        &Timestamp(q.from_ms),
+                        &Timestamp(q.to_ms),
+                        &q.metric,
+                        &limit,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            if rows.is_empty() {
+                let known = client
+                    .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[&q.device_id])
+                    .await
+                    .map_err(pg_err)?;
+                return Ok(known.map(|_| Vec::new()));
+            }
+            let corrupt = |rid: i64, e: String| StoreError::Corrupt(format!("reading {rid}: {e}"));
+            let rows = rows
+                .iter()
+                .map(|row| {
+                    let rid: i64 = row.get(0);
+                    let ts: Timestamp = row.get(1);
+                    let seq: Option<i64> = row.get(2);
+                    let metrics: &str = row.get(3);
+                    let tags: Option<&str> = row.get(4);
+                    Ok(StoredRow {
+                        rid: rid as u64,
+                        ts_ms: ts.0,
+                        seq: seq.map(|s| s as u64),
+                        metrics: metrics_from_json(metrics).map_err(|e| corrupt(rid, e))?,
+                        tags: match tags {
+                            Some(t) => tags_from_json(t).map_err(|e| corrupt(rid, e))?,
+                            None => Vec::new(),
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(q.finish(rows)))
+        })
+    }
+
+    fn devices(&self, device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+        Some(self.load_devices(device))
+    }
+}
+
+/// A `timestamptz` as Unix epoch milliseconds (PostgreSQL keeps microseconds since
+/// 2000-01-01; Sluice's readings have millisecond precision, SPEC §1).
+#[derive(Debug, Clone, Copy)]
+struct Timestamp(i64);
+
+impl ToSql for Timestamp {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        let micros = self
+            .0
+            .checked_sub(PG_EPOCH_MS)
+            .and_then(|ms| ms.checked_mul(1000))
+            .ok_or("timestamp out of PostgreSQL's range")?;
+        out.put_i64(micros);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for Timestamp {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "timestamptz is not 8 bytes")?;
+        let micros = i64::from_be_bytes(bytes);
+        Ok(Timestamp(micros.div_euclid(1000) + PG_EPOCH_MS))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+}
+
+/// JSON text sent as `json` (as is) or `jsonb` (format version 1, then the text).
+#[derive(Debug)]
+struct JsonText<'a>(&'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1);
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON || *ty == Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_round_trips_exact_values() {
+        let values = vec![
+            ("u".to_string(), MetricValue::UInt(u64::MAX), 5),
+            ("f".to_string(), MetricValue::Float(1e19), 6),
+            ("i".to_string(), MetricValue::Int(-3), 7),
+            ("b".to_string(), MetricValue::Bool(true), 8),
+        ];
+        assert_eq!(latest_from_json(&latest_json(&values)).unwrap(), values);
+    }
+
+    #[test]
+    fn timestamps_convert_both_ways() {
+        for ms in [0, PG_EPOCH_MS, PG_EPOCH_MS - 1, 1_790_000_000_123, -86_400_001] {
+            let mut buf = BytesMut::new();
+            Timestamp(ms).to_sql(&Type::TIMESTAMPTZ, &mut buf).unwrap();
+            let back = Timestamp::from_sql(&Type::TIMESTAMPTZ, &buf).unwrap();
+            assert_eq!(back.0, ms);
+        }
+    }
+
+    #[test]
+    fn schema_version_is_the_newest_migration() {
+        assert_eq!(schema_version(), 2);
+    }
+}
