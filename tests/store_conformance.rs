@@ -13,6 +13,9 @@ use sluice::reading::{DeviceId, MetricValue, Reading};
 use sluice::store::{self, Opened, Order, ReadingsQuery, Store, StoredRow};
 use sluice::telemetry::metrics::Metrics;
 
+#[path = "common/pg.rs"]
+mod pg;
+
 /// One backend under test, with a private place to keep its data.
 trait Backend {
     /// Opens the store (again, after a restart: the same data).
@@ -61,6 +64,38 @@ impl Backend for Sqlite {
         store.maintain().expect("maintain");
         wait_until(|| self.metrics.store_journal_readings.get() == 0);
     }
+}
+
+/// The PostgreSQL backend on a fresh database of the machine's server. Nothing to settle: a
+/// commit is organised when it returns.
+struct Postgres {
+    db: pg::TestDb,
+    metrics: Arc<Metrics>,
+}
+
+impl Postgres {
+    fn new() -> Self {
+        Self {
+            db: pg::TestDb::new(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+    fn settings(&self) -> StorageSettings {
+        let mut s = StorageSettings {
+            backend: sluice::config::Backend::Postgres,
+            retention: Duration::from_secs(100 * 365 * 86400),
+            ..StorageSettings::default()
+        };
+        s.postgres.url = sluice::config::DbUrl::new(self.db.url());
+        s
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Opened {
+        store::open(&self.settings(), &self.metrics).expect("store opens")
+    }
+    fn settle(&self, _store: &mut dyn Store) {}
 }
 
 fn wait_until(mut cond: impl FnMut() -> bool) {
@@ -380,6 +415,7 @@ macro_rules! suite {
 }
 
 suite!(sqlite, Sqlite::new());
+suite!(postgres, Postgres::new());
 
 // ---- SQLite-only behaviour: the journal, retention, upgrade ----
 
@@ -514,4 +550,129 @@ fn sqlite_one_process_per_data_dir() {
     drop(first);
     let mut s = b.open().store;
     assert_eq!(commit(&mut *s, &[simple("lock", 1)]), [true]);
+}
+
+// ---- PostgreSQL-only behaviour: migrations, replicas on one database, lost connections ----
+
+/// A database at schema version 1 (readings, before the device table) is migrated at open:
+/// its readings stay queryable and dedupe against, and its devices appear with their latest
+/// values.
+#[test]
+fn postgres_upgrades_a_version_1_database() {
+    let b = Postgres::new();
+    sluice::store::postgres::migrate_to(&b.settings(), 1).expect("migrates to version 1");
+    assert_eq!(b.db.sql("SELECT to_regclass('devices') IS NULL"), "t");
+    b.db.sql(&format!(
+        "INSERT INTO readings (device_id, seq, ts, metrics, tags) VALUES
+           ('old', 1, to_timestamp(1790000000), '{{\"t\": 20.5, \"n\": 1}}', NULL),
+           ('old', 2, to_timestamp(1790000001), '{{\"t\": 21.5}}', '{{\"site\": \"a\"}}')"
+    ));
+    let opened = b.open();
+    let old = opened
+        .devices
+        .iter()
+        .find(|d| d.device_id == "old")
+        .expect("device rebuilt from its readings");
+    assert_eq!(old.last_ts_ms, 1_790_000_001_000);
+    let by_name = |n: &str| old.metrics.iter().find(|m| m.0 == n).map(|m| (m.1, m.2));
+    assert_eq!(by_name("t"), Some((MetricValue::Float(21.5), 1_790_000_001_000)));
+    assert_eq!(by_name("n"), Some((MetricValue::Int(1), 1_790_000_000_000)));
+    let mut s = opened.store;
+    assert_eq!(
+        commit(&mut *s, &[simple("old", 2), simple("old", 3)]),
+        [false, true]
+    );
+    let rows = query(&*s, "old", Order::Asc, 10).expect("known");
+    assert_eq!(seqs(&rows), [1, 2, 3]);
+    assert_eq!(rows[1].tags, [("site".to_string(), "a".to_string())]);
+    assert_eq!(
+        b.db.sql("SELECT max(version) FROM refinery_schema_history"),
+        sluice::store::postgres::schema_version().to_string()
+    );
+}
+
+/// A database migrated by a newer Sluice is refused with a message that says so.
+#[test]
+fn postgres_refuses_a_newer_schema() {
+    let b = Postgres::new();
+    drop(b.open());
+    b.db.sql("INSERT INTO refinery_schema_history VALUES (99, 'future', '2030-01-01T00:00:00Z', '1')");
+    let err = match store::open(&b.settings(), &b.metrics) {
+        Ok(_) => panic!("a newer schema must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("schema migration failed"), "{err}");
+    assert!(err.contains("versions up to 2"), "{err}");
+}
+
+/// Replicas opening one empty database at the same moment migrate it once, and then commit
+/// concurrently, with overlapping readings in opposite orders: every key is stored once, and
+/// each reading is reported new by exactly one of them.
+#[test]
+fn postgres_replicas_share_one_database() {
+    let b = Arc::new(Postgres::new());
+    let replicas: Vec<_> = (0..4)
+        .map(|_| {
+            let b = b.clone();
+            std::thread::spawn(move || b.open().store)
+        })
+        .collect();
+    let mut stores: Vec<Box<dyn Store>> = replicas.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        b.db.sql("SELECT count(*) FROM refinery_schema_history"),
+        sluice::store::postgres::schema_version().to_string()
+    );
+    let devices = 50;
+    let mut batches: Vec<Vec<Reading>> = Vec::new();
+    for r in 0..stores.len() {
+        let mut batch: Vec<Reading> = (0..devices)
+            .flat_map(|d| (1..=20).map(move |seq| simple(&format!("dev{d}"), seq)))
+            .collect();
+        if r % 2 == 1 {
+            batch.reverse();
+        }
+        batches.push(batch);
+    }
+    let handles: Vec<_> = stores
+        .drain(..)
+        .zip(batches)
+        .map(|(mut s, batch)| {
+            std::thread::spawn(move || {
+                let mut new = 0;
+                for part in batch.chunks(100) {
+                    new += commit(&mut *s, part).iter().filter(|f| **f).count();
+                }
+                new
+            })
+        })
+        .collect();
+    let new: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(new, devices * 20, "each reading is new for exactly one replica");
+    assert_eq!(
+        b.db.sql("SELECT count(*), count(DISTINCT (device_id, seq)) FROM readings"),
+        format!("{}|{}", devices * 20, devices * 20)
+    );
+    assert_eq!(b.db.sql("SELECT count(*) FROM devices"), devices.to_string());
+}
+
+/// A lost connection fails the commit (nothing acked), the probe sees the server again, and
+/// the retried readings are found as duplicates when the lost commit had landed.
+#[test]
+fn postgres_recovers_after_its_connections_are_killed() {
+    let b = Postgres::new();
+    let mut s = b.open().store;
+    assert_eq!(commit(&mut *s, &[simple("k", 1)]), [true]);
+    let kill = || {
+        b.db.sql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            b.db.name
+        ))
+    };
+    assert_ne!(kill(), "0", "the store held a connection");
+    let refs = [simple("k", 2)];
+    let refs: Vec<&Reading> = refs.iter().collect();
+    assert!(s.commit(&refs, 1).is_err(), "a dead connection fails the commit");
+    s.probe().expect("the server is back for a fresh connection");
+    assert_eq!(commit(&mut *s, &[simple("k", 1), simple("k", 2)]), [false, true]);
 }

@@ -59,6 +59,10 @@ const RETENTION_BATCH: i64 = 10_000;
 
 /// Milliseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const PG_EPOCH_MS: i64 = 946_684_800_000;
+/// PostgreSQL's finite `timestamptz` range, in its microseconds (`MIN_TIMESTAMP`,
+/// `END_TIMESTAMP` in its `datatype/timestamp.h`: 4714-11-24 BC to 294277-01-01 AD).
+const PG_MIN_MICROS: i64 = -211_813_488_000_000_000;
+const PG_END_MICROS: i64 = 9_223_371_331_200_000_000;
 
 mod embedded {
     refinery::embed_migrations!("src/store/postgres/migrations");
@@ -72,6 +76,24 @@ pub fn schema_version() -> i32 {
         .map(|m| m.version())
         .max()
         .unwrap_or(0)
+}
+
+/// Migrates the database of `settings.postgres.url` up to schema `version` only, as an older
+/// Sluice would have left it (tests of upgrades; a step-by-step rollout). [`PgStore::open`]
+/// takes it the rest of the way.
+pub fn migrate_to(settings: &StorageSettings, version: i32) -> Result<(), StoreError> {
+    let config = connect_config(settings)?;
+    Driver::new()?.block_on(migrate(&config, Some(version)))
+}
+
+fn connect_config(settings: &StorageSettings) -> Result<tokio_postgres::Config, StoreError> {
+    let pg = &settings.postgres;
+    let mut config = tokio_postgres::Config::from_str(pg.url.expose()).map_err(pg_err)?;
+    config.connect_timeout(pg.connect_timeout);
+    if config.get_application_name().is_none() {
+        config.application_name("sluice");
+    }
+    Ok(config)
 }
 
 /// Created on every pooled connection: where a group commit lands before its dedupe. Emptied
@@ -204,13 +226,9 @@ impl PgStore {
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Vec<DeviceLatest>), StoreError> {
         let pg = &settings.postgres;
-        let mut config = tokio_postgres::Config::from_str(pg.url.expose()).map_err(pg_err)?;
-        config.connect_timeout(pg.connect_timeout);
-        if config.get_application_name().is_none() {
-            config.application_name("sluice");
-        }
+        let config = connect_config(settings)?;
         let driver = Arc::new(Driver::new()?);
-        driver.block_on(migrate(&config))?;
+        driver.block_on(migrate(&config, None))?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -253,17 +271,20 @@ impl PgStore {
     }
 }
 
-/// Runs the embedded migrations on a connection of its own, holding [`MIGRATION_LOCK`].
-async fn migrate(config: &tokio_postgres::Config) -> Result<(), StoreError> {
+/// Runs the embedded migrations (all, or up to `target`) on a connection of its own, holding
+/// [`MIGRATION_LOCK`].
+async fn migrate(config: &tokio_postgres::Config, target: Option<i32>) -> Result<(), StoreError> {
     let (mut client, connection) = config.connect(NoTls).await.map_err(pg_err)?;
     let connection = tokio::spawn(connection);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg_err)?;
-    let report = embedded::migrations::runner()
-        .set_abort_missing(true)
-        .run_async(&mut client)
+    let mut runner = embedded::migrations::runner().set_abort_missing(true);
+    if let Some(v) = target {
+        runner = runner.set_target(refinery::Target::Version(v));
+    }
+    let report = runner.run_async(&mut client)
         .await;
     // Closing the connection releases the lock in any case; unlocking is only tidier.
     let _ = client
@@ -630,7 +651,8 @@ impl StoreRead for PgReader {
 }
 
 /// A `timestamptz` as Unix epoch milliseconds (PostgreSQL keeps microseconds since
-/// 2000-01-01; Sluice's readings have millisecond precision, SPEC §1).
+/// 2000-01-01; Sluice's readings have millisecond precision, SPEC §1). A bound beyond
+/// PostgreSQL's range is sent as `-infinity` / `infinity`.
 #[derive(Debug, Clone, Copy)]
 struct Timestamp(i64);
 
@@ -640,11 +662,13 @@ impl ToSql for Timestamp {
         _ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
-        let micros = self
-            .0
-            .checked_sub(PG_EPOCH_MS)
-            .and_then(|ms| ms.checked_mul(1000))
-            .ok_or("timestamp out of PostgreSQL's range")?;
+        // Past the ends of i64 microseconds, PostgreSQL's own -infinity and infinity (i64::MIN,
+        // i64::MAX): an open query bound. Readings' ts are validated far inside (SPEC §1).
+        let micros = match self.0.saturating_sub(PG_EPOCH_MS).saturating_mul(1000) {
+            m if m < PG_MIN_MICROS => i64::MIN,
+            m if m >= PG_END_MICROS => i64::MAX,
+            m => m,
+        };
         out.put_i64(micros);
         Ok(IsNull::No)
     }
@@ -704,7 +728,13 @@ mod tests {
             ("i".to_string(), MetricValue::Int(-3), 7),
             ("b".to_string(), MetricValue::Bool(true), 8),
         ];
-        assert_eq!(latest_from_json(&latest_json(&values)).unwrap(), values);
+        // jsonb keeps its own key order; the values and their ts are what must match.
+        let sorted = |mut v: Vec<(String, MetricValue, i64)>| {
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let back = latest_from_json(&latest_json(&values)).unwrap();
+        assert_eq!(sorted(back), sorted(values));
     }
 
     #[test]
@@ -714,6 +744,17 @@ mod tests {
             Timestamp(ms).to_sql(&Type::TIMESTAMPTZ, &mut buf).unwrap();
             let back = Timestamp::from_sql(&Type::TIMESTAMPTZ, &buf).unwrap();
             assert_eq!(back.0, ms);
+        }
+        // Beyond PostgreSQL's range: -infinity and infinity.
+        for (ms, micros) in [
+            (i64::MIN, i64::MIN),
+            (-9_000_000_000_000_000, i64::MIN),
+            (9_224_318_100_000_000, i64::MAX),
+            (i64::MAX, i64::MAX),
+        ] {
+            let mut buf = BytesMut::new();
+            Timestamp(ms).to_sql(&Type::TIMESTAMPTZ, &mut buf).unwrap();
+            assert_eq!(buf.as_ref(), micros.to_be_bytes(), "{ms}");
         }
     }
 
