@@ -126,8 +126,25 @@ const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics
      ON CONFLICT (device_id, seq) DO NOTHING
      RETURNING device_id, seq";
 
-const UPSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
-     SELECT d, $1, t, l::jsonb FROM unnest($2::text[], $3::int8[], $4::text[]) AS u(d, t, l)
+/// The device table, in the same transaction. `u` is one row per device of the commit: its
+/// newest `ts`, the oldest `ts` among its new latest values, and those values. The common case
+/// (no value older than the device's newest reading) is a plain UPDATE with `||`; new devices
+/// and late readings take the INSERT … ON CONFLICT path with the per-metric merge.
+const UPSERT_DEVICES: &str = "WITH u AS (
+         SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[])
+             AS u(id, max_ts, min_ts, latest)
+     ), fast AS (
+         UPDATE devices AS d SET
+             last_seen_ms = greatest(d.last_seen_ms, $1),
+             last_ts_ms = greatest(d.last_ts_ms, u.max_ts),
+             latest = d.latest || u.latest::jsonb
+         FROM u WHERE d.device_id = u.id AND u.min_ts >= d.last_ts_ms
+         RETURNING d.device_id
+     )
+     INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
+     SELECT u.id, $1, u.max_ts, u.latest::jsonb FROM u
+     WHERE u.id NOT IN (SELECT device_id FROM fast)
+     ORDER BY u.id
      ON CONFLICT (device_id) DO UPDATE SET
          last_seen_ms = greatest(devices.last_seen_ms, excluded.last_seen_ms),
          last_ts_ms = greatest(devices.last_ts_ms, excluded.last_ts_ms),
@@ -152,7 +169,9 @@ impl Driver {
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.rt.as_ref().expect("runtime lives as long as the driver")
+        self.rt
+            .as_ref()
+            .expect("runtime lives as long as the driver")
     }
 
     /// Runs `f` to completion on this runtime, blocking the calling (non-async) thread.
@@ -284,8 +303,7 @@ async fn migrate(config: &tokio_postgres::Config, target: Option<i32>) -> Result
     if let Some(v) = target {
         runner = runner.set_target(refinery::Target::Version(v));
     }
-    let report = runner.run_async(&mut client)
-        .await;
+    let report = runner.run_async(&mut client).await;
     // Closing the connection releases the lock in any case; unlocking is only tidier.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -405,15 +423,20 @@ impl PgStore {
         }
         if !devices.is_empty() {
             let mut ids = Vec::with_capacity(devices.len());
-            let mut last_ts = Vec::with_capacity(devices.len());
+            let mut max_ts = Vec::with_capacity(devices.len());
+            let mut min_ts = Vec::with_capacity(devices.len());
             let mut latest = Vec::with_capacity(devices.len());
             for (id, (ts, values)) in &devices {
                 ids.push(*id);
-                last_ts.push(*ts);
+                max_ts.push(*ts);
+                min_ts.push(values.iter().map(|v| v.2).min().unwrap_or(*ts));
                 latest.push(latest_json(values));
             }
-            tx.execute(UPSERT_DEVICES, &[&commit_ms, &ids, &last_ts, &latest])
-                .await?;
+            tx.execute(
+                UPSERT_DEVICES,
+                &[&commit_ms, &ids, &max_ts, &min_ts, &latest],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(flags)
@@ -470,12 +493,17 @@ impl Store for PgStore {
                     attempt += 1;
                 }
                 Err(Attempt::Retry(e)) => return Err(pg_err(e)),
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Failed(e)) => {
+                    // The server may have restarted: the idle connections are likely dead too.
+                    forget_idle(&self.pool);
+                    return Err(e);
+                }
             }
         }
     }
 
     fn probe(&mut self) -> Result<(), StoreError> {
+        forget_idle(&self.pool);
         self.driver.block_on(async {
             let client = self.pool.get().await.map_err(pg_err)?;
             let row = client
@@ -515,6 +543,12 @@ impl Store for PgStore {
     fn reader(&self) -> Arc<dyn StoreRead> {
         self.reader.clone()
     }
+}
+
+/// Closes every idle pooled connection, so the next use connects afresh (after a failure,
+/// the idle ones may be dead without knowing it yet).
+fn forget_idle(pool: &Pool) {
+    pool.retain(|_, _| false);
 }
 
 /// Deletes readings older than `cutoff_ms` in batches of [`RETENTION_BATCH`], each its own
@@ -615,7 +649,10 @@ impl StoreRead for PgReader {
                 .map_err(pg_err)?;
             if rows.is_empty() {
                 let known = client
-                    .query_opt("SELECT 1 FROM devices WHERE device_id = $1", &[&q.device_id])
+                    .query_opt(
+                        "SELECT 1 FROM devices WHERE device_id = $1",
+                        &[&q.device_id],
+                    )
                     .await
                     .map_err(pg_err)?;
                 return Ok(known.map(|_| Vec::new()));
@@ -739,7 +776,13 @@ mod tests {
 
     #[test]
     fn timestamps_convert_both_ways() {
-        for ms in [0, PG_EPOCH_MS, PG_EPOCH_MS - 1, 1_790_000_000_123, -86_400_001] {
+        for ms in [
+            0,
+            PG_EPOCH_MS,
+            PG_EPOCH_MS - 1,
+            1_790_000_000_123,
+            -86_400_001,
+        ] {
             let mut buf = BytesMut::new();
             Timestamp(ms).to_sql(&Type::TIMESTAMPTZ, &mut buf).unwrap();
             let back = Timestamp::from_sql(&Type::TIMESTAMPTZ, &buf).unwrap();

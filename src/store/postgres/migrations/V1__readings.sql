@@ -6,8 +6,9 @@
 -- (device_id, seq) with another ts in. Retention deletes old rows in bounded batches instead
 -- of dropping partitions (ARCHITECTURE.md, "PostgreSQL").
 CREATE TABLE readings (
-    -- The device id (SPEC §1: 1-128 bytes of [A-Za-z0-9._:-]).
-    device_id text        NOT NULL,
+    -- The device id (SPEC §1: 1-128 bytes of [A-Za-z0-9._:-]). Collation "C": ids are ASCII,
+    -- and byte-wise comparison keeps every index insert off the locale's strcoll.
+    device_id text        COLLATE "C" NOT NULL,
     -- The device's sequence number, bit-cast from u64 (values above 2^63-1 read as negative
     -- here and exactly in the API). NULL when the device sent none: NULLs never conflict.
     seq       bigint,

@@ -3,7 +3,7 @@
 -- Upserted in the same transaction as the readings it summarises, so /v1/devices through any
 -- replica answers the same, and a restart restores device state from here.
 CREATE TABLE devices (
-    device_id    text   PRIMARY KEY,
+    device_id    text   COLLATE "C" PRIMARY KEY,
     -- Server time (epoch ms) a reading of this device was last committed.
     last_seen_ms bigint NOT NULL,
     -- The newest reading's ts (epoch ms).
@@ -13,7 +13,9 @@ CREATE TABLE devices (
 );
 
 -- Merges a commit's latest values into a device's: per metric, a newer or equal ts wins
--- (the same rule as the embedded store's merge_latest).
+-- (the same rule as the embedded store's merge_latest). The commit takes it only for late
+-- readings; when every new value is at least as new as the device's newest reading, `||` gives
+-- the same result for less.
 CREATE FUNCTION sluice_merge_latest(old jsonb, new jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT old || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
