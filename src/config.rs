@@ -633,11 +633,17 @@ impl Settings {
             if pg.pool_size < 2 {
                 return invalid(
                     "storage.postgres.pool_size",
-                    format!("is {}; must be at least 2 (one for commits, one for queries)", pg.pool_size),
+                    format!(
+                        "is {}; must be at least 2 (one for commits, one for queries)",
+                        pg.pool_size
+                    ),
                 );
             }
             if pg.connect_timeout.is_zero() {
-                return invalid("storage.postgres.connect_timeout", "must be more than 0s".into());
+                return invalid(
+                    "storage.postgres.connect_timeout",
+                    "must be more than 0s".into(),
+                );
             }
         }
         if self.storage.retention.is_zero() {

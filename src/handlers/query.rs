@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::Problem;
 use super::AppState;
-use crate::services::device_state::{DeviceState, DeviceView};
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
+use crate::services::device_state::{DeviceState, DeviceView};
 use crate::store::{Order, ReadingsQuery, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
