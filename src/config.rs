@@ -777,4 +777,77 @@ mod tests {
         std::fs::write(&path, s.to_toml()).unwrap();
         assert_eq!(Settings::load_from(Some(&path), env(&[])).unwrap(), s);
     }
+
+    #[test]
+    fn database_passwords_are_redacted_everywhere() {
+        for (url, shown) in [
+            (
+                "postgres://sluice:s3cr%40t@db:5432/sluice",
+                "postgres://sluice:<redacted>@db:5432/sluice",
+            ),
+            (
+                "postgresql://sluice@db/sluice",
+                "postgresql://sluice@db/sluice",
+            ),
+            (
+                "postgres://db/sluice?user=u&password=s3cret&application_name=x",
+                "postgres://db/sluice?user=u&password=<redacted>&application_name=x",
+            ),
+            (
+                "host=db user=sluice password='s3 cret' dbname=sluice",
+                "host=db user=sluice password=<redacted> dbname=sluice",
+            ),
+            ("host=db password=s3cret", "host=db password=<redacted>"),
+        ] {
+            let u = DbUrl::new(url);
+            assert_eq!(u.redacted(), shown);
+            assert!(!format!("{u:?} {u}").contains("s3"), "{u:?}");
+        }
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SLUICE__STORAGE__BACKEND", "postgres"),
+                ("SLUICE__STORAGE__POSTGRES__URL", "postgres://u:s3cret@db/x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.storage.backend, Backend::Postgres);
+        assert_eq!(s.storage.postgres.url.expose(), "postgres://u:s3cret@db/x");
+        let shown = s.to_toml();
+        assert!(shown.contains("postgres://u:<redacted>@db/x"), "{shown}");
+        assert!(!shown.contains("s3cret") && !format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn postgres_backend_needs_a_usable_url() {
+        let err = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("SLUICE__STORAGE__BACKEND", "postgres")];
+            all.extend_from_slice(pairs);
+            Settings::load_from(None, env(&all))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[]);
+        assert!(
+            e.contains("storage.postgres.url") && e.contains("required"),
+            "{e}"
+        );
+        let e = err(&[(
+            "SLUICE__STORAGE__POSTGRES__URL",
+            "postgres://u:s3cret@db:notaport/x",
+        )]);
+        assert!(
+            e.contains("storage.postgres.url") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = err(&[
+            ("SLUICE__STORAGE__POSTGRES__URL", "postgres://db/x"),
+            ("SLUICE__STORAGE__POSTGRES__POOL_SIZE", "1"),
+        ]);
+        assert!(e.contains("storage.postgres.pool_size"), "{e}");
+        let e = Settings::load_from(None, env(&[("SLUICE__STORAGE__BACKEND", "mysql")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend") && e.contains("mysql"), "{e}");
+    }
 }

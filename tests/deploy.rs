@@ -11,15 +11,21 @@
 //! against the Kubernetes schemas.
 //!
 //! Per overlay:
-//! - the ConfigMap's TOML passes `sluice --check-config`, alone and with each `SLUICE__*`
-//!   variable of the pod (an unknown key exits 2); the effective configuration (TOML + the
-//!   pod's environment) is what the checks below compare with;
+//! - the ConfigMap's TOML passes `sluice --check-config` with the `SLUICE__*` variables every
+//!   pod has (plain values, `fieldRef`s, required Secret keys), and with each optional one added
+//!   (an unknown key exits 2); the effective configuration (TOML + the pod's environment) is
+//!   what the checks below compare with;
 //! - container port, probe ports, Service target ports, NetworkPolicy ingress and the
 //!   `prometheus.io/port` annotation are the `server.listen` port;
 //! - the probe paths and the scrape path answer 200 on a Sluice started with that TOML, which
 //!   then drains and exits 0 on SIGTERM within `server.shutdown_timeout`;
 //! - `terminationGracePeriodSeconds` > `server.shutdown_timeout` + the preStop sleep;
-//! - `storage.data_dir` and `/tmp` are writable mounts, since the root file system is read-only;
+//! - `/tmp` is a writable mount, since the root file system is read-only, and so is
+//!   `storage.data_dir` with the SQLite backend;
+//! - with the PostgreSQL backend: the URL (it holds the password) is not in the ConfigMap but
+//!   comes from a required Secret key, a NetworkPolicy lets the pods reach port 5432, and the
+//!   Sluice started below runs on a fresh database (`common/pg.rs`) given through that variable,
+//!   creates its tables there and writes nothing to `storage.data_dir`;
 //! - with MQTT on, each pod takes its client id from its own name;
 //! - the pod runs hardened, as the uid the image declares.
 
@@ -34,7 +40,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
+use sluice::config::Backend;
 use sluice::Settings;
+
+#[path = "common/pg.rs"]
+mod pg;
+use pg::TestDb;
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -183,14 +194,28 @@ fn resolve_port(container: &Value, port: &Value, what: &str) -> u16 {
     number(found, "/containerPort", what) as u16
 }
 
-/// A value for `SLUICE__*` variables filled in by Kubernetes at run time. A key that needs a
-/// number or a duration gets a clear failure from --check-config; choose a better one then.
-fn placeholder(value_from: &Value) -> String {
-    if value_from.pointer("/fieldRef/fieldPath") == Some(&Value::from("metadata.name")) {
+/// The PostgreSQL port: the port of a CloudNativePG `uri` and of most managed services.
+const POSTGRES_PORT: u16 = 5432;
+
+/// The value of a `SLUICE__*` variable that Kubernetes fills in at run time. The database URL
+/// gets a fresh database (created on first use), since Sluice connects to it at start; other
+/// values need only pass --check-config. A key that needs a number or a duration gets a clear
+/// failure from --check-config; choose a better one then.
+fn placeholder(var_name: &str, value_from: &Value, db: &mut Option<TestDb>) -> String {
+    if var_name == "SLUICE__STORAGE__POSTGRES__URL" {
+        db.get_or_insert_with(TestDb::new).url()
+    } else if value_from.pointer("/fieldRef/fieldPath") == Some(&Value::from("metadata.name")) {
         "sluice-5d8f7c9b4-x2x7q".to_owned()
     } else {
         "placeholder".to_owned()
     }
+}
+
+/// Whether a pod may start without this variable: only an `optional` Secret or ConfigMap key.
+fn optional_var(var: &Value) -> bool {
+    ["secretKeyRef", "configMapKeyRef"]
+        .iter()
+        .any(|r| var.pointer(&format!("/valueFrom/{r}/optional")) == Some(&Value::Bool(true)))
 }
 
 /// `sluice --check-config --config toml` with exactly `env` (nothing inherited).
@@ -241,12 +266,14 @@ struct Running {
 }
 
 impl Running {
-    /// Starts `sluice --config toml` on port 0 with `data_dir`, and waits for its address.
-    fn start(toml: &Path, data_dir: &Path) -> Running {
+    /// Starts `sluice --config toml` with the pod's environment `env`, on port 0 with
+    /// `data_dir`, and waits for its address.
+    fn start(toml: &Path, env: &[(String, String)], data_dir: &Path) -> Running {
         let mut child = Command::new(SLUICE)
             .arg("--config")
             .arg(toml)
             .env_clear()
+            .envs(env.iter().cloned())
             .env("SLUICE__SERVER__LISTEN", "127.0.0.1:0")
             .env("SLUICE__STORAGE__DATA_DIR", data_dir)
             // The broker is not part of this test; the MQTT tests cover the source.
@@ -416,8 +443,42 @@ fn dockerfile() -> Image {
     image
 }
 
-/// Everything the issue asks of one overlay. See the module docs.
-async fn check_overlay(name: &str) {
+/// The configuration file of the workload's `sluice` container: `--config PATH`, PATH inside a
+/// ConfigMap volume. Returns the volume mount and the file's text.
+fn config_file<'a>(name: &str, objects: &'a [Value], workload: &'a Value) -> (&'a Value, &'a str) {
+    let pod = &workload["spec"]["template"]["spec"];
+    let container = list(pod, "/containers")
+        .iter()
+        .find(|c| c["name"] == "sluice")
+        .expect("a container named sluice");
+    let args: Vec<&str> = list(container, "/args")
+        .iter()
+        .map(|a| a.as_str().expect("string args"))
+        .collect();
+    let config_path = args
+        .iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or_else(|| panic!("{name}: container args {args:?} give no --config FILE"));
+    let config_mount = list(container, "/volumeMounts")
+        .iter()
+        .find(|m| {
+            Path::new(config_path).parent() == Some(Path::new(text(m, "/mountPath", "mount")))
+        })
+        .unwrap_or_else(|| panic!("{name}: nothing is mounted where --config {config_path} is"));
+    let volume = list(pod, "/volumes")
+        .iter()
+        .find(|v| v["name"] == config_mount["name"])
+        .expect("the config mount's volume");
+    let configmap_name = text(volume, "/configMap/name", "config volume");
+    let key = file_name(config_path);
+    let configmap = named(objects, "ConfigMap", configmap_name);
+    let toml_text = text(&configmap["data"], &format!("/{key}"), "ConfigMap data");
+    (config_mount, toml_text)
+}
+
+/// Everything the issue asks of one overlay (see the module docs); returns its store backend.
+async fn check_overlay(name: &str) -> Backend {
     let dir = repo().join("deploy/k8s/overlays").join(name);
     let objects = build(&dir);
     let (workload, kind) = workload(&objects);
@@ -431,44 +492,28 @@ async fn check_overlay(name: &str) {
         .expect("a container named sluice");
     let tmp = tempfile::tempdir().unwrap();
 
-    // The configuration file: `--config PATH`, PATH inside a ConfigMap volume.
-    let args: Vec<&str> = list(container, "/args")
-        .iter()
-        .map(|a| a.as_str().expect("string args"))
-        .collect();
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .unwrap_or_else(|| panic!("{name}: container args {args:?} give no --config FILE"));
     let mounts = list(container, "/volumeMounts");
-    let config_mount = mounts
-        .iter()
-        .find(|m| {
-            Path::new(config_path).parent() == Some(Path::new(text(m, "/mountPath", "mount")))
-        })
-        .unwrap_or_else(|| panic!("{name}: nothing is mounted where --config {config_path} is"));
-    let volume = list(pod, "/volumes")
-        .iter()
-        .find(|v| v["name"] == config_mount["name"])
-        .expect("the config mount's volume");
-    let configmap_name = text(volume, "/configMap/name", "config volume");
-    let key = file_name(config_path);
-    let configmap = named(&objects, "ConfigMap", configmap_name);
-    let toml_text = text(&configmap["data"], &format!("/{key}"), "ConfigMap data");
+    let (config_mount, toml_text) = config_file(name, &objects, workload);
     let toml_path = tmp.path().join("sluice.toml");
     std::fs::write(&toml_path, toml_text).unwrap();
 
     // Environment: only real keys; no single-underscore look-alikes, which Sluice ignores.
-    let mut env = Vec::new();
+    // `always`: what every pod has; `optional`: Secret keys a pod may lack.
+    let mut db = None;
+    let (mut always, mut optional) = (Vec::new(), Vec::new());
     for var in list(container, "/env") {
         let var_name = text(var, "/name", "env name");
         if var_name.starts_with("SLUICE__") {
             let value = match var.get("value") {
                 Some(v) => v.as_str().expect("env value is a string").to_owned(),
-                None => placeholder(&var["valueFrom"]),
+                None => placeholder(var_name, &var["valueFrom"], &mut db),
             };
-            env.push((var_name.to_owned(), value));
+            let pair = (var_name.to_owned(), value);
+            if optional_var(var) {
+                optional.push(pair);
+            } else {
+                always.push(pair);
+            }
         } else {
             assert!(
                 !var_name.starts_with("SLUICE") || var_name == "SLUICE_CONFIG",
@@ -476,9 +521,17 @@ async fn check_overlay(name: &str) {
             );
         }
     }
-    effective(&toml_path, &[]);
-    for pair in &env {
-        let out = check_config(&toml_path, std::slice::from_ref(pair));
+    let out = check_config(&toml_path, &always);
+    assert!(
+        out.status.success(),
+        "{name}: the TOML with only the variables every pod has ({always:?}; a Secret key marked \
+         optional may be missing) fails sluice --check-config ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pair in &optional {
+        let with_it = [always.clone(), vec![pair.clone()]].concat();
+        let out = check_config(&toml_path, &with_it);
         assert!(
             out.status.success(),
             "{name}: env {}={} is rejected by sluice --check-config ({}): {}",
@@ -488,6 +541,7 @@ async fn check_overlay(name: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let env = [always, optional].concat();
     let settings = effective(&toml_path, &env);
     let port = settings.server.listen.port();
 
@@ -588,39 +642,20 @@ async fn check_overlay(name: &str) {
         settings.server.shutdown_timeout
     );
 
-    // Writable places under a read-only root: the data directory and /tmp.
-    let data_dir = settings.storage.data_dir.clone();
-    let data_mount = mounts
-        .iter()
-        .find(|m| {
-            data_dir.starts_with(text(m, "/mountPath", "mount"))
-                && m["name"] != config_mount["name"]
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{name}: storage.data_dir {} is on the read-only root file system",
-                data_dir.display()
-            )
-        });
-    assert_ne!(
-        data_mount["readOnly"], true,
-        "{name}: data mount is read-only"
-    );
-    let data_volume = &data_mount["name"];
-    let from_claims = list(workload, "/spec/volumeClaimTemplates")
-        .iter()
-        .any(|c| c["metadata"]["name"] == *data_volume);
-    let from_volumes = list(pod, "/volumes")
-        .iter()
-        .any(|v| v["name"] == *data_volume);
-    assert!(
-        from_claims || from_volumes,
-        "{name}: no volume {data_volume}"
-    );
+    // Writable places under a read-only root: /tmp, and the data directory of SQLite.
     assert!(
         mounts.iter().any(|m| m["mountPath"] == "/tmp"),
         "{name}: no writable /tmp under the read-only root"
     );
+    let backend = settings.storage.backend;
+    let from_claims = match backend {
+        Backend::Sqlite => check_data_mount(name, &settings, workload, container, config_mount),
+        Backend::Postgres => {
+            check_postgres_url(name, container, toml_text);
+            check_postgres_egress(name, &objects, labels);
+            false
+        }
+    };
 
     match kind {
         "StatefulSet" => {
@@ -631,7 +666,7 @@ async fn check_overlay(name: &str) {
                 "{name}: replicas"
             );
             assert!(
-                from_claims,
+                backend != Backend::Sqlite || from_claims,
                 "{name}: the SQLite store must be on a PersistentVolumeClaim"
             );
             let governing = text(workload, "/spec/serviceName", "serviceName");
@@ -714,7 +749,7 @@ async fn check_overlay(name: &str) {
 
     // Probes and scrape against the real thing, then a clean SIGTERM drain.
     let data = tmp.path().join("data");
-    let running = Running::start(&toml_path, &data);
+    let running = Running::start(&toml_path, &env, &data);
     let client = reqwest::Client::new();
     wait_for_200(&client, &running, &ready_path).await;
     for path in [&live_path, &ready_path, &scrape_path] {
@@ -726,16 +761,198 @@ async fn check_overlay(name: &str) {
         status.success(),
         "{name}: sluice exited with {status} after SIGTERM"
     );
+    if backend == Backend::Postgres {
+        let db = db.expect("the database URL came from the pod's environment");
+        assert_eq!(
+            db.sql("SELECT count(*) FROM pg_tables WHERE tablename IN ('readings', 'devices', 'refinery_schema_history')"),
+            "3",
+            "{name}: sluice did not create its tables in the database of SLUICE__STORAGE__POSTGRES__URL"
+        );
+        // The pod has no volume for it: nothing may be written there.
+        assert!(
+            !data.exists(),
+            "{name}: the PostgreSQL backend wrote to storage.data_dir"
+        );
+    }
+    backend
+}
+
+/// SQLite: `storage.data_dir` is a writable volume of the pod. Returns whether that volume is a
+/// PersistentVolumeClaim of the StatefulSet (else a volume of the pod).
+fn check_data_mount(
+    name: &str,
+    settings: &Settings,
+    workload: &Value,
+    container: &Value,
+    config_mount: &Value,
+) -> bool {
+    let pod = &workload["spec"]["template"]["spec"];
+    let mounts = list(container, "/volumeMounts");
+    let data_dir = &settings.storage.data_dir;
+    let data_mount = mounts
+        .iter()
+        .find(|m| {
+            data_dir.starts_with(text(m, "/mountPath", "mount"))
+                && m["name"] != config_mount["name"]
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name}: storage.data_dir {} is on the read-only root file system",
+                data_dir.display()
+            )
+        });
+    assert_ne!(
+        data_mount["readOnly"], true,
+        "{name}: data mount is read-only"
+    );
+    let data_volume = &data_mount["name"];
+    let from_claims = list(workload, "/spec/volumeClaimTemplates")
+        .iter()
+        .any(|c| c["metadata"]["name"] == *data_volume);
+    let from_volumes = list(pod, "/volumes")
+        .iter()
+        .any(|v| v["name"] == *data_volume);
+    assert!(
+        from_claims || from_volumes,
+        "{name}: no volume {data_volume}"
+    );
+    from_claims
+}
+
+/// PostgreSQL: the URL holds the password, so it is not in the ConfigMap; every pod gets it
+/// from a Secret key that must exist (a pod without it does not start, rather than start
+/// without its store).
+fn check_postgres_url(name: &str, container: &Value, toml_text: &str) {
+    let toml: toml::Value = toml::from_str(toml_text).expect("the ConfigMap's TOML parses");
+    assert!(
+        toml.get("storage")
+            .and_then(|s| s.get("postgres"))
+            .and_then(|p| p.get("url"))
+            .is_none(),
+        "{name}: storage.postgres.url is in the ConfigMap; it holds a password, put it in a Secret"
+    );
+    let var = list(container, "/env")
+        .iter()
+        .find(|v| v["name"] == "SLUICE__STORAGE__POSTGRES__URL")
+        .unwrap_or_else(|| {
+            panic!("{name}: backend postgres, but no SLUICE__STORAGE__POSTGRES__URL in the pod")
+        });
+    let secret = var
+        .pointer("/valueFrom/secretKeyRef")
+        .unwrap_or_else(|| panic!("{name}: SLUICE__STORAGE__POSTGRES__URL is not from a Secret"));
+    text(secret, "/name", "the URL's Secret");
+    text(secret, "/key", "the URL's Secret key");
+    assert!(
+        !optional_var(var),
+        "{name}: the URL's Secret key is optional; a pod without it cannot store anything"
+    );
+}
+
+/// PostgreSQL: some NetworkPolicy of the pods allows egress to the database's port (a rule
+/// without ports allows every port). A named port would be the database pod's, unknown here.
+fn check_postgres_egress(name: &str, objects: &[Value], labels: &Value) {
+    let open = of_kind(objects, "NetworkPolicy").into_iter().any(|policy| {
+        selects(&policy["spec"]["podSelector"]["matchLabels"], labels)
+            && list(policy, "/spec/egress").iter().any(|rule| {
+                let ports = list(rule, "/ports");
+                ports.is_empty() || ports.iter().any(|p| p["port"] == POSTGRES_PORT)
+            })
+    });
+    assert!(
+        open,
+        "{name}: no NetworkPolicy allows egress to PostgreSQL ({POSTGRES_PORT})"
+    );
 }
 
 #[tokio::test]
 async fn single_node_overlay_agrees_with_the_binary() {
-    check_overlay("single-node").await;
+    assert_eq!(check_overlay("single-node").await, Backend::Sqlite);
 }
 
+/// The fleet is durable because every replica commits to one PostgreSQL database.
 #[tokio::test]
 async fn fleet_overlay_agrees_with_the_binary() {
-    check_overlay("fleet").await;
+    assert_eq!(check_overlay("fleet").await, Backend::Postgres);
+    // Said by the file itself, not by an environment variable of the pod.
+    let objects = build(&repo().join("deploy/k8s/overlays/fleet"));
+    let (_, toml_text) = config_file("fleet", &objects, workload(&objects).0);
+    let toml: toml::Value = toml::from_str(toml_text).expect("the fleet's sluice.toml parses");
+    assert_eq!(
+        toml.get("storage").and_then(|s| s.get("backend")),
+        Some(&toml::Value::from("postgres")),
+        "fleet: sluice.toml must say storage.backend = \"postgres\""
+    );
+}
+
+/// What the fleet overlay reads from the Secret a CloudNativePG `Cluster` makes: the value of
+/// `uri` in `<cluster>-app`, built here the way the operator builds it.
+fn cloudnativepg_uri(cluster: &Value, namespace: &str, password: &str) -> String {
+    let initdb = &cluster["spec"]["bootstrap"]["initdb"];
+    format!(
+        "postgresql://{}:{password}@{}-rw.{namespace}:{POSTGRES_PORT}/{}",
+        text(initdb, "/owner", "bootstrap.initdb.owner"),
+        text(cluster, "/metadata/name", "the Cluster's name"),
+        text(initdb, "/database", "bootstrap.initdb.database"),
+    )
+}
+
+/// The optional CloudNativePG example fits the fleet overlay: its app Secret's `uri` is a URL
+/// Sluice takes (and redacts), Sluice's user owns the database it creates tables in, the
+/// server accepts as many connections as the fleet opens at most, and a commit is on a standby
+/// before Sluice acks it.
+#[test]
+fn cloudnativepg_cluster_fits_the_fleet_overlay() {
+    let cluster = yaml_documents(&repo().join("deploy/k8s/optional/cloudnativepg-cluster.yaml"))
+        .pop()
+        .expect("a Cluster");
+    assert_eq!(cluster["apiVersion"], "postgresql.cnpg.io/v1");
+    assert_eq!(cluster["kind"], "Cluster");
+
+    let objects = build(&repo().join("deploy/k8s/overlays/fleet"));
+    let (deployment, _) = workload(&objects);
+    let toml = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(toml.path(), config_file("fleet", &objects, deployment).1).unwrap();
+    let password = "Zq8example0NotAReal0Secret";
+    let uri = cloudnativepg_uri(&cluster, "sluice", password);
+    let env = [("SLUICE__STORAGE__POSTGRES__URL".to_owned(), uri)];
+    let printed = String::from_utf8(check_config(toml.path(), &env).stdout).unwrap();
+    assert!(
+        !printed.contains(password),
+        "--check-config shows the password"
+    );
+    let settings = effective(toml.path(), &env);
+    assert_eq!(settings.storage.backend, Backend::Postgres);
+
+    // Most pods at once: the HPA's maximum, plus the rollout's surge.
+    let hpa = of_kind(&objects, "HorizontalPodAutoscaler")[0];
+    let pods = number(hpa, "/spec/maxReplicas", "maxReplicas")
+        + number(
+            deployment,
+            "/spec/strategy/rollingUpdate/maxSurge",
+            "maxSurge",
+        );
+    let connections = pods * settings.storage.postgres.pool_size as u64;
+    let max_connections: u64 = text(
+        &cluster,
+        "/spec/postgresql/parameters/max_connections",
+        "max_connections",
+    )
+    .parse()
+    .expect("max_connections is a number");
+    // PostgreSQL keeps superuser_reserved_connections (3) of them; leave the operator room.
+    assert!(
+        connections + 10 <= max_connections,
+        "{pods} pods x pool_size {} = {connections} connections; max_connections {max_connections} leaves too little room",
+        settings.storage.postgres.pool_size
+    );
+
+    let sync = &cluster["spec"]["postgresql"]["synchronous"];
+    assert!(
+        number(sync, "/number", "synchronous.number") >= 1
+            && number(&cluster, "/spec/instances", "instances") > 1
+            && sync["dataDurability"] == "required",
+        "an acknowledged reading must survive a failover: synchronous replication, required"
+    );
 }
 
 /// The image's own configuration, and the Dockerfile lines that depend on it.

@@ -43,7 +43,11 @@ impl TestDb {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("sluice_test_{}_{n}", std::process::id());
         let server = server();
-        psql(&server, "postgres", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        psql(
+            &server,
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
         psql(&server, "postgres", &format!("CREATE DATABASE {name}"));
         Self { name, server }
     }
@@ -70,7 +74,10 @@ impl Drop for TestDb {
         let _ = Command::new("psql")
             .args(["-X", "-q", "-d"])
             .arg(format!("{}/postgres", self.server))
-            .args(["-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .args([
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
             .output();
     }
 }
