@@ -412,7 +412,7 @@ impl PgStore {
             .collect();
 
         // The device table, in the same transaction, in key order.
-        let mut devices: std::collections::BTreeMap<&str, (i64, Vec<(String, MetricValue, i64)>)> =
+        let mut devices: std::collections::BTreeMap<&str, (i64, Latest)> =
             std::collections::BTreeMap::new();
         for (r, _) in readings.iter().zip(&flags).filter(|(_, stored)| **stored) {
             let (last_ts, latest) = devices
@@ -442,6 +442,9 @@ impl PgStore {
         Ok(flags)
     }
 }
+
+/// A device's latest value of each metric, with the `ts` it was measured at.
+type Latest = Vec<(String, MetricValue, i64)>;
 
 /// A device's latest values as the device table keeps them:
 /// `{"<metric>": ["<exact JSON text of the value>", <ts ms>], ...}`.
