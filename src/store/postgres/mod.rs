@@ -13,8 +13,10 @@
 //!   commit, the client's retry finds its readings as duplicates.
 //! - **Schema.** Versioned migrations (`migrations/`, run by refinery at open) under a
 //!   session advisory lock, so replicas starting together migrate once.
-//! - **Retention** deletes expired readings in bounded batches, from a background task, one
-//!   replica at a time (a transaction-scoped advisory lock).
+//! - **Retention** deletes expired readings a few hundred devices per transaction, from a
+//!   background task, one replica at a time (a transaction-scoped advisory lock).
+//! - **Health.** An idle writer checks once a second that the server answers, so `/readyz`
+//!   turns 503 in an outage even when nothing is being committed.
 //!
 //! The [`Store`] interface is synchronous and is called on blocking threads, while
 //! tokio-postgres is async: the backend owns a small runtime ([`Driver`], one worker thread)
@@ -54,8 +56,14 @@ pub const MAX_ATTEMPTS: usize = 3;
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 /// Transaction advisory lock of the retention sweep, so one replica sweeps at a time.
 const RETENTION_LOCK: i64 = MIGRATION_LOCK + 1;
-/// Readings deleted per retention transaction: bounds its locks and WAL burst.
-const RETENTION_BATCH: i64 = 10_000;
+/// Devices whose expired readings one retention transaction deletes (through the
+/// `(device_id, ts)` index): bounds its length and locks.
+const RETENTION_DEVICES: i64 = 500;
+/// How often an idle writer checks that the server still answers, so that `/readyz` turns
+/// 503 during an outage even when no reading arrives.
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest that check may take (the writer waits for it).
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Milliseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const PG_EPOCH_MS: i64 = 946_684_800_000;
@@ -204,6 +212,8 @@ pub struct PgStore {
     next_retention: Instant,
     /// A sweep is running (they never overlap within a replica).
     sweeping: Arc<AtomicBool>,
+    /// When the server last answered a health check (see [`HEALTH_INTERVAL`]).
+    last_health: Instant,
 }
 
 /// The read side.
@@ -219,7 +229,11 @@ fn pg_err(e: impl StdError) -> StoreError {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        let _ = write!(text, ": {s}");
+        // tokio-postgres already prints its cause; add only what is not there yet.
+        let more = s.to_string();
+        if !text.contains(&more) {
+            let _ = write!(text, ": {more}");
+        }
         source = s.source();
     }
     StoreError::Postgres(text)
@@ -284,6 +298,7 @@ impl PgStore {
                 reader,
                 next_retention: Instant::now(),
                 sweeping: Arc::new(AtomicBool::new(false)),
+                last_health: Instant::now(),
             },
             devices,
         ))
@@ -523,6 +538,22 @@ impl Store for PgStore {
     }
 
     fn maintain(&mut self) -> Result<(), StoreError> {
+        if self.last_health.elapsed() >= HEALTH_INTERVAL {
+            self.last_health = Instant::now();
+            self.driver.block_on(async {
+                let check = async {
+                    let client = self.pool.get().await.map_err(pg_err)?;
+                    client.simple_query("SELECT 1").await.map_err(pg_err)?;
+                    Ok::<_, StoreError>(())
+                };
+                match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+                    Ok(result) => result,
+                    Err(_) => Err(StoreError::Postgres(format!(
+                        "no answer to a health check within {HEALTH_TIMEOUT:?}"
+                    ))),
+                }
+            })?;
+        }
         if Instant::now() < self.next_retention || self.sweeping.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -554,11 +585,12 @@ fn forget_idle(pool: &Pool) {
     pool.retain(|_, _| false);
 }
 
-/// Deletes readings older than `cutoff_ms` in batches of [`RETENTION_BATCH`], each its own
-/// transaction; stops early when another replica holds the sweep lock. Returns how many.
+/// Deletes readings older than `cutoff_ms`, [`RETENTION_DEVICES`] devices per transaction;
+/// stops early when another replica holds the sweep lock. Returns how many readings.
 async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, StoreError> {
     let mut client = pool.get().await.map_err(pg_err)?;
     let mut deleted = 0;
+    let mut after = String::new();
     loop {
         let tx = client.transaction().await.map_err(pg_err)?;
         let locked: bool = tx
@@ -569,19 +601,29 @@ async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, St
         if !locked {
             return Ok(deleted);
         }
+        let devices: Vec<String> = tx
+            .query(
+                "SELECT device_id FROM devices WHERE device_id > $1 ORDER BY device_id LIMIT $2",
+                &[&after, &RETENTION_DEVICES],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
         let n = tx
             .execute(
-                "DELETE FROM readings WHERE ctid = ANY (ARRAY(
-                     SELECT ctid FROM readings WHERE ts < $1 LIMIT $2))",
-                &[&Timestamp(cutoff_ms), &RETENTION_BATCH],
+                "DELETE FROM readings WHERE device_id = ANY($1) AND ts < $2",
+                &[&devices, &Timestamp(cutoff_ms)],
             )
             .await
             .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         metrics.retention_deleted.inc_by(n);
         deleted += n;
-        if n < RETENTION_BATCH as u64 {
-            return Ok(deleted);
+        match devices.last() {
+            Some(last) if devices.len() as i64 == RETENTION_DEVICES => after = last.clone(),
+            _ => return Ok(deleted),
         }
     }
 }

@@ -10,7 +10,10 @@ CREATE TABLE devices (
     last_ts_ms   bigint NOT NULL,
     -- The latest value of every metric: {"<metric>": ["<exact JSON text of the value>", <ts ms>]}.
     latest       jsonb  NOT NULL
-);
+-- Every commit rewrites each of its devices' rows. Free space in each page lets PostgreSQL
+-- update them in place (HOT, no new primary-key entry): 24 µs per device update at the default
+-- fillfactor of 100 against 14 µs at 50 (psql, 1 000 devices, this machine).
+) WITH (fillfactor = 50);
 
 -- Merges a commit's latest values into a device's: per metric, a newer or equal ts wins
 -- (the same rule as the embedded store's merge_latest). The commit takes it only for late
