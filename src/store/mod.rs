@@ -283,8 +283,10 @@ impl ReadingsQuery {
 /// inside a compacted chunk. The device is implied by where the row lives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRow {
-    /// Store-assigned reading id, increasing in arrival (commit) order across the whole store.
-    /// It orders readings with equal `ts` and names readings that have no `seq`.
+    /// Store-assigned reading id, unique in the store and never reused. It orders readings
+    /// with equal `ts` (a stable order) and names readings that have no `seq`. SQLite assigns
+    /// it in commit order; PostgreSQL's connections draw ids from cached blocks, so there it
+    /// follows commit order only within one connection.
     pub rid: u64,
     /// Device timestamp, Unix epoch milliseconds.
     pub ts_ms: i64,
