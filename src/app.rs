@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::config::Settings;
+use crate::config::{Backend, ConfigError, Settings};
 use crate::handlers::mqtt::MqttSource;
 use crate::handlers::{self, AppState, WsHub};
 use crate::pipeline::{Health, Pipeline};
@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::ops::metrics))
         .route("/healthz", get(handlers::ops::healthz))
         .route("/readyz", get(handlers::ops::readyz))
+        .merge(handlers::status::routes())
         .fallback(|| async {
             handlers::problem::Problem::not_found("no such endpoint; see the README for the API")
         })
@@ -72,6 +73,7 @@ impl Application {
     /// cannot, Sluice still serves `/healthz`, and `/readyz` and ingest answer 503 until it can.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
+        preflight_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| {
@@ -243,5 +245,34 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Before anything listens: what the store can never recover from is a configuration error
+/// ([`ConfigError`], exit code 2), not an endless "not ready".
+async fn preflight_store(settings: &Settings) -> anyhow::Result<()> {
+    let storage = settings.storage.clone();
+    match storage.backend {
+        Backend::Sqlite => {
+            if !storage.postgres.url.is_empty() {
+                tracing::warn!(
+                    url = %storage.postgres.url,
+                    "storage.postgres.url is set but storage.backend is \"sqlite\": the URL is not used"
+                );
+            }
+            Ok(())
+        }
+        Backend::Postgres => {
+            let checked =
+                tokio::task::spawn_blocking(move || crate::store::postgres::preflight(&storage))
+                    .await
+                    .context("postgres preflight")?;
+            checked.map_err(|reason| {
+                anyhow::Error::new(ConfigError::Invalid {
+                    key: "storage.postgres.url",
+                    reason,
+                })
+            })
+        }
     }
 }

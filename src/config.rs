@@ -147,6 +147,7 @@ pub enum Backend {
     #[default]
     Sqlite,
     /// One PostgreSQL database shared by every replica (`[storage.postgres]`).
+    #[serde(alias = "postgresql")]
     Postgres,
 }
 
@@ -260,31 +261,33 @@ impl DbUrl {
         self.0.trim().is_empty()
     }
 
-    /// The string with the password replaced by `<redacted>`: in the URL form the part
-    /// between `user:` and `@`, in the key-value form the value of `password=`.
+    /// The string with the password replaced by `<redacted>`: in any `scheme://user:pass@host`
+    /// form the part between `user:` and the last `@` of the authority (a password may itself
+    /// hold `@`, `:` or `/`), and the value of every `password=` pair (URL query or libpq's
+    /// key-value form).
     pub fn redacted(&self) -> String {
         let s = &self.0;
-        if let Some(rest) = s
-            .strip_prefix("postgres://")
-            .or_else(|| s.strip_prefix("postgresql://"))
-        {
-            let scheme = &s[..s.len() - rest.len()];
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            if let Some(at) = rest[..authority_end].rfind('@') {
-                if let Some(colon) = rest[..at].find(':') {
-                    return format!("{scheme}{}:<redacted>{}", &rest[..colon], &rest[at..]);
-                }
-            }
-            // A password can also come as a query parameter.
-            return redact_pairs(s, '&');
-        }
-        redact_pairs(s, ' ')
+        let Some(scheme_end) = s.find("://").map(|i| i + 3) else {
+            return redact_pairs(s);
+        };
+        let (scheme, rest) = s.split_at(scheme_end);
+        // The userinfo ends at the last `@` before the query string.
+        let query = rest.find('?').unwrap_or(rest.len());
+        let Some(at) = rest[..query].rfind('@') else {
+            return redact_pairs(s);
+        };
+        let userinfo = &rest[..at];
+        let user = match userinfo.find(':') {
+            Some(colon) => format!("{}:<redacted>", &userinfo[..colon]),
+            None => userinfo.to_string(),
+        };
+        redact_pairs(&format!("{scheme}{user}{}", &rest[at..]))
     }
 }
 
-/// Replaces the value of every `password=` pair separated by `sep` (or starting the string
-/// after `?`) with `<redacted>`.
-fn redact_pairs(s: &str, sep: char) -> String {
+/// Replaces the value of every `password=` pair (after a space, `&`, `?` or at the start) with
+/// `<redacted>`; a quoted value ('...') is replaced whole.
+fn redact_pairs(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find("password=") {
@@ -292,10 +295,10 @@ fn redact_pairs(s: &str, sep: char) -> String {
         out.push_str(&rest[..i + "password=".len()]);
         rest = &rest[i + "password=".len()..];
         if at_boundary {
-            let end = if sep == ' ' && rest.starts_with('\'') {
-                rest[1..].find('\'').map_or(rest.len(), |j| j + 2)
+            let end = if let Some(quoted) = rest.strip_prefix('\'') {
+                quoted.find('\'').map_or(rest.len(), |j| j + 2)
             } else {
-                rest.find([sep, ' ']).unwrap_or(rest.len())
+                rest.find([' ', '&', '\t']).unwrap_or(rest.len())
             };
             out.push_str("<redacted>");
             rest = &rest[end..];
@@ -623,11 +626,48 @@ impl Settings {
                     "is required with storage.backend = \"postgres\" (e.g. postgres://sluice@db:5432/sluice, or SLUICE__STORAGE__POSTGRES__URL)".into(),
                 );
             }
-            if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
-                // tokio-postgres's message never quotes the string, so no password leaks.
+            let accepted = "use postgres://user:password@host:port/database (URL form) or \
+                            host=... port=... user=... password=... dbname=... (key-value form)";
+            let parsed = match pg.url.expose().parse::<tokio_postgres::Config>() {
+                Ok(c) => c,
+                // tokio-postgres's message never quotes the string; ours shows it redacted.
+                Err(e) => {
+                    return invalid(
+                        "storage.postgres.url",
+                        format!(
+                            "`{}` is not a PostgreSQL connection string ({e}); {accepted}",
+                            pg.url
+                        ),
+                    )
+                }
+            };
+            if parsed.get_hosts().is_empty() {
                 return invalid(
                     "storage.postgres.url",
-                    format!("`{}` is not a PostgreSQL connection string: {e}", pg.url),
+                    format!("`{}` names no host; {accepted}", pg.url),
+                );
+            }
+            if parsed.get_dbname().is_none() {
+                return invalid(
+                    "storage.postgres.url",
+                    format!(
+                        "`{}` names no database (PostgreSQL would pick one named after the user); \
+                         give Sluice a database of its own, e.g. postgres://user@host:5432/sluice",
+                        pg.url
+                    ),
+                );
+            }
+            if matches!(
+                parsed.get_ssl_mode(),
+                tokio_postgres::config::SslMode::Require
+            ) {
+                return invalid(
+                    "storage.postgres.url",
+                    format!(
+                        "`{}` asks for TLS (sslmode=require), which this build does not support; \
+                         use sslmode=disable or prefer and keep the database on a private network",
+                        pg.url
+                    ),
                 );
             }
             if pg.pool_size < 2 {
@@ -798,6 +838,16 @@ mod tests {
                 "host=db user=sluice password=<redacted> dbname=sluice",
             ),
             ("host=db password=s3cret", "host=db password=<redacted>"),
+            // A password holding @, : and / (not percent-encoded), and schemes we do not take.
+            (
+                "postgres://postgres:p@s3:w/rd@127.0.0.1/x",
+                "postgres://postgres:<redacted>@127.0.0.1/x",
+            ),
+            ("postgress://u:s3cret@h/x", "postgress://u:<redacted>@h/x"),
+            (
+                "mysql://u:s3cret@h/x?password=s3cret",
+                "mysql://u:<redacted>@h/x?password=<redacted>",
+            ),
         ] {
             let u = DbUrl::new(url);
             assert_eq!(u.redacted(), shown);

@@ -19,8 +19,11 @@ static GLOBAL: MiMalloc = MiMalloc;
 /// Configuration is layered: built-in defaults, then the TOML file from --config (or
 /// SLUICE_CONFIG), then SLUICE__SECTION__KEY environment variables, e.g.
 /// SLUICE__SERVER__LISTEN=127.0.0.1:9000. With no configuration at all Sluice listens on
-/// 0.0.0.0:8080 and stores to ./data/sluice.db. A bad configuration exits with code 2 and names
-/// the key.
+/// 0.0.0.0:8080 and stores to ./data/sluice.db (the embedded SQLite store). For several
+/// replicas sharing one PostgreSQL database, set SLUICE__STORAGE__BACKEND=postgres and
+/// SLUICE__STORAGE__POSTGRES__URL=postgres://user:password@host:5432/database. A bad
+/// configuration (including a database that refuses the user) exits with code 2 and names the
+/// key.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -64,6 +67,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Found at start-up, e.g. a database that refuses the configured user.
+        Err(e) if e.downcast_ref::<sluice::config::ConfigError>().is_some() => {
+            eprintln!("sluice: invalid configuration: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "sluice stopped with an error");
             eprintln!("sluice: {e:#}");

@@ -641,8 +641,37 @@ fn postgres_refuses_a_newer_schema() {
         Ok(_) => panic!("a newer schema must be refused"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("schema migration failed"), "{err}");
-    assert!(err.contains("versions up to 2"), "{err}");
+    assert!(
+        err.contains("schema version 99 is newer than this Sluice supports (2)"),
+        "{err}"
+    );
+    let pre = sluice::store::postgres::preflight(&b.settings()).expect_err("refused at start");
+    assert!(pre.contains("newer"), "{pre}");
+}
+
+/// Start-up refuses what retrying cannot fix (an unknown database or role), and lets through
+/// a server that is only unreachable (the writer keeps trying).
+#[test]
+fn postgres_preflight_tells_fatal_from_transient() {
+    let b = Postgres::new();
+    sluice::store::postgres::preflight(&b.settings()).expect("a fresh, empty database is fine");
+    let mut s = b.settings();
+    s.postgres.url = sluice::config::DbUrl::new(format!("{}_missing", b.db.url()));
+    let e = sluice::store::postgres::preflight(&s).expect_err("no such database");
+    assert!(
+        e.contains("does not exist") && e.contains("retrying cannot fix"),
+        "{e}"
+    );
+    s.postgres.url = sluice::config::DbUrl::new(format!(
+        "postgres://no_such_role:pw@127.0.0.1:5432/{}",
+        b.db.name
+    ));
+    let e = sluice::store::postgres::preflight(&s).expect_err("no such role");
+    assert!(e.contains("no_such_role") && !e.contains(":pw@"), "{e}");
+    // Nothing listens on port 1: transient, start anyway.
+    s.postgres.url =
+        sluice::config::DbUrl::new(format!("postgres://postgres@127.0.0.1:1/{}", b.db.name));
+    sluice::store::postgres::preflight(&s).expect("unreachable is not fatal");
 }
 
 /// Replicas opening one empty database at the same moment migrate it once, and then commit

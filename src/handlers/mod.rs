@@ -6,6 +6,7 @@
 //! - `query`: `GET /v1/devices…` (device state and stored readings)
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`
 //! - `problem`: RFC 9457 problem documents for every non-ingest error
+//! - `status`: the status page (`GET /`, `/static/…`) and its figures (`GET /v1/status`)
 
 pub mod http;
 pub mod live;
@@ -13,6 +14,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod problem;
 pub mod query;
+pub mod status;
 pub mod ws;
 
 use std::sync::Arc;

@@ -101,7 +101,79 @@ fn connect_config(settings: &StorageSettings) -> Result<tokio_postgres::Config, 
     if config.get_application_name().is_none() {
         config.application_name("sluice");
     }
+    // The server's NOTICEs ("relation ... already exists, skipping") are not news to operators.
+    if config.get_options().is_none() {
+        config.options("-c client_min_messages=warning");
+    }
     Ok(config)
+}
+
+/// What retrying can never fix, checked once at start-up so that Sluice exits with a
+/// configuration error (code 2) instead of staying not ready: the server refuses the user or
+/// its password (SQLSTATE 28000, 28P01), the database does not exist (3D000), or it holds a
+/// schema migrated by a newer Sluice. `Ok` when the server answers and none of these holds, and
+/// also when it cannot be reached yet (replicas may start before their database): the store
+/// writer keeps trying then. The `Err` text names the cause and the (redacted) URL.
+pub fn preflight(settings: &StorageSettings) -> Result<(), String> {
+    let url = &settings.postgres.url;
+    let config = connect_config(settings).map_err(|e| format!("`{url}`: {e}"))?;
+    let driver = Driver::new().map_err(|e| e.to_string())?;
+    driver.block_on(async {
+        let (client, connection) = match config.connect(NoTls).await {
+            Ok(c) => c,
+            Err(e) => {
+                let fatal = [
+                    SqlState::INVALID_PASSWORD,
+                    SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                    SqlState::INVALID_CATALOG_NAME,
+                ];
+                return match e.code() {
+                    Some(code) if fatal.contains(code) => Err(format!(
+                        "`{url}`: {} (retrying cannot fix this)",
+                        pg_err(e)
+                    )),
+                    _ => {
+                        tracing::warn!(url = %url, error = %pg_err(e), "postgres: not reachable yet; will keep trying");
+                        Ok(())
+                    }
+                };
+            }
+        };
+        let connection = tokio::spawn(connection);
+        let found = stored_schema_version(&client).await;
+        drop(client);
+        let _ = connection.await;
+        match found {
+            Ok(Some(v)) if v > schema_version() => Err(format!(
+                "`{url}`: {}",
+                StoreError::TooNew {
+                    found: v.into(),
+                    supported: schema_version().into(),
+                }
+            )),
+            _ => Ok(()),
+        }
+    })
+}
+
+/// The newest migration recorded in the database, `None` before the first.
+async fn stored_schema_version(client: &tokio_postgres::Client) -> Result<Option<i32>, StoreError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    client
+        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+        .await
+        .map_err(pg_err)
+        .map(|row| row.get(0))
 }
 
 /// Created on every pooled connection: where a group commit lands before its dedupe. Emptied
@@ -261,7 +333,12 @@ impl PgStore {
         let pg = &settings.postgres;
         let config = connect_config(settings)?;
         let driver = Arc::new(Driver::new()?);
-        driver.block_on(migrate(&config, None))?;
+        driver
+            .block_on(migrate(&config, None))
+            .map_err(|e| match e {
+                StoreError::Postgres(text) => StoreError::Postgres(format!("{}: {text}", pg.url)),
+                other => other,
+            })?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -314,6 +391,14 @@ async fn migrate(config: &tokio_postgres::Config, target: Option<i32>) -> Result
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg_err)?;
+    if let Some(found) = stored_schema_version(&client).await? {
+        if found > schema_version() {
+            return Err(StoreError::TooNew {
+                found: found.into(),
+                supported: schema_version().into(),
+            });
+        }
+    }
     let mut runner = embedded::migrations::runner().set_abort_missing(true);
     if let Some(v) = target {
         runner = runner.set_target(refinery::Target::Version(v));
@@ -333,8 +418,8 @@ async fn migrate(config: &tokio_postgres::Config, target: Option<i32>) -> Result
             Ok(())
         }
         Err(e) => Err(StoreError::Postgres(format!(
-            "schema migration failed (this build knows versions up to {}): {e}",
-            schema_version()
+            "schema migration failed: {}",
+            pg_err(e)
         ))),
     }
 }
