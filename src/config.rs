@@ -220,21 +220,27 @@ pub struct PostgresSettings {
     /// (libpq's syntax, as tokio-postgres parses it). The password is redacted in logs and
     /// `--check-config`. Plain connections only (no TLS).
     pub url: DbUrl,
-    /// Connections in the pool: one for the group commit at a time, the rest for queries and
-    /// the retention sweep.
+    /// Connections for queries and the retention sweep. Commits have two more of their own, so
+    /// that queries can never starve them.
     pub pool_size: usize,
     /// Longest wait to connect (and to get a pooled connection) before the attempt fails and
     /// the store is marked down.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest time one statement of a commit or a query may take (PostgreSQL's
+    /// `statement_timeout`), lock waits included: a table locked by someone else fails the
+    /// commit (503, the store is probed) instead of holding ingest indefinitely.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 impl Default for PostgresSettings {
     fn default() -> Self {
         Self {
             url: DbUrl(String::new()),
-            pool_size: 8,
+            pool_size: 4,
             connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -670,12 +676,18 @@ impl Settings {
                     ),
                 );
             }
-            if pg.pool_size < 2 {
+            if pg.pool_size == 0 {
                 return invalid(
                     "storage.postgres.pool_size",
+                    "must be at least 1 (connections for queries; commits have their own)".into(),
+                );
+            }
+            if pg.statement_timeout < Duration::from_millis(100) {
+                return invalid(
+                    "storage.postgres.statement_timeout",
                     format!(
-                        "is {}; must be at least 2 (one for commits, one for queries)",
-                        pg.pool_size
+                        "is {:?}; must be at least 100ms (a group commit takes tens of ms)",
+                        pg.statement_timeout
                     ),
                 );
             }
@@ -892,7 +904,7 @@ mod tests {
         );
         let e = err(&[
             ("SLUICE__STORAGE__POSTGRES__URL", "postgres://db/x"),
-            ("SLUICE__STORAGE__POSTGRES__POOL_SIZE", "1"),
+            ("SLUICE__STORAGE__POSTGRES__POOL_SIZE", "0"),
         ]);
         assert!(e.contains("storage.postgres.pool_size"), "{e}");
         let e = Settings::load_from(None, env(&[("SLUICE__STORAGE__BACKEND", "mysql")]))

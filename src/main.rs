@@ -65,6 +65,9 @@ fn main() -> ExitCode {
         let app = Application::build(settings).await?;
         app.run_until(shutdown_signal()).await
     });
+    // Everything that was acknowledged is committed by now. A store call still blocked (a
+    // database that does not answer) holds nothing acknowledged: do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Found at start-up, e.g. a database that refuses the configured user.

@@ -931,7 +931,8 @@ fn cloudnativepg_cluster_fits_the_fleet_overlay() {
             "/spec/strategy/rollingUpdate/maxSurge",
             "maxSurge",
         );
-    let connections = pods * settings.storage.postgres.pool_size as u64;
+    // pool_size for queries, plus the commits' own two (src/store/postgres).
+    let connections = pods * (settings.storage.postgres.pool_size as u64 + 2);
     let max_connections: u64 = text(
         &cluster,
         "/spec/postgresql/parameters/max_connections",
@@ -942,7 +943,7 @@ fn cloudnativepg_cluster_fits_the_fleet_overlay() {
     // PostgreSQL keeps superuser_reserved_connections (3) of them; leave the operator room.
     assert!(
         connections + 10 <= max_connections,
-        "{pods} pods x pool_size {} = {connections} connections; max_connections {max_connections} leaves too little room",
+        "{pods} pods x (pool_size {} + 2) = {connections} connections; max_connections {max_connections} leaves too little room",
         settings.storage.postgres.pool_size
     );
 

@@ -239,8 +239,8 @@ async fn a_new_device_is_listed_first_with_its_latest_values() {
     app.shutdown().await.unwrap();
 }
 
-/// Sends `request_line` as written (no client normalises `..` away) and returns the status
-/// and the body.
+/// Sends a GET of `target` as written (an HTTP client would normalise `..` away), and
+/// returns the status, the lower-cased head and the body.
 fn raw_get(addr: std::net::SocketAddr, target: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -322,7 +322,10 @@ async fn the_page_and_its_assets_are_built_in_and_bad_paths_are_refused() {
         ("/?token=x&y", 400, "unknown query parameter `token`"),
         ("/static/app.js?v=2", 400, "unknown query parameter `v`"),
     ] {
-        let (got, head, body) = raw_get(app.addr, target);
+        let addr = app.addr;
+        let (got, head, body) = tokio::task::spawn_blocking(move || raw_get(addr, target))
+            .await
+            .unwrap();
         assert_eq!(got, code, "{target}: {body}");
         problem(code, &head, &body, says, target);
     }

@@ -14,40 +14,93 @@ use super::problem::Problem;
 use super::AppState;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::services::device_state::{DeviceState, DeviceView};
-use crate::store::{Order, ReadingsQuery, StoredRow};
+use crate::store::{DevicesQuery, Order, ReadingsQuery, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
 pub const DEFAULT_LIMIT: usize = 1000;
 /// Largest `limit`.
 pub const MAX_LIMIT: usize = 10_000;
 
-/// The store's shared device table, or `None` to answer from memory (see
-/// [`crate::store::StoreRead::devices`]). A store error is a 503 problem.
-async fn shared_devices(
-    state: &AppState,
-    device: Option<String>,
-) -> Option<Result<Vec<DeviceView>, Problem>> {
+/// Devices that `q` selects: from the store's shared device table (PostgreSQL), or from the
+/// device-state service (memory). A store error is a 503 problem.
+async fn find_devices(state: &AppState, q: DevicesQuery) -> Result<Vec<DeviceView>, Problem> {
     let reader = state.reader.clone();
     let retry = state.settings.pipeline.retry_after;
     let unavailable =
         |detail: String| Problem::unavailable("unavailable", "Store unavailable", detail, retry);
-    let found = tokio::task::spawn_blocking(move || reader.devices(device.as_deref())).await;
+    let query = q.clone();
+    let found = tokio::task::spawn_blocking(move || reader.devices(&query)).await;
     match found {
-        Err(e) => Some(Err(unavailable(e.to_string()))),
-        Ok(None) => None,
-        Ok(Some(Err(e))) => Some(Err(unavailable(e.to_string()))),
-        Ok(Some(Ok(list))) => Some(Ok(list.iter().map(DeviceState::view_of).collect())),
+        Err(e) => Err(unavailable(e.to_string())),
+        Ok(None) => Ok(match &q.device {
+            Some(id) => state.devices.get(id).into_iter().collect(),
+            None => state.devices.page(&q),
+        }),
+        Ok(Some(Err(e))) => Err(unavailable(e.to_string())),
+        Ok(Some(Ok(list))) => Ok(list.iter().map(DeviceState::view_of).collect()),
     }
 }
 
-/// `GET /v1/devices`
-pub async fn list_devices(State(state): State<AppState>) -> Response {
-    let devices = match shared_devices(&state, None).await {
-        None => state.devices.list(),
-        Some(Ok(list)) => list,
-        Some(Err(p)) => return p.into_response(),
-    };
-    Json(serde_json::json!({ "devices": devices })).into_response()
+/// Query string of `GET /v1/devices` (SPEC §3).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesParams {
+    /// Only device ids that start with this.
+    prefix: Option<String>,
+    /// At most this many per page (default 1000, max 10 000).
+    limit: Option<String>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DevicesBody {
+    devices: Vec<DeviceView>,
+    /// Present when more devices match: pass it as `cursor` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// `GET /v1/devices?prefix=&limit=&cursor=`: a page of devices sorted by id; `next` is the
+/// cursor of the next page (the last id of this one), present only when more match.
+pub async fn list_devices(
+    State(state): State<AppState>,
+    params: Result<Query<DevicesParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        let Query(p) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
+        let limit = parse_limit(p.limit)?;
+        for (name, value) in [("prefix", &p.prefix), ("cursor", &p.cursor)] {
+            if let Some(v) = value {
+                if v.len() > 128
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+                {
+                    return Err(Problem::bad_request(format!(
+                        "{name}: `{v}` cannot be part of a device id (1-128 of A-Z a-z 0-9 . _ : -)"
+                    )));
+                }
+            }
+        }
+        let q = DevicesQuery {
+            device: None,
+            prefix: p.prefix.filter(|p| !p.is_empty()),
+            after: p.cursor.filter(|c| !c.is_empty()),
+            // One more than asked tells whether another page follows.
+            limit: limit + 1,
+        };
+        let mut devices = find_devices(&state, q).await?;
+        let next = if devices.len() > limit {
+            devices.truncate(limit);
+            devices.last().map(|d| d.device_id.clone())
+        } else {
+            None
+        };
+        Ok(Json(DevicesBody { devices, next }).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|p: Problem| p.into_response())
 }
 
 fn device_path(id: &str) -> Result<DeviceId, Problem> {
@@ -60,14 +113,30 @@ pub async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
-    let found = match shared_devices(&state, Some(id.as_str().to_owned())).await {
-        None => state.devices.get(id.as_str()),
-        Some(Ok(list)) => list.into_iter().next(),
-        Some(Err(p)) => return p.into_response(),
+    let q = DevicesQuery {
+        device: Some(id.as_str().to_owned()),
+        limit: 1,
+        ..DevicesQuery::default()
     };
-    match found {
-        Some(d) => Json(d).into_response(),
-        None => Problem::not_found(format!("device `{id}` has no stored readings")).into_response(),
+    match find_devices(&state, q).await {
+        Ok(found) => match found.into_iter().next() {
+            Some(d) => Json(d).into_response(),
+            None => Problem::not_found(format!("device `{id}` is not known")).into_response(),
+        },
+        Err(p) => p.into_response(),
+    }
+}
+
+/// `limit`: default [`DEFAULT_LIMIT`], 1 to [`MAX_LIMIT`].
+fn parse_limit(limit: Option<String>) -> Result<usize, Problem> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(Problem::bad_request(format!(
+                "limit: `{s}` must be an integer from 1 to {MAX_LIMIT}"
+            ))),
+        },
     }
 }
 
@@ -106,17 +175,7 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
     };
     let from_ms = ts("from", p.from, i64::MIN)?;
     let to_ms = ts("to", p.to, i64::MAX)?;
-    let limit = match p.limit {
-        None => DEFAULT_LIMIT,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(Problem::bad_request(format!(
-                    "limit: `{s}` must be an integer from 1 to {MAX_LIMIT}"
-                )))
-            }
-        },
-    };
+    let limit = parse_limit(p.limit)?;
     let order = match p.order.as_deref() {
         None | Some("asc") => Order::Asc,
         Some("desc") => Order::Desc,

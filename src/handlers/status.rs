@@ -89,7 +89,7 @@ pub const ASSETS: &[Asset] = &[
 
 /// The page's policy: its own scripts, styles and connections only (the live tail's
 /// WebSocket is same-origin), and no framing.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
      connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// A window shorter than this is not used for rates: a page polling every second gets the
@@ -97,30 +97,30 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:;
 pub const MIN_WINDOW: Duration = Duration::from_millis(900);
 
 /// Gathers kept for later windows, at most this often...
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// ...and for at most this long: a window never spans more than this.
-const MAX_WINDOW: Duration = Duration::from_secs(30);
+pub const MAX_WINDOW: Duration = Duration::from_secs(30);
 
 /// How many recently seen devices `/v1/status` lists.
 pub const RECENT_DEVICES: usize = 10;
 
 /// How long the live subscription behind [`RecentDevices`] lives after the last call.
-const RECENT_LEASE: Duration = Duration::from_secs(30);
+pub const RECENT_LEASE: Duration = Duration::from_secs(30);
 
 /// How often that subscription's buffer is read. Under load the buffer fills right after
 /// each read, so "recent" is at most this old, and at most
 /// `RECENT_BUFFER / RECENT_FOLLOW_PERIOD` readings a second are looked at.
-const RECENT_FOLLOW_PERIOD: Duration = Duration::from_millis(200);
+pub const RECENT_FOLLOW_PERIOD: Duration = Duration::from_millis(200);
 
 /// That subscription's buffer, in readings. Fixed rather than configured: it only samples
 /// which devices were seen, and a full buffer just skips readings (fan-out never waits).
-const RECENT_BUFFER: usize = 256;
+pub const RECENT_BUFFER: usize = 256;
 
 /// With no more devices than this, the recent list is seeded from device state when the
 /// subscription starts, so a page opened on a quiet server still lists devices. Above it the
 /// list fills as readings arrive (listing every device is O(devices)).
-const RECENT_SEED_MAX_DEVICES: usize = 2_000;
+pub const RECENT_SEED_MAX_DEVICES: usize = 2_000;
 
 /// The routes of the page and its endpoint, each with the state it needs.
 pub fn routes() -> Router<AppState> {
@@ -564,7 +564,9 @@ impl RecentDevices {
         let (subscription, mut rx) = state.ws.live.subscribe(None, None, RECENT_BUFFER);
         let inner = self.inner.clone();
         let shutdown = state.ws.shutdown.clone();
-        tokio::spawn(async move {
+        // A live subscriber like the `/v1/live` connections, so measured with their family.
+        let family = state.metrics.tasks.ws.clone();
+        tokio::spawn(family.instrument(async move {
             let _subscription = subscription;
             let mut tick = tokio::time::interval(RECENT_FOLLOW_PERIOD);
             let mut batch = Vec::with_capacity(RECENT_BUFFER);
@@ -588,7 +590,7 @@ impl RecentDevices {
                 }
             }
             // The subscription is dropped here, which removes it from the fan-out.
-        });
+        }));
     }
 }
 

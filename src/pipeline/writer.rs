@@ -160,7 +160,9 @@ async fn open(ctx: &Arc<Ctx>) -> Option<Boxed> {
             None
         }
         Err(e) => {
-            tracing::error!(error = %e, "store open panicked");
+            // Say why in /readyz too, not only "not opened yet".
+            let e = StoreError::Corrupt(format!("store open panicked: {e}"));
+            store_failed(ctx, "open", &e);
             None
         }
     }

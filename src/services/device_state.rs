@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::Service;
 use crate::reading::{format_ts, MetricValue, PairsAsMap, Reading};
-use crate::store::{merge_latest, DeviceLatest};
+use crate::store::{merge_latest, DeviceLatest, DevicesQuery};
 
 /// What is known about one device.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +85,17 @@ impl DeviceState {
         let mut out: Vec<DeviceView> = devices.iter().map(|(id, e)| Self::view(id, e)).collect();
         out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         out
+    }
+
+    /// The devices `q` selects, sorted by id, at most `q.limit`.
+    pub fn page(&self, q: &DevicesQuery) -> Vec<DeviceView> {
+        let devices = self.devices.read().expect("device state lock");
+        let mut ids: Vec<&String> = devices.keys().filter(|id| q.selects(id)).collect();
+        ids.sort_unstable();
+        ids.truncate(q.limit);
+        ids.into_iter()
+            .map(|id| Self::view(id, &devices[id]))
+            .collect()
     }
 
     /// Number of known devices.

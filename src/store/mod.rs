@@ -108,10 +108,10 @@ pub trait StoreRead: Send + Sync {
     /// Runs a readings query. `Ok(None)` when the device has never been stored.
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError>;
 
-    /// The device table, for a backend whose device state every replica shares: every
-    /// device sorted by id, or only `device` if given (empty when it is unknown). `None` when
-    /// the backend keeps no shared table, and the device-state service (memory) answers.
-    fn devices(&self, _device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+    /// The device table, for a backend whose device state every replica shares: the devices
+    /// `q` selects, sorted by id. `None` when the backend keeps no shared table, and the
+    /// device-state service (memory) answers.
+    fn devices(&self, _q: &DevicesQuery) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
         None
     }
 }
@@ -199,13 +199,13 @@ impl ReaderSlot {
 
     /// Devices from the store's shared device table (see [`StoreRead::devices`]); `None` when
     /// the backend has none and the device-state service answers from memory.
-    pub fn devices(&self, device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+    pub fn devices(&self, q: &DevicesQuery) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
         if !self.shared_devices {
             return None;
         }
         let reader = self.inner.read().expect("reader slot lock").clone();
         match reader {
-            Some(r) => r.devices(device),
+            Some(r) => r.devices(q),
             None => Some(Err(StoreError::NotOpen)),
         }
     }
@@ -224,6 +224,33 @@ impl ReaderSlot {
             .clone()
             .ok_or(StoreError::NotOpen)?;
         reader.readings(q)
+    }
+}
+
+/// `GET /v1/devices?prefix=&limit=&cursor=` and `GET /v1/devices/{id}` (SPEC §3), already
+/// validated. Devices come sorted by id.
+#[derive(Debug, Clone, Default)]
+pub struct DevicesQuery {
+    /// Exactly this device (then the other fields are ignored).
+    pub device: Option<String>,
+    /// Only ids that start with this.
+    pub prefix: Option<String>,
+    /// Only ids after this one: the previous page's last id (the cursor).
+    pub after: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl DevicesQuery {
+    /// Whether `id` is selected, apart from the limit.
+    pub fn selects(&self, id: &str) -> bool {
+        match &self.device {
+            Some(d) => d == id,
+            None => {
+                self.prefix.as_deref().is_none_or(|p| id.starts_with(p))
+                    && self.after.as_deref().is_none_or(|a| id > a)
+            }
+        }
     }
 }
 

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub store_commit_seconds: HistogramVec,
     /// Failed commits or store opens.
     pub store_errors: IntCounterVec,
+    /// Group commits the database aborted and asked to retry (PostgreSQL: deadlock or
+    /// serialization failure), each retried in place.
+    pub store_commit_retries: IntCounterVec,
     /// Receive → ack, per request / frame / message.
     pub ack_latency: HistogramVec,
     /// HTTP requests by matched route and status.
@@ -192,6 +195,11 @@ impl Metrics {
             store_errors: counter(
                 "sluice_store_errors_total",
                 "Store opens or commits that failed.",
+                &["store"],
+            ),
+            store_commit_retries: counter(
+                "sluice_store_commit_retries_total",
+                "Group commits the database aborted and asked to retry (deadlock, serialization failure).",
                 &["store"],
             ),
             ack_latency: histogram(

@@ -38,8 +38,8 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
 use super::{
-    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceLatest, Order,
-    OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead, StoredRow,
+    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceLatest,
+    DevicesQuery, Order, OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead, StoredRow,
 };
 use crate::config::StorageSettings;
 use crate::reading::{now_ms, MetricValue, PairsAsMap, Reading};
@@ -206,29 +206,19 @@ const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics
      ON CONFLICT (device_id, seq) DO NOTHING
      RETURNING device_id, seq";
 
-/// The device table, in the same transaction. `u` is one row per device of the commit: its
-/// newest `ts`, the oldest `ts` among its new latest values, and those values. The common case
-/// (no value older than the device's newest reading) is a plain UPDATE with `||`; new devices
-/// and late readings take the INSERT … ON CONFLICT path with the per-metric merge.
-const UPSERT_DEVICES: &str = "WITH u AS (
-         SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[])
-             AS u(id, max_ts, min_ts, latest)
-     ), fast AS (
-         UPDATE devices AS d SET
-             last_seen_ms = greatest(d.last_seen_ms, $1),
-             last_ts_ms = greatest(d.last_ts_ms, u.max_ts),
-             latest = d.latest || u.latest::jsonb
-         FROM u WHERE d.device_id = u.id AND u.min_ts >= d.last_ts_ms
-         RETURNING d.device_id
-     )
-     INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
-     SELECT u.id, $1, u.max_ts, u.latest::jsonb FROM u
-     WHERE u.id NOT IN (SELECT device_id FROM fast)
-     ORDER BY u.id
+/// The device table, in the same transaction: one row per device of the commit (its newest
+/// `ts` and its new latest values), upserted in id order in one statement, so that replicas
+/// committing overlapping devices lock their rows in the same order. (An earlier version
+/// updated existing rows first and inserted new ones second: two lock phases, and replicas
+/// deadlocked under load with late readings.)
+const UPSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
+     SELECT id, $1, max_ts, latest::jsonb
+     FROM unnest($2::text[], $3::int8[], $4::text[]) AS u(id, max_ts, latest)
+     ORDER BY id
      ON CONFLICT (device_id) DO UPDATE SET
          last_seen_ms = greatest(devices.last_seen_ms, excluded.last_seen_ms),
          last_ts_ms = greatest(devices.last_ts_ms, excluded.last_ts_ms),
-         latest = sluice_merge_latest(devices.latest, excluded.latest)";
+         latest = sluice_merge_latest(devices.latest, excluded.latest, devices.last_ts_ms)";
 
 /// Owns the runtime that drives this backend's connections. Dropping it never blocks (so the
 /// store may be dropped anywhere, also inside async code).
@@ -272,11 +262,11 @@ impl Drop for Driver {
 pub struct PgStore {
     /// Drives the pool's connections.
     driver: Arc<Driver>,
-    /// Connections for commits, queries and retention (`storage.postgres.pool_size`).
+    /// The commits' own two connections (one commit at a time, and the health check).
     pool: Pool,
     /// Retention settings.
     settings: StorageSettings,
-    /// Retention counter.
+    /// Retention and commit-retry counters.
     metrics: Arc<Metrics>,
     /// Shared with queries.
     reader: Arc<PgReader>,
@@ -292,7 +282,7 @@ pub struct PgStore {
 pub struct PgReader {
     /// Drives the pool's connections.
     driver: Arc<Driver>,
-    /// The same pool as the writer's.
+    /// Connections for queries and the retention sweep (`storage.postgres.pool_size`).
     pool: Pool,
 }
 
@@ -339,33 +329,22 @@ impl PgStore {
                 StoreError::Postgres(text) => StoreError::Postgres(format!("{}: {text}", pg.url)),
                 other => other,
             })?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pg.pool_size)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(pg.connect_timeout))
-            .create_timeout(Some(pg.connect_timeout))
-            .post_create(Hook::async_fn(|client, _| {
-                Box::pin(async move {
-                    client
-                        .batch_execute(STAGING_DDL)
-                        .await
-                        .map_err(HookError::Backend)
-                })
-            }))
-            .build()
-            .map_err(pg_err)?;
+        // Two pools, so that queries can never take the connections commits need: commits
+        // (and the writer's health checks) get their own two; queries and the retention sweep
+        // share `pool_size`.
+        let timeout_ms = pg.statement_timeout.as_millis();
+        let commit_setup = format!("{STAGING_DDL}; SET statement_timeout = {timeout_ms}");
+        let query_setup = format!("SET statement_timeout = {timeout_ms}");
+        let pool = build_pool(&config, 2, pg.connect_timeout, commit_setup)?;
+        let query_pool = build_pool(&config, pg.pool_size, pg.connect_timeout, query_setup)?;
         let reader = Arc::new(PgReader {
             driver: driver.clone(),
-            pool: pool.clone(),
+            pool: query_pool,
         });
-        let devices = reader.load_devices(None)?;
+        let devices = reader.load_devices(&DevicesQuery {
+            limit: usize::MAX,
+            ..DevicesQuery::default()
+        })?;
         Ok((
             Self {
                 driver,
@@ -380,6 +359,39 @@ impl PgStore {
             devices,
         ))
     }
+}
+
+/// A pool of at most `size` connections, each set up by `setup` (SQL) when it is created.
+fn build_pool(
+    config: &tokio_postgres::Config,
+    size: usize,
+    timeout: std::time::Duration,
+    setup: String,
+) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let setup = Arc::new(setup);
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .post_create(Hook::async_fn(move |client, _| {
+            let setup = setup.clone();
+            Box::pin(async move {
+                client
+                    .batch_execute(&setup)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }))
+        .build()
+        .map_err(pg_err)
 }
 
 /// Runs the embedded migrations (all, or up to `target`) on a connection of its own, holding
@@ -524,19 +536,14 @@ impl PgStore {
         if !devices.is_empty() {
             let mut ids = Vec::with_capacity(devices.len());
             let mut max_ts = Vec::with_capacity(devices.len());
-            let mut min_ts = Vec::with_capacity(devices.len());
             let mut latest = Vec::with_capacity(devices.len());
             for (id, (ts, values)) in &devices {
                 ids.push(*id);
                 max_ts.push(*ts);
-                min_ts.push(values.iter().map(|v| v.2).min().unwrap_or(*ts));
                 latest.push(latest_json(values));
             }
-            tx.execute(
-                UPSERT_DEVICES,
-                &[&commit_ms, &ids, &max_ts, &min_ts, &latest],
-            )
-            .await?;
+            tx.execute(UPSERT_DEVICES, &[&commit_ms, &ids, &max_ts, &latest])
+                .await?;
         }
         tx.commit().await?;
         Ok(flags)
@@ -592,6 +599,10 @@ impl Store for PgStore {
             {
                 Ok(flags) => return Ok(flags),
                 Err(Attempt::Retry(e)) if attempt < MAX_ATTEMPTS => {
+                    self.metrics
+                        .store_commit_retries
+                        .with_label_values(&[BACKEND])
+                        .inc();
                     tracing::info!(attempt, error = %e, "postgres: commit aborted; retrying");
                     attempt += 1;
                 }
@@ -599,6 +610,7 @@ impl Store for PgStore {
                 Err(Attempt::Failed(e)) => {
                     // The server may have restarted: the idle connections are likely dead too.
                     forget_idle(&self.pool);
+                    forget_idle(&self.reader.pool);
                     return Err(e);
                 }
             }
@@ -607,15 +619,26 @@ impl Store for PgStore {
 
     fn probe(&mut self) -> Result<(), StoreError> {
         forget_idle(&self.pool);
+        forget_idle(&self.reader.pool);
         self.driver.block_on(async {
             let client = self.pool.get().await.map_err(pg_err)?;
             let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
+                .query_one(
+                    "SELECT pg_is_in_recovery(),
+                            has_table_privilege('readings', 'INSERT'),
+                            has_table_privilege('devices', 'INSERT, UPDATE')",
+                    &[],
+                )
                 .await
                 .map_err(pg_err)?;
             if row.get::<_, bool>(0) {
                 return Err(StoreError::Postgres(
                     "the server is a read-only standby (in recovery)".into(),
+                ));
+            }
+            if !row.get::<_, bool>(1) || !row.get::<_, bool>(2) {
+                return Err(StoreError::Postgres(
+                    "the user may not insert into readings or update devices".into(),
                 ));
             }
             Ok(())
@@ -643,7 +666,7 @@ impl Store for PgStore {
             return Ok(());
         }
         self.next_retention = Instant::now() + self.settings.retention_interval;
-        let pool = self.pool.clone();
+        let pool = self.reader.pool.clone();
         let metrics = self.metrics.clone();
         let sweeping = self.sweeping.clone();
         let retention = self.settings.retention;
@@ -686,6 +709,10 @@ async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, St
         if !locked {
             return Ok(deleted);
         }
+        // A device with a long expired history may take longer than a query may.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(pg_err)?;
         let devices: Vec<String> = tx
             .query(
                 "SELECT device_id FROM devices WHERE device_id > $1 ORDER BY device_id LIMIT $2",
@@ -714,33 +741,54 @@ async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, St
 }
 
 impl PgReader {
-    /// The device table: every device sorted by id, or only `device`.
-    fn load_devices(&self, device: Option<&str>) -> Result<Vec<DeviceLatest>, StoreError> {
+    /// The device table: the devices `q` selects, sorted by id. A device whose stored latest
+    /// values cannot be read (a row written by hand, say) is listed without them, with a
+    /// warning in the log, so one bad row never fails the list or a replica's start.
+    fn load_devices(&self, q: &DevicesQuery) -> Result<Vec<DeviceLatest>, StoreError> {
         self.driver.block_on(async {
-            let client = self.pool.get().await.map_err(pg_err)?;
-            let rows = client
+            let mut client = self.pool.get().await.map_err(pg_err)?;
+            let tx = client.transaction().await.map_err(pg_err)?;
+            let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+            // The whole table at open may take longer than one query may.
+            if q.limit == usize::MAX {
+                tx.batch_execute("SET LOCAL statement_timeout = 0")
+                    .await
+                    .map_err(pg_err)?;
+            }
+            // LIKE's wildcards cannot occur in a device id except `_`, escaped here.
+            let prefix = q
+                .prefix
+                .as_ref()
+                .map(|p| format!("{}%", p.replace('_', "\\_")));
+            let rows = tx
                 .query(
                     "SELECT device_id, last_seen_ms, last_ts_ms, latest::text FROM devices
-                     WHERE $1::text IS NULL OR device_id = $1 ORDER BY device_id",
-                    &[&device],
+                     WHERE ($1::text IS NULL OR device_id = $1)
+                       AND ($2::text IS NULL OR device_id LIKE $2)
+                       AND ($3::text IS NULL OR device_id > $3)
+                     ORDER BY device_id LIMIT $4",
+                    &[&q.device, &prefix, &q.after, &limit],
                 )
                 .await
                 .map_err(pg_err)?;
-            rows.iter()
+            tx.commit().await.map_err(pg_err)?;
+            Ok(rows
+                .iter()
                 .map(|row| {
                     let device_id: String = row.get(0);
                     let latest: &str = row.get(3);
-                    let metrics = latest_from_json(latest).map_err(|e| {
-                        StoreError::Corrupt(format!("devices.latest of `{device_id}`: {e}"))
-                    })?;
-                    Ok(DeviceLatest {
+                    let metrics = latest_from_json(latest).unwrap_or_else(|e| {
+                        tracing::warn!(device = %device_id, error = %e, "postgres: unreadable devices.latest; listed without latest values");
+                        Vec::new()
+                    });
+                    DeviceLatest {
                         device_id,
                         last_seen_ms: row.get(1),
                         last_ts_ms: row.get(2),
                         metrics,
-                    })
+                    }
                 })
-                .collect()
+                .collect())
         })
     }
 }
@@ -812,8 +860,8 @@ impl StoreRead for PgReader {
         })
     }
 
-    fn devices(&self, device: Option<&str>) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
-        Some(self.load_devices(device))
+    fn devices(&self, q: &DevicesQuery) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
+        Some(self.load_devices(q))
     }
 }
 

@@ -16,14 +16,20 @@ CREATE TABLE devices (
 ) WITH (fillfactor = 50);
 
 -- Merges a commit's latest values into a device's: per metric, a newer or equal ts wins
--- (the same rule as the embedded store's merge_latest). The commit takes it only for late
--- readings; when every new value is at least as new as the device's newest reading, `||` gives
+-- (the same rule as the embedded store's merge_latest). `old_last_ts` is the device's newest
+-- reading before the commit: when no new value is older than it (the usual case), `||` gives
 -- the same result for less.
-CREATE FUNCTION sluice_merge_latest(old jsonb, new jsonb) RETURNS jsonb
+CREATE FUNCTION sluice_merge_latest(old jsonb, new jsonb, old_last_ts bigint) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT old || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
-    FROM jsonb_each(new) AS n
-    WHERE NOT old ? n.key OR (old -> n.key ->> 1)::bigint <= (n.value ->> 1)::bigint
+    SELECT CASE
+        WHEN (SELECT min((n.value ->> 1)::bigint) FROM jsonb_each(new) AS n) >= old_last_ts
+            THEN old || new
+        ELSE old || coalesce(
+            (SELECT jsonb_object_agg(n.key, n.value)
+             FROM jsonb_each(new) AS n
+             WHERE NOT old ? n.key OR (old -> n.key ->> 1)::bigint <= (n.value ->> 1)::bigint),
+            '{}'::jsonb)
+    END
 $$;
 
 -- Readings committed before this version: their devices, with the latest value of each
