@@ -3,6 +3,7 @@
 //!
 //! `SLUICE_TEST_PG` overrides the server (a libpq URL without a database name, default
 //! `postgres://postgres@127.0.0.1:5432`).
+#![allow(dead_code)] // each test binary uses a different subset
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
