@@ -814,13 +814,15 @@ fn postgres_retention_deletes_expired_readings() {
 /// (Device rows used to be locked in two phases, update then insert, and deadlocked here.)
 #[test]
 fn postgres_replicas_with_late_readings_do_not_deadlock() {
+    const REPLICAS: u64 = 6;
+    const ROUNDS: u64 = 25;
     let b = Arc::new(Postgres::new());
-    let handles: Vec<_> = (0..4u64)
+    let handles: Vec<_> = (0..REPLICAS)
         .map(|r| {
             let b = b.clone();
             std::thread::spawn(move || {
                 let mut s = b.open().store;
-                for round in 0..15u64 {
+                for round in 0..ROUNDS {
                     // 20 shared devices, 3 readings each, ts scattered up to an hour back.
                     let batch: Vec<Reading> = (0..60u64)
                         .map(|i| {
@@ -842,7 +844,7 @@ fn postgres_replicas_with_late_readings_do_not_deadlock() {
     }
     assert_eq!(
         b.db.sql("SELECT count(*) FROM readings"),
-        (4 * 15 * 60).to_string()
+        (REPLICAS * ROUNDS * 60).to_string()
     );
     // Each device's latest `v` is its newest reading's (v = ts).
     assert_eq!(
