@@ -185,6 +185,56 @@ async fn status_agrees_with_metrics_at_the_same_moment() {
     assert!(s["connections"]["http"].is_null());
     assert!(s["alerts"].is_null());
 
+    // At rest, nothing moves between the scrapes, so every figure is exactly what /metrics
+    // says: a field read from the wrong series cannot hide in the movement.
+    let before = app.scrape().await;
+    let s = status(&app).await;
+    let after = app.scrape().await;
+    for t in ["http", "ws", "mqtt"] {
+        let l = [("transport", t)];
+        for (field, name) in [
+            ("received", "sluice_readings_received_total"),
+            ("accepted", "sluice_readings_accepted_total"),
+            ("duplicate", "sluice_readings_duplicate_total"),
+            ("rejected", "sluice_readings_rejected_total"),
+            ("shed", "sluice_readings_shed_total"),
+        ] {
+            let (lo, hi) = (
+                metric_value(&before, name, &l),
+                metric_value(&after, name, &l),
+            );
+            assert_eq!(lo, hi, "{name}{l:?} moved at rest");
+            assert_eq!(
+                s["transports"][t]["total"][field].as_f64(),
+                Some(lo),
+                "{t} {field} at rest against {name}"
+            );
+        }
+    }
+    assert_eq!(
+        s["commits"]["total"].as_f64(),
+        Some(metric_value(
+            &after,
+            "sluice_store_commit_seconds_count",
+            &[]
+        ))
+    );
+    for stage in ["admission", "store"] {
+        assert_eq!(
+            s["queues"][stage]["depth"].as_f64(),
+            Some(metric_value(
+                &after,
+                "sluice_pipeline_queue_depth",
+                &[("stage", stage)]
+            )),
+            "depth of {stage} at rest"
+        );
+    }
+    assert_eq!(
+        s["store"]["journal_readings"].as_f64(),
+        Some(metric_value(&after, "sluice_store_journal_readings", &[]))
+    );
+
     // Devices come from device state: the same count as GET /v1/devices.
     let (_, devices) = app.get_json("/v1/devices").await;
     assert_eq!(

@@ -36,12 +36,15 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::proto::{Metric, MetricFamily};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::problem::Problem;
 use super::AppState;
 use crate::reading::format_ts;
 use crate::services::device_state::DeviceView;
+use crate::services::Live;
 use crate::telemetry::metrics::Transport;
+use crate::telemetry::runtime::TaskFamily;
 
 /// One file of the page, built into the binary.
 pub struct Asset {
@@ -499,10 +502,20 @@ impl Sampler {
 /// Which devices were seen most recently, learnt from a live subscription that lives only
 /// while `/v1/status` is being called (a lease of [`RECENT_LEASE`]), so an unwatched Sluice
 /// pays nothing for it.
-#[derive(Default)]
 pub struct RecentDevices {
     /// Shared with the task that follows the subscription.
     inner: Arc<Mutex<RecentInner>>,
+    /// How long the subscription outlives the last call ([`RECENT_LEASE`]; shorter in tests).
+    lease: Duration,
+}
+
+impl Default for RecentDevices {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            lease: RECENT_LEASE,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -538,7 +551,7 @@ impl RecentDevices {
     pub fn list(&self, state: &AppState) -> Vec<DeviceView> {
         let ids: Vec<String> = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.lease_until = Some(Instant::now() + RECENT_LEASE);
+            inner.lease_until = Some(Instant::now() + self.lease);
             if !inner.following {
                 inner.following = true;
                 if state.devices.len() <= RECENT_SEED_MAX_DEVICES {
@@ -551,7 +564,12 @@ impl RecentDevices {
                         .map(|d| d.device_id)
                         .collect();
                 }
-                self.follow(state);
+                // A live subscriber like the `/v1/live` connections: measured with their family.
+                self.follow(
+                    &state.ws.live,
+                    state.ws.shutdown.clone(),
+                    state.metrics.tasks.ws.clone(),
+                );
             }
             inner.ids.iter().cloned().collect()
         };
@@ -560,12 +578,9 @@ impl RecentDevices {
 
     /// Subscribes to every committed reading and notes their devices until the lease ends
     /// or Sluice shuts down.
-    fn follow(&self, state: &AppState) {
-        let (subscription, mut rx) = state.ws.live.subscribe(None, None, RECENT_BUFFER);
+    fn follow(&self, live: &Arc<Live>, shutdown: CancellationToken, family: TaskFamily) {
+        let (subscription, mut rx) = live.subscribe(None, None, RECENT_BUFFER);
         let inner = self.inner.clone();
-        let shutdown = state.ws.shutdown.clone();
-        // A live subscriber like the `/v1/live` connections, so measured with their family.
-        let family = state.metrics.tasks.ws.clone();
         tokio::spawn(family.instrument(async move {
             let _subscription = subscription;
             let mut tick = tokio::time::interval(RECENT_FOLLOW_PERIOD);
@@ -968,6 +983,60 @@ mod tests {
             "no CDN"
         );
         assert!(ASSETS.iter().all(|a| !a.body.is_empty()));
+    }
+
+    fn reading(device: &str) -> crate::reading::Reading {
+        crate::reading::Reading {
+            device_id: crate::reading::DeviceId::parse(device).unwrap(),
+            ts_ms: 0,
+            seq: Some(1),
+            metrics: vec![("t".into(), crate::reading::MetricValue::Int(1))],
+            tags: vec![],
+        }
+    }
+
+    /// Polls `cond` every 10 ms until it holds, for at most 3 s.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !cond() {
+            assert!(Instant::now() < deadline, "not within 3 s: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_live_subscription_notes_devices_and_ends_with_its_lease() {
+        use crate::services::Service;
+        let live = Live::new();
+        let recent = RecentDevices {
+            lease: Duration::from_millis(300),
+            ..RecentDevices::default()
+        };
+        let lease = |r: &RecentDevices| {
+            let mut inner = r.inner.lock().unwrap();
+            inner.lease_until = Some(Instant::now() + r.lease);
+            inner.following = true;
+        };
+        lease(&recent);
+        let family = crate::telemetry::runtime::TaskMonitors::default().ws;
+        recent.follow(&live, CancellationToken::new(), family.clone());
+        assert_eq!(live.len(), 1, "following subscribes");
+        live.after_commit(&[&reading("a-1"), &reading("b-2"), &reading("a-1")], 0);
+        let ids = || recent.inner.lock().unwrap().ids.clone();
+        eventually("both devices noted", || ids().len() == 2).await;
+        assert_eq!(ids(), ["a-1", "b-2"]);
+        // Nobody calls: the lease runs out and the subscription goes, so an unwatched Sluice
+        // renders nothing for it.
+        eventually("the subscription ends", || live.is_empty()).await;
+        assert!(!recent.inner.lock().unwrap().following);
+
+        // Shutdown ends it too, whatever the lease.
+        let stop = CancellationToken::new();
+        recent.inner.lock().unwrap().lease_until = Some(Instant::now() + RECENT_LEASE);
+        recent.follow(&live, stop.clone(), family);
+        assert_eq!(live.len(), 1);
+        stop.cancel();
+        eventually("the subscription ends at shutdown", || live.is_empty()).await;
     }
 
     #[test]

@@ -144,13 +144,13 @@ def check(p, url, artefacts):
     # 1. The page loads, connects, draws its charts and opens the live tail, with no console
     # error and no failed request.
     page.goto(url + "/")
-    p.wait("the page connects", attr_is("#conn", "data-state", "connected"), 5)
-    p.wait("the device count is shown", attr_is("#device-count", "data-value", "0"), 5)
-    p.wait("the live tail opens", attr_is("#tail-state", "data-state", "open"), 5)
+    p.wait("the page connects", attr_is("#conn", "data-state", "connected"), 10)
+    p.wait("the device count is shown", attr_is("#device-count", "data-value", "0"), 10)
+    p.wait("the live tail opens", attr_is("#tail-state", "data-state", "open"), 10)
     p.wait(
         "rates are shown (a second poll gives a window)",
         "() => document.getElementById('rate-total').dataset.value !== ''",
-        5,
+        10,
     )
     p.wait("four charts are drawn", "() => document.querySelectorAll('.uplot').length === 4", 5)
     p.check_clean("loading the page")
