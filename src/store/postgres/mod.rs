@@ -207,18 +207,23 @@ const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics
      RETURNING device_id, seq";
 
 /// The device table, in the same transaction: one row per device of the commit (its newest
-/// `ts` and its new latest values), upserted in id order in one statement, so that replicas
+/// `ts`, its new latest values and the oldest `ts` among them), upserted in id order in one
+/// statement, so that replicas
 /// committing overlapping devices lock their rows in the same order. (An earlier version
 /// updated existing rows first and inserted new ones second: two lock phases, and replicas
 /// deadlocked under load with late readings.)
-const UPSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
-     SELECT id, $1, max_ts, latest::jsonb
-     FROM unnest($2::text[], $3::int8[], $4::text[]) AS u(id, max_ts, latest)
+const UPSERT_DEVICES: &str = "INSERT INTO devices
+         (device_id, last_seen_ms, last_ts_ms, latest, commit_min_ts_ms)
+     SELECT id, $1, max_ts, latest::jsonb, min_ts
+     FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[]) AS u(id, max_ts, latest, min_ts)
      ORDER BY id
      ON CONFLICT (device_id) DO UPDATE SET
          last_seen_ms = greatest(devices.last_seen_ms, excluded.last_seen_ms),
          last_ts_ms = greatest(devices.last_ts_ms, excluded.last_ts_ms),
-         latest = sluice_merge_latest(devices.latest, excluded.latest, devices.last_ts_ms)";
+         latest = CASE WHEN excluded.commit_min_ts_ms >= devices.last_ts_ms
+                       THEN devices.latest || excluded.latest
+                       ELSE sluice_merge_latest(devices.latest, excluded.latest) END,
+         commit_min_ts_ms = excluded.commit_min_ts_ms";
 
 /// Owns the runtime that drives this backend's connections. Dropping it never blocks (so the
 /// store may be dropped anywhere, also inside async code).
@@ -536,14 +541,19 @@ impl PgStore {
         if !devices.is_empty() {
             let mut ids = Vec::with_capacity(devices.len());
             let mut max_ts = Vec::with_capacity(devices.len());
+            let mut min_ts = Vec::with_capacity(devices.len());
             let mut latest = Vec::with_capacity(devices.len());
             for (id, (ts, values)) in &devices {
                 ids.push(*id);
                 max_ts.push(*ts);
+                min_ts.push(values.iter().map(|v| v.2).min().unwrap_or(*ts));
                 latest.push(latest_json(values));
             }
-            tx.execute(UPSERT_DEVICES, &[&commit_ms, &ids, &max_ts, &latest])
-                .await?;
+            tx.execute(
+                UPSERT_DEVICES,
+                &[&commit_ms, &ids, &max_ts, &latest, &min_ts],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(flags)

@@ -9,27 +9,24 @@ CREATE TABLE devices (
     -- The newest reading's ts (epoch ms).
     last_ts_ms   bigint NOT NULL,
     -- The latest value of every metric: {"<metric>": ["<exact JSON text of the value>", <ts ms>]}.
-    latest       jsonb  NOT NULL
+    latest       jsonb  NOT NULL,
+    -- The oldest ts among the values the device's last commit brought. The commit's upsert
+    -- reads it from its proposed row: when it is at least the stored last_ts_ms, no new value
+    -- is late, and `latest || new` is exact (half the cost of the per-metric merge).
+    commit_min_ts_ms bigint NOT NULL DEFAULT 0
 -- Every commit rewrites each of its devices' rows. Free space in each page lets PostgreSQL
 -- update them in place (HOT, no new primary-key entry): 24 µs per device update at the default
 -- fillfactor of 100 against 14 µs at 50 (psql, 1 000 devices, this machine).
 ) WITH (fillfactor = 50);
 
 -- Merges a commit's latest values into a device's: per metric, a newer or equal ts wins
--- (the same rule as the embedded store's merge_latest). `old_last_ts` is the device's newest
--- reading before the commit: when no new value is older than it (the usual case), `||` gives
--- the same result for less.
-CREATE FUNCTION sluice_merge_latest(old jsonb, new jsonb, old_last_ts bigint) RETURNS jsonb
+-- (the same rule as the embedded store's merge_latest). The commit calls it only when a value
+-- is older than the device's newest reading.
+CREATE FUNCTION sluice_merge_latest(old jsonb, new jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN (SELECT min((n.value ->> 1)::bigint) FROM jsonb_each(new) AS n) >= old_last_ts
-            THEN old || new
-        ELSE old || coalesce(
-            (SELECT jsonb_object_agg(n.key, n.value)
-             FROM jsonb_each(new) AS n
-             WHERE NOT old ? n.key OR (old -> n.key ->> 1)::bigint <= (n.value ->> 1)::bigint),
-            '{}'::jsonb)
-    END
+    SELECT old || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
+    FROM jsonb_each(new) AS n
+    WHERE NOT old ? n.key OR (old -> n.key ->> 1)::bigint <= (n.value ->> 1)::bigint
 $$;
 
 -- Readings committed before this version: their devices, with the latest value of each
