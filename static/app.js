@@ -295,21 +295,24 @@
     e.textContent = text || state;
   }
 
-  function openTail() {
+  function closeTail() {
     clearTimeout(tailRetry);
     if (tailWs) {
       tailWs.onclose = null;
       tailWs.close();
       tailWs = null;
     }
+  }
+
+  function openTail() {
+    closeTail();
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const query = tailFilter ? "?device=" + encodeURIComponent(tailFilter) : "";
     const ws = new WebSocket(proto + "//" + location.host + "/v1/live" + query);
     tailWs = ws;
     tailState("connecting", "connecting…");
-    ws.onopen = () => tailState(tailPaused ? "paused" : "open", tailPaused ? "paused" : "streaming");
+    ws.onopen = () => tailState("open", "streaming");
     ws.onmessage = (ev) => {
-      if (tailPaused) return;
       pending.push(ev.data);
       if (pending.length > TAIL_ROWS) {
         notDrawn += pending.length - TAIL_ROWS;
@@ -364,14 +367,18 @@
       notDrawn = 0;
       missed = 0;
       $("tail").replaceChildren();
-      openTail();
+      if (!tailPaused) openTail();
     }, 300);
   });
+  // Pausing closes the stream, so a paused tab costs Sluice nothing; resuming reopens it.
   $("tail-pause").addEventListener("click", () => {
     tailPaused = !tailPaused;
     $("tail-pause").textContent = tailPaused ? "Resume" : "Pause";
-    if (tailWs && tailWs.readyState === WebSocket.OPEN) {
-      tailState(tailPaused ? "paused" : "open", tailPaused ? "paused" : "streaming");
+    if (tailPaused) {
+      closeTail();
+      tailState("paused", "paused");
+    } else {
+      openTail();
     }
   });
 

@@ -18,13 +18,12 @@
 //!   earlier one that a previous call kept ([`Sampler`]): at least [`MIN_WINDOW`] old, so a
 //!   page polling every second gets rates over about one second, and nothing runs between
 //!   calls. The first call after a quiet spell has no window, and its rates are `null`.
-//! - **Devices**: the count is the in-memory device-state service's. "Recently seen" comes
-//!   from a live subscription ([`RecentDevices`]) that exists only while someone polls, so
-//!   `/v1/status` never scans every device; their latest values come from device state.
-//!   With `storage.backend = "postgres"` both are this replica's view (the devices it
-//!   restored or committed), not the shared table that `GET /v1/devices` reads.
+//! - **Devices**: the count and the recently seen devices are the in-memory device-state
+//!   service's ([`crate::services::DeviceState::recent`], a short list it keeps per commit), so
+//!   `/v1/status` never scans every device and adds no work per reading. With
+//!   `storage.backend = "postgres"` both are this replica's view (the devices it restored or
+//!   committed), not the shared table that `GET /v1/devices` reads.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,16 +34,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::proto::{Metric, MetricFamily};
-use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+use serde::Serialize;
 
 use super::problem::Problem;
 use super::AppState;
 use crate::reading::format_ts;
 use crate::services::device_state::DeviceView;
-use crate::services::Live;
 use crate::telemetry::metrics::Transport;
-use crate::telemetry::runtime::TaskFamily;
 
 /// One file of the page, built into the binary.
 pub struct Asset {
@@ -108,33 +104,15 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(30);
 /// How many recently seen devices `/v1/status` lists.
 pub const RECENT_DEVICES: usize = 10;
 
-/// How long the live subscription behind [`RecentDevices`] lives after the last call.
-pub const RECENT_LEASE: Duration = Duration::from_secs(30);
-
-/// How often that subscription's buffer is read. Under load the buffer fills right after
-/// each read, so "recent" is at most this old, and at most
-/// `RECENT_BUFFER / RECENT_FOLLOW_PERIOD` readings a second are looked at.
-pub const RECENT_FOLLOW_PERIOD: Duration = Duration::from_millis(200);
-
-/// That subscription's buffer, in readings. Fixed rather than configured: it only samples
-/// which devices were seen, and a full buffer just skips readings (fan-out never waits).
-pub const RECENT_BUFFER: usize = 256;
-
-/// With no more devices than this, the recent list is seeded from device state when the
-/// subscription starts, so a page opened on a quiet server still lists devices. Above it the
-/// list fills as readings arrive (listing every device is O(devices)).
-pub const RECENT_SEED_MAX_DEVICES: usize = 2_000;
-
 /// The routes of the page and its endpoint, each with the state it needs.
 pub fn routes() -> Router<AppState> {
     let sampler = Arc::new(Sampler::default());
-    let recent = Arc::new(RecentDevices::default());
     Router::new()
         .route("/", get(page))
         .route("/static/{*path}", get(asset))
         .route(
             "/v1/status",
-            get(move |state: State<AppState>, uri: Uri| status(state, uri, sampler, recent)),
+            get(move |state: State<AppState>, uri: Uri| status(state, uri, sampler)),
         )
 }
 
@@ -211,12 +189,7 @@ pub async fn asset(Path(path): Path<String>, uri: Uri) -> Response {
 }
 
 /// `GET /v1/status`: the status page's figures, as JSON (see the README for each field).
-pub async fn status(
-    State(state): State<AppState>,
-    uri: Uri,
-    sampler: Arc<Sampler>,
-    recent: Arc<RecentDevices>,
-) -> Response {
+pub async fn status(State(state): State<AppState>, uri: Uri, sampler: Arc<Sampler>) -> Response {
     if let Err(p) = no_query(uri.query()) {
         return p.into_response();
     }
@@ -224,7 +197,7 @@ pub async fn status(
     let families = index(state.metrics.registry.gather());
     let totals = Arc::new(Totals::read(&families));
     let window = sampler.window(now, totals.clone());
-    let recent = recent.list(&state);
+    let recent = state.devices.recent(RECENT_DEVICES);
     Json(StatusBody::build(
         &state,
         &families,
@@ -496,116 +469,6 @@ impl Sampler {
             kept.push_back((now, totals));
         }
         window
-    }
-}
-
-/// Which devices were seen most recently, learnt from a live subscription that lives only
-/// while `/v1/status` is being called (a lease of [`RECENT_LEASE`]), so an unwatched Sluice
-/// pays nothing for it.
-pub struct RecentDevices {
-    /// Shared with the task that follows the subscription.
-    inner: Arc<Mutex<RecentInner>>,
-    /// How long the subscription outlives the last call ([`RECENT_LEASE`]; shorter in tests).
-    lease: Duration,
-}
-
-impl Default for RecentDevices {
-    fn default() -> Self {
-        Self {
-            inner: Arc::default(),
-            lease: RECENT_LEASE,
-        }
-    }
-}
-
-#[derive(Default)]
-struct RecentInner {
-    /// Device ids, most recent first, at most [`RECENT_DEVICES`].
-    ids: VecDeque<String>,
-    /// The subscription is dropped once this passes without a call.
-    lease_until: Option<Instant>,
-    /// Whether a task follows the subscription.
-    following: bool,
-}
-
-impl RecentInner {
-    fn saw(&mut self, id: &str) {
-        if let Some(i) = self.ids.iter().position(|d| d == id) {
-            self.ids.remove(i);
-        }
-        self.ids.push_front(id.to_owned());
-        self.ids.truncate(RECENT_DEVICES);
-    }
-}
-
-/// The part of a live message that names the device.
-#[derive(Deserialize)]
-struct LiveHead<'a> {
-    #[serde(borrow)]
-    device_id: Cow<'a, str>,
-}
-
-impl RecentDevices {
-    /// The most recently seen devices with their latest values, newest first. Extends the
-    /// lease, and starts following the live fan-out if nobody is.
-    pub fn list(&self, state: &AppState) -> Vec<DeviceView> {
-        let ids: Vec<String> = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.lease_until = Some(Instant::now() + self.lease);
-            if !inner.following {
-                inner.following = true;
-                if state.devices.len() <= RECENT_SEED_MAX_DEVICES {
-                    let mut all = state.devices.list();
-                    // RFC 3339 in UTC with fixed millisecond digits sorts as text.
-                    all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
-                    inner.ids = all
-                        .into_iter()
-                        .take(RECENT_DEVICES)
-                        .map(|d| d.device_id)
-                        .collect();
-                }
-                // A live subscriber like the `/v1/live` connections: measured with their family.
-                self.follow(
-                    &state.ws.live,
-                    state.ws.shutdown.clone(),
-                    state.metrics.tasks.ws.clone(),
-                );
-            }
-            inner.ids.iter().cloned().collect()
-        };
-        ids.iter().filter_map(|id| state.devices.get(id)).collect()
-    }
-
-    /// Subscribes to every committed reading and notes their devices until the lease ends
-    /// or Sluice shuts down.
-    fn follow(&self, live: &Arc<Live>, shutdown: CancellationToken, family: TaskFamily) {
-        let (subscription, mut rx) = live.subscribe(None, None, RECENT_BUFFER);
-        let inner = self.inner.clone();
-        tokio::spawn(family.instrument(async move {
-            let _subscription = subscription;
-            let mut tick = tokio::time::interval(RECENT_FOLLOW_PERIOD);
-            let mut batch = Vec::with_capacity(RECENT_BUFFER);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.cancelled() => break,
-                }
-                while let Ok(m) = rx.try_recv() {
-                    batch.push(m);
-                }
-                let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
-                for m in batch.drain(..) {
-                    if let Ok(head) = serde_json::from_str::<LiveHead>(&m) {
-                        inner.saw(&head.device_id);
-                    }
-                }
-                if inner.lease_until.is_none_or(|t| Instant::now() > t) {
-                    inner.following = false;
-                    break;
-                }
-            }
-            // The subscription is dropped here, which removes it from the fan-out.
-        }));
     }
 }
 
@@ -983,72 +846,5 @@ mod tests {
             "no CDN"
         );
         assert!(ASSETS.iter().all(|a| !a.body.is_empty()));
-    }
-
-    fn reading(device: &str) -> crate::reading::Reading {
-        crate::reading::Reading {
-            device_id: crate::reading::DeviceId::parse(device).unwrap(),
-            ts_ms: 0,
-            seq: Some(1),
-            metrics: vec![("t".into(), crate::reading::MetricValue::Int(1))],
-            tags: vec![],
-        }
-    }
-
-    /// Polls `cond` every 10 ms until it holds, for at most 3 s.
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !cond() {
-            assert!(Instant::now() < deadline, "not within 3 s: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn the_live_subscription_notes_devices_and_ends_with_its_lease() {
-        use crate::services::Service;
-        let live = Live::new();
-        let recent = RecentDevices {
-            lease: Duration::from_millis(300),
-            ..RecentDevices::default()
-        };
-        let lease = |r: &RecentDevices| {
-            let mut inner = r.inner.lock().unwrap();
-            inner.lease_until = Some(Instant::now() + r.lease);
-            inner.following = true;
-        };
-        lease(&recent);
-        let family = crate::telemetry::runtime::TaskMonitors::default().ws;
-        recent.follow(&live, CancellationToken::new(), family.clone());
-        assert_eq!(live.len(), 1, "following subscribes");
-        live.after_commit(&[&reading("a-1"), &reading("b-2"), &reading("a-1")], 0);
-        let ids = || recent.inner.lock().unwrap().ids.clone();
-        eventually("both devices noted", || ids().len() == 2).await;
-        assert_eq!(ids(), ["a-1", "b-2"]);
-        // Nobody calls: the lease runs out and the subscription goes, so an unwatched Sluice
-        // renders nothing for it.
-        eventually("the subscription ends", || live.is_empty()).await;
-        assert!(!recent.inner.lock().unwrap().following);
-
-        // Shutdown ends it too, whatever the lease.
-        let stop = CancellationToken::new();
-        recent.inner.lock().unwrap().lease_until = Some(Instant::now() + RECENT_LEASE);
-        recent.follow(&live, stop.clone(), family);
-        assert_eq!(live.len(), 1);
-        stop.cancel();
-        eventually("the subscription ends at shutdown", || live.is_empty()).await;
-    }
-
-    #[test]
-    fn recent_devices_keep_the_newest_first_without_repeats() {
-        let mut r = RecentInner::default();
-        for i in 0..(RECENT_DEVICES + 3) {
-            r.saw(&format!("d{i}"));
-        }
-        r.saw("d5");
-        assert_eq!(r.ids.len(), RECENT_DEVICES);
-        assert_eq!(r.ids[0], "d5");
-        assert_eq!(r.ids[1], format!("d{}", RECENT_DEVICES + 2));
-        assert_eq!(r.ids.iter().filter(|d| *d == "d5").count(), 1);
     }
 }

@@ -5,7 +5,8 @@
 //! `ts` and the latest value of every metric) and hands it back at start-up, so a restart
 //! shows each device exactly as before it.
 
-use std::sync::RwLock;
+use std::collections::VecDeque;
+use std::sync::{Mutex, RwLock};
 
 use serde::Serialize;
 
@@ -37,11 +38,17 @@ pub struct DeviceView {
     pub metrics: serde_json::Value,
 }
 
+/// How many recently committed devices [`DeviceState::recent`] can list.
+pub const RECENT_CAPACITY: usize = 16;
+
 /// The device-state service.
 #[derive(Debug, Default)]
 pub struct DeviceState {
     /// Device id → state. Written once per batch by the store writer, read by queries.
     devices: RwLock<foldhash::HashMap<String, Entry>>,
+    /// The devices of the latest commits, newest first, without repeats, at most
+    /// [`RECENT_CAPACITY`]: for the status page, which must not scan every device.
+    recent: Mutex<VecDeque<String>>,
 }
 
 impl DeviceState {
@@ -98,6 +105,16 @@ impl DeviceState {
             .collect()
     }
 
+    /// Up to `n` (at most [`RECENT_CAPACITY`]) devices of the latest commits, the most
+    /// recently committed first, with their state.
+    pub fn recent(&self, n: usize) -> Vec<DeviceView> {
+        let ids: Vec<String> = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent.iter().take(n).cloned().collect()
+        };
+        ids.iter().filter_map(|id| self.get(id)).collect()
+    }
+
     /// Number of known devices.
     pub fn len(&self) -> usize {
         self.devices.read().expect("device state lock").len()
@@ -129,9 +146,38 @@ impl Service for DeviceState {
             entry.last_ts_ms = entry.last_ts_ms.max(r.ts_ms);
             merge_latest(&mut entry.metrics, r.ts_ms, &r.metrics);
         }
+        drop(devices);
+        // The batch's last distinct devices go in front: a few comparisons per batch, not per
+        // reading.
+        let mut newest: Vec<&str> = Vec::with_capacity(RECENT_CAPACITY);
+        for r in stored.iter().rev() {
+            let id = r.device_id.as_str();
+            if !newest.contains(&id) {
+                newest.push(id);
+                if newest.len() == RECENT_CAPACITY {
+                    break;
+                }
+            }
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|id| !newest.contains(&id.as_str()));
+        for id in newest.into_iter().rev() {
+            recent.push_front(id.to_owned());
+        }
+        recent.truncate(RECENT_CAPACITY);
     }
 
     fn restore(&self, latest: &[DeviceLatest]) {
+        // The most recently seen devices of the store seed the recent list.
+        let mut by_seen: Vec<&DeviceLatest> = latest.iter().collect();
+        let n = by_seen.len().min(RECENT_CAPACITY);
+        if n > 0 {
+            by_seen.select_nth_unstable_by(n - 1, |a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            by_seen.truncate(n);
+            by_seen.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            *self.recent.lock().unwrap_or_else(|e| e.into_inner()) =
+                by_seen.iter().map(|d| d.device_id.clone()).collect();
+        }
         let mut devices = self.devices.write().expect("device state lock");
         for l in latest {
             devices.insert(
@@ -143,5 +189,56 @@ impl Service for DeviceState {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{DeviceId, MetricValue};
+
+    fn reading(device: &str) -> Reading {
+        Reading {
+            device_id: DeviceId::parse(device).unwrap(),
+            ts_ms: 1,
+            seq: None,
+            metrics: vec![("t".into(), MetricValue::Int(1))],
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn recent_devices_are_the_latest_committed_first_without_repeats() {
+        let state = DeviceState::new();
+        let batch: Vec<Reading> = (0..20).map(|i| reading(&format!("d{i}"))).collect();
+        state.after_commit(&batch.iter().collect::<Vec<_>>(), 10);
+        let ids = |n| -> Vec<String> { state.recent(n).into_iter().map(|d| d.device_id).collect() };
+        assert_eq!(ids(3), ["d19", "d18", "d17"]);
+        assert_eq!(ids(100).len(), RECENT_CAPACITY);
+        let again = [reading("d5"), reading("x"), reading("d5")];
+        state.after_commit(&again.iter().collect::<Vec<_>>(), 11);
+        assert_eq!(ids(4), ["d5", "x", "d19", "d18"]);
+        // A restart seeds the list from the store's last_seen.
+        let restored = DeviceState::new();
+        restored.restore(&[
+            DeviceLatest {
+                device_id: "old".into(),
+                last_seen_ms: 1,
+                last_ts_ms: 1,
+                metrics: vec![],
+            },
+            DeviceLatest {
+                device_id: "new".into(),
+                last_seen_ms: 9,
+                last_ts_ms: 1,
+                metrics: vec![],
+            },
+        ]);
+        let ids: Vec<String> = restored
+            .recent(5)
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        assert_eq!(ids, ["new", "old"]);
     }
 }
