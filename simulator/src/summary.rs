@@ -179,13 +179,48 @@ impl Summary {
         "ok",
     ];
 
-    /// Whether every check passed; sets `ok`.
+    /// Whether every check passed; sets `ok`. A run that sent readings, had none
+    /// acknowledged and saw errors or missing answers (no server, or a server that refused
+    /// everything) fails too. (MQTT at QoS 0 has no acknowledgements and no errors.)
     pub fn judge(&mut self) -> bool {
+        let nothing_acked =
+            self.sent > 0 && self.acked == 0 && (self.errors > 0 || self.unacked > 0);
+        if nothing_acked {
+            self.problems.push(format!(
+                "none of the {} readings sent was acknowledged ({} errors)",
+                self.sent, self.errors
+            ));
+        }
         self.ok = self.rejected_wrong_field == 0
             && self.rejected_unexpected == 0
             && self.bad_accepted == 0
+            && !nothing_acked
             && self.verify.as_ref().is_none_or(|v| v.ok());
         self.ok
+    }
+
+    /// The result line: `FAILED`, or `ok` with what it does not cover (no `--verify`) and
+    /// what went wrong without failing a check (errors, readings never acknowledged).
+    pub fn verdict(&self) -> String {
+        if !self.ok {
+            return "FAILED".into();
+        }
+        let mut caveats = Vec::new();
+        if self.verify.is_none() && self.acked > 0 {
+            caveats
+                .push("NOT VERIFIED: acked readings were not read back (add --verify)".to_string());
+        }
+        if self.errors > 0 || self.unacked > 0 {
+            caveats.push(format!(
+                "{} errors, {} readings never acknowledged",
+                self.errors, self.unacked
+            ));
+        }
+        if caveats.is_empty() {
+            "ok".into()
+        } else {
+            format!("ok, but {}", caveats.join("; "))
+        }
     }
 
     /// Writes the JSON summary.
@@ -279,8 +314,9 @@ impl Summary {
         if let Some(target) = self.target_rate {
             let _ = write!(throughput, " of {}/s asked", fmt_rate(target));
             let secs = self.behind_schedule as f64 / target.max(1.0);
-            // A few readings due in the instant generation stopped are not falling behind.
-            if secs >= 0.1 {
+            // Readings due in the instant generation stopped, or a scheduler hiccup, are not
+            // falling behind: report it only past a second, or 5 % of the run.
+            if secs >= 1.0 || secs >= 0.05 * self.duration_s {
                 let _ = write!(
                     throughput,
                     "; the server could not keep up: {} readings ({secs:.1} s) behind schedule",
@@ -354,14 +390,7 @@ impl Summary {
         for p in &self.problems {
             row("problem", p.clone());
         }
-        row(
-            "result",
-            if self.ok {
-                "ok".into()
-            } else {
-                "FAILED".into()
-            },
-        );
+        row("result", self.verdict());
         t
     }
 }

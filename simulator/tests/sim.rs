@@ -632,3 +632,38 @@ async fn mqtt_publishes_every_reading_to_its_device_topic() {
         sub.abort();
     }
 }
+
+/// A run against no server fails (exit code 1, `result FAILED`, the reason in `problems`)
+/// instead of reporting `ok` with every request in error; one that did not `--verify` says so
+/// in its result line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_nothing_acknowledged_fails_and_an_unverified_one_says_so() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let args = [
+        "sluice-sim",
+        "--quiet",
+        "--target",
+        &dead,
+        "--duration",
+        "500ms",
+        "--drain-timeout",
+        "1s",
+    ];
+    let cli = <sluice_sim::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    assert_eq!(sluice_sim::run_cli(cli, CancellationToken::new()).await, 1);
+
+    let app = spawn_sluice(|_| {}).await;
+    let s = sim(&[
+        "--target",
+        &app.url(),
+        "--devices",
+        "5",
+        "--rate",
+        "20",
+        "--duration",
+        "500ms",
+    ])
+    .await;
+    assert!(s.ok && s.acked > 0, "{:?}", s.problems);
+    assert!(s.verdict().contains("NOT VERIFIED"), "{}", s.verdict());
+}
