@@ -1,6 +1,11 @@
 //! The application: binds the listener, builds the router, starts the pipeline, and owns the
 //! shutdown order (SPEC §9).
 //!
+//! HTTP connections are served by hyper's HTTP/1 builder ([`serve_http`]) rather than
+//! `axum::serve`, for the limits it does not set: at most `server.max_connections` open
+//! connections, hyper's header-read timer (`server.request_timeout`, and the keep-alive idle
+//! time), and WebSocket upgrades as before.
+//!
 //! ```text
 //! signal ─▶ not ready ─▶ stop accepting, finish in-flight HTTP requests (their acks still flow)
 //!        └▶ MQTT stops taking messages ─▶ (after HTTP and WebSocket) taken ones commit,
@@ -15,9 +20,16 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::routing::{get, post};
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{Backend, ConfigError, Settings};
+use crate::config::{Backend, ConfigError, ServerSettings, Settings};
 use crate::handlers::mqtt::MqttSource;
 use crate::handlers::{self, AppState, WsHub};
 use crate::pipeline::{Health, Pipeline};
@@ -179,23 +191,46 @@ impl Application {
             ws.shutdown.cancel();
             let _ = stop_tx.send(());
         };
+        let settings = &state.settings;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "sluice starting");
         tracing::info!(%addr, "sluice listening");
+        match settings.storage.backend {
+            Backend::Sqlite => tracing::info!(
+                backend = "sqlite",
+                data_dir = %settings.storage.data_dir.display(),
+                synchronous = settings.storage.synchronous.as_sql(),
+                retention = %humantime::format_duration(settings.storage.retention),
+                "store configured"
+            ),
+            Backend::Postgres => tracing::info!(
+                backend = "postgres",
+                url = %settings.storage.postgres.url,
+                retention = %humantime::format_duration(settings.storage.retention),
+                "store configured"
+            ),
+        }
+        tracing::info!(
+            http = true,
+            websocket = true,
+            mqtt = settings.mqtt.enabled,
+            mqtt_url = %if settings.mqtt.enabled { settings.mqtt.url.as_str() } else { "-" },
+            "transports"
+        );
+        tracing::info!(
+            "auth: none: any client that reaches this port may write and read any device"
+        );
+        let server_settings = state.settings.server.clone();
+        let open = state.metrics.http_connections.clone();
         let app = router(state);
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await
-        });
+        let server = tokio::spawn(serve_http(listener, app, server_settings, open, signal));
         // Wait for the signal first, then bound everything that follows by the timeout.
         let _ = stop_rx.await;
         if let Some(mqtt) = &mqtt {
             mqtt.stop_taking();
         }
         let drain = async {
-            match server.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
-                Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "HTTP server task failed");
             }
             tracing::info!("HTTP drained; waiting for WebSocket connections to close");
             ws_tracker.close();
@@ -218,6 +253,129 @@ impl Application {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Serves HTTP/1 (and WebSocket upgrades) on `listener` until `shutdown` resolves, then stops
+/// accepting, lets every connection finish its in-flight request (idle ones close at once),
+/// and returns when all have closed. What `axum::serve` with graceful shutdown does, plus:
+/// - **`server.max_connections`**: a connection takes a semaphore slot *before* it is accepted,
+///   so past the limit new connections wait in the kernel's listen backlog (and past that,
+///   their SYNs are dropped and retried by the client): never served without bound.
+/// - **hyper's header-read timer** ([`ServerSettings::header_read_timeout`]): headers that do
+///   not complete in time, or a keep-alive connection idle that long, close the connection.
+///   (The body's bound is the ingest handler's: 408.)
+/// - the `sluice_http_connections` gauge (`open`). An upgraded WebSocket leaves it, and its
+///   slot, once hyper hands the socket over; `ws.max_connections` bounds those.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    settings: ServerSettings,
+    open: IntGauge,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout())
+        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    // Tells every connection to finish its request and close; the tracker waits for them.
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    if must_pause(&e) {
+                        tracing::error!(error = %e, "cannot accept an HTTP connection; retrying in 1 s");
+                        tokio::select! {
+                            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            () = &mut shutdown => break,
+                        }
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let guard = OpenConnection::new(slot, open.clone());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()))
+            .with_upgrades();
+        let stop = stop.clone();
+        let drain = settings.shutdown_timeout / 2;
+        connections.spawn(async move {
+            let _guard = guard;
+            tokio::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    // hyper waits for a connection still receiving a request (its headers or
+                    // body) until `server.request_timeout`, which may outlast the shutdown.
+                    // Half the shutdown budget is its limit: such a request has not been
+                    // admitted, so dropping it loses nothing acknowledged.
+                    match tokio::time::timeout(drain, conn).await {
+                        Ok(served) => served,
+                        Err(_) => {
+                            tracing::info!("closed an HTTP connection still receiving a request at shutdown");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            // Timeouts and clients that go away are routine; nothing to alarm anyone with.
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// One open HTTP connection: holds its `server.max_connections` slot and counts in the gauge
+/// until dropped (when hyper finishes with the connection, or hands it to a WebSocket).
+struct OpenConnection {
+    /// Returned to the semaphore on drop, which lets the accept loop take one more.
+    _slot: OwnedSemaphorePermit,
+    /// `sluice_http_connections`.
+    open: IntGauge,
+}
+
+impl OpenConnection {
+    fn new(slot: OwnedSemaphorePermit, open: IntGauge) -> Self {
+        open.inc();
+        Self { _slot: slot, open }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// After a failed `accept`: a connection that broke before it was accepted is skipped; any
+/// other error (out of file descriptors, most often) is logged and accepting pauses for a
+/// second rather than spinning, as `axum::serve` does.
+fn must_pause(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    !matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -251,6 +409,13 @@ pub async fn shutdown_signal() {
 /// Before anything listens: what the store can never recover from is a configuration error
 /// ([`ConfigError`], exit code 2), not an endless "not ready".
 async fn preflight_store(settings: &Settings) -> anyhow::Result<()> {
+    if settings.limits.max_age > settings.storage.retention {
+        tracing::warn!(
+            max_age = %humantime::format_duration(settings.limits.max_age),
+            retention = %humantime::format_duration(settings.storage.retention),
+            "limits.max_age is longer than storage.retention: a reading older than the retention is acknowledged, then deleted by the next sweep"
+        );
+    }
     let storage = settings.storage.clone();
     match storage.backend {
         Backend::Sqlite => {

@@ -43,11 +43,26 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
-    /// Address the HTTP (and WebSocket) listener binds. Port 0 picks a free port.
+    /// Address the HTTP (and WebSocket) listener binds: an IP address and port. Port 0 picks
+    /// a free port.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Longest time a graceful shutdown may take before Sluice gives up and exits non-zero.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Longest time to receive a request's headers (from the moment the connection is ready
+    /// for them), and then, separately, its body. Slow headers close the connection; a slow
+    /// body gets 408. Bounds what a slow client (slowloris) can hold.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Most open HTTP connections (WebSocket connections leave this count once upgraded; they
+    /// have `ws.max_connections`). Past it, new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// An idle keep-alive connection is closed after this long, or after `request_timeout`
+    /// if that is shorter: hyper runs one timer from the end of a response to the end of the
+    /// next request's headers.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -55,7 +70,19 @@ impl Default for ServerSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             shutdown_timeout: Duration::from_secs(25),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            keep_alive_timeout: Duration::from_secs(75),
         }
+    }
+}
+
+impl ServerSettings {
+    /// The timeout given to hyper's header-read timer: it runs from the moment a connection
+    /// is ready for a request (accepted, or its previous response sent) until that request's
+    /// headers are complete, so it bounds both the keep-alive idle time and the headers.
+    pub fn header_read_timeout(&self) -> Duration {
+        self.request_timeout.min(self.keep_alive_timeout)
     }
 }
 
@@ -339,7 +366,9 @@ impl Default for StorageSettings {
             postgres: PostgresSettings::default(),
             data_dir: PathBuf::from("./data"),
             synchronous: Synchronous::Full,
-            retention: Duration::from_secs(7 * 24 * 3600),
+            // As long as limits.max_age (SPEC §1: 30 days), so that no reading is acknowledged
+            // only to be deleted by the next sweep.
+            retention: Duration::from_secs(30 * 24 * 3600),
             retention_interval: Duration::from_secs(60),
             commit_delay: Duration::ZERO,
             compaction_interval: Duration::from_secs(10),
@@ -388,6 +417,39 @@ impl Default for WsSettings {
             live_buffer: 1024,
         }
     }
+}
+
+/// Parses an IP address and port, echoing a bad value with what is accepted.
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an IP address and port (e.g. 0.0.0.0:8080, 127.0.0.1:9000 or \
+             [::1]:8080); host names such as localhost are not resolved"
+        ))
+    })
+}
+
+/// The values each configuration enum accepts, by its type name, for error messages.
+const ENUM_VALUES: &[(&str, &str)] = &[
+    ("Synchronous", "off, normal, full, extra"),
+    ("Backend", "sqlite, postgres"),
+    ("LogFormat", "text, json"),
+];
+
+/// Rewrites the config crate's message for a bad enum value ("enum Synchronous does not have
+/// variant constructor fast for key …") into one that echoes the value and lists what is
+/// accepted. Other messages pass unchanged.
+fn explain(message: &str) -> String {
+    let rewritten = message.strip_prefix("enum ").and_then(|rest| {
+        let (name, rest) = rest.split_once(" does not have variant constructor ")?;
+        let (value, key) = rest.split_once(" for key ")?;
+        let accepted = ENUM_VALUES.iter().find(|(n, _)| *n == name)?.1;
+        Some(format!(
+            "`{value}` is not one of: {accepted}, for key {key}"
+        ))
+    });
+    rewritten.unwrap_or_else(|| message.to_string())
 }
 
 /// A secret value: kept out of logs, `Debug` output and `--check-config`.
@@ -592,7 +654,7 @@ impl Settings {
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(|e| ConfigError::Load(explain(&e.to_string())))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -600,6 +662,30 @@ impl Settings {
     /// Checks relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.server.request_timeout.is_zero() {
+            return invalid(
+                "server.request_timeout",
+                "is 0s; must be a duration of more than 0s, e.g. 30s".into(),
+            );
+        }
+        if self.server.max_connections == 0
+            || self.server.max_connections > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return invalid(
+                "server.max_connections",
+                format!(
+                    "is {}; must be from 1 to {} (open HTTP connections)",
+                    self.server.max_connections,
+                    tokio::sync::Semaphore::MAX_PERMITS
+                ),
+            );
+        }
+        if self.server.keep_alive_timeout.is_zero() {
+            return invalid(
+                "server.keep_alive_timeout",
+                "is 0s; must be a duration of more than 0s, e.g. 30s".into(),
+            );
+        }
         if self.limits.max_readings_per_request == 0 {
             return invalid(
                 "limits.max_readings_per_request",
@@ -779,7 +865,8 @@ mod tests {
         assert_eq!(s.storage.db_path(), PathBuf::from("./data/sluice.db"));
         assert_eq!(s.storage.synchronous, Synchronous::Full);
         assert_eq!(s.limits.max_body_bytes, 4 * 1024 * 1024);
-        assert_eq!(s.storage.retention, Duration::from_secs(7 * 86400));
+        assert_eq!(s.storage.retention, Duration::from_secs(30 * 86400));
+        assert!(s.limits.max_age <= s.storage.retention);
         assert_eq!(s, Settings::default());
     }
 
@@ -819,6 +906,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn server_timeouts_and_connection_limit_are_checked() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(s.server.max_connections, 10_000);
+        assert_eq!(s.server.keep_alive_timeout, Duration::from_secs(75));
+        assert_eq!(s.server.header_read_timeout(), Duration::from_secs(30));
+        for (key, value, named) in [
+            (
+                "SLUICE__SERVER__REQUEST_TIMEOUT",
+                "0s",
+                "server.request_timeout",
+            ),
+            (
+                "SLUICE__SERVER__MAX_CONNECTIONS",
+                "0",
+                "server.max_connections",
+            ),
+            (
+                "SLUICE__SERVER__KEEP_ALIVE_TIMEOUT",
+                "0s",
+                "server.keep_alive_timeout",
+            ),
+            ("SLUICE__SERVER__REQUEST_TIMEOUT", "soon", "request_timeout"),
+            ("SLUICE__SERVER__MAX_CONNECTIONS", "-1", "max_connections"),
+        ] {
+            let err = Settings::load_from(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SLUICE__SERVER__REQUEST_TIMEOUT", "10s"),
+                ("SLUICE__SERVER__KEEP_ALIVE_TIMEOUT", "2s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.header_read_timeout(), Duration::from_secs(2));
     }
 
     #[test]
@@ -911,5 +1040,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("backend") && e.contains("mysql"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_echoed_with_what_is_accepted() {
+        let err = |k: &str, v: &str| {
+            Settings::load_from(None, env(&[(k, v)]))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("SLUICE__STORAGE__SYNCHRONOUS", "fast");
+        assert!(
+            e.contains("`fast`")
+                && e.contains("off, normal, full, extra")
+                && e.contains("storage.synchronous"),
+            "{e}"
+        );
+        let e = err("SLUICE__LOG__FORMAT", "xml");
+        assert!(e.contains("`xml`") && e.contains("text, json"), "{e}");
+        let e = err("SLUICE__STORAGE__BACKEND", "mysql");
+        assert!(
+            e.contains("`mysql`") && e.contains("sqlite, postgres"),
+            "{e}"
+        );
+        let e = err("SLUICE__SERVER__LISTEN", "localhost:9000");
+        assert!(
+            e.contains("`localhost:9000`")
+                && e.contains("IP address and port")
+                && e.contains("server.listen"),
+            "{e}"
+        );
+        // Every variant named in ENUM_VALUES is accepted.
+        for (key, values) in [
+            ("SLUICE__STORAGE__SYNCHRONOUS", ENUM_VALUES[0].1),
+            ("SLUICE__LOG__FORMAT", ENUM_VALUES[2].1),
+        ] {
+            for v in values.split(", ") {
+                Settings::load_from(None, env(&[(key, v)]))
+                    .unwrap_or_else(|e| panic!("{key}={v}: {e}"));
+            }
+        }
+        let ok = Settings::load_from(None, env(&[("SLUICE__SERVER__LISTEN", "[::1]:0")])).unwrap();
+        assert!(ok.server.listen.is_ipv6());
     }
 }

@@ -1,8 +1,13 @@
 //! Readings at the edge: the first step of the flow, device → **parse** → admission.
 //!
-//! Every transport hands its bytes to [`parse_json_batch`] or [`parse_ndjson_batch`] and gets
-//! back typed, validated [`Reading`]s plus a precise error for each reading it refused
-//! (SPEC §1). Nothing downstream re-validates: a `Reading` is valid by construction.
+//! Every transport hands its bytes to [`decode_utf8`] and then [`parse_json_batch`] or
+//! [`parse_ndjson_batch`], and gets back typed, validated [`Reading`]s plus a precise error for
+//! each reading it refused (SPEC §1). Nothing downstream re-validates: a `Reading` is valid by
+//! construction.
+//!
+//! One leading UTF-8 byte-order mark is ignored (SPEC §1); anywhere else, a byte that cannot
+//! start a JSON token is named in the error (`unexpected byte 0xEF (a UTF-8 byte-order mark?)`),
+//! not only located. Line and column count bytes after an ignored byte-order mark.
 //!
 //! Parsing never builds a `serde_json::Value`. A batch is first split into borrowed raw
 //! elements (a cheap syntax scan), then each element is deserialised on its own into typed
@@ -316,7 +321,11 @@ pub enum BatchError {
 }
 
 /// Parses a JSON body: one reading object or an array of them.
+///
+/// One leading byte-order mark is ignored.
 pub fn parse_json_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
+    let body = strip_bom(body);
+    let malformed = |e| malformed(body, e);
     let first = body.bytes().find(|b| !b.is_ascii_whitespace());
     let raws: Vec<&RawValue> = match first {
         Some(b'[') => serde_json::from_str(body).map_err(malformed)?,
@@ -349,7 +358,9 @@ pub fn parse_json_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatc
 
 /// Parses NDJSON: one reading per line; blank lines are skipped. A line that is not JSON is
 /// rejected on its own (with its line number), so one corrupt line does not sink the rest.
+/// One leading byte-order mark (before the first line only) is ignored.
 pub fn parse_ndjson_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
+    let body = strip_bom(body);
     let lines: Vec<(usize, &str)> = body
         .split('\n')
         .enumerate()
@@ -370,7 +381,15 @@ pub fn parse_ndjson_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBa
             Ok(raw) => parse_reading(raw.get(), ctx),
             Err(e) => Err(ReadingError::new(
                 "",
-                format!("line {}: {}", line_no + 1, strip_position(&e)),
+                match unexpected_byte(line, &e) {
+                    Some(what) => format!(
+                        "line {}: {what} at column {}; {}",
+                        line_no + 1,
+                        e.column(),
+                        strip_position(&e)
+                    ),
+                    None => format!("line {}: {}", line_no + 1, strip_position(&e)),
+                },
                 RejectReason::Malformed,
             )),
         };
@@ -382,13 +401,74 @@ pub fn parse_ndjson_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBa
     Ok(out)
 }
 
-fn malformed(e: serde_json::Error) -> BatchError {
-    BatchError::Malformed(format!(
-        "not valid JSON at line {} column {}: {}",
-        e.line(),
-        e.column(),
-        strip_position(&e)
-    ))
+fn malformed(text: &str, e: serde_json::Error) -> BatchError {
+    let detail = strip_position(&e);
+    BatchError::Malformed(match unexpected_byte(text, &e) {
+        Some(what) => format!(
+            "not valid JSON at line {} column {}: {what}; {detail}",
+            e.line(),
+            e.column()
+        ),
+        None => format!(
+            "not valid JSON at line {} column {}: {detail}",
+            e.line(),
+            e.column()
+        ),
+    })
+}
+
+/// The UTF-8 byte-order mark (SPEC §1: ignored once, at the start of a body, frame or payload).
+pub const BOM: char = '\u{feff}';
+
+/// `text` without one leading byte-order mark.
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix(BOM).unwrap_or(text)
+}
+
+/// Checks that a body, frame or payload is UTF-8, naming the first bad byte and its offset.
+/// The byte-order mark, if any, is kept: the batch parsers ignore it.
+pub fn decode_utf8(bytes: &[u8]) -> Result<&str, BatchError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        BatchError::Malformed(format!(
+            "not UTF-8: invalid byte 0x{:02X} at offset {at}",
+            bytes[at]
+        ))
+    })
+}
+
+/// Names the byte a syntax error stopped at, when it is one a reader cannot see in the message:
+/// a control character or any non-ASCII byte (`unexpected byte 0xEF (a UTF-8 byte-order
+/// mark?)`). `None` for printable ASCII, which serde_json's message already makes plain.
+fn unexpected_byte(text: &str, e: &serde_json::Error) -> Option<String> {
+    if e.classify() != serde_json::error::Category::Syntax || e.column() == 0 {
+        return None;
+    }
+    // serde_json counts lines from 1 and columns in bytes from 1 (the byte it stopped at).
+    let line_start = if e.line() <= 1 {
+        0
+    } else {
+        text.match_indices('\n').nth(e.line() - 2)?.0 + 1
+    };
+    let at = line_start + e.column() - 1;
+    let byte = *text.as_bytes().get(at)?;
+    if byte.is_ascii_graphic() || byte == b' ' {
+        return None;
+    }
+    let what = if text.as_bytes()[at..].starts_with("\u{feff}".as_bytes()) {
+        "a UTF-8 byte-order mark?".to_string()
+    } else if byte.is_ascii() {
+        match byte {
+            b'\t' | b'\n' | b'\r' => return None,
+            _ => "a control character".to_string(),
+        }
+    } else {
+        match text.get(at..).and_then(|rest| rest.chars().next()) {
+            Some(c) => format!("the first byte of {c:?}, U+{:04X}", c as u32),
+            None => "inside a multi-byte character".to_string(),
+        }
+    };
+    Some(format!("unexpected byte 0x{byte:02X} ({what})"))
 }
 
 /// serde_json's message without its ` at line L column C` suffix.
@@ -413,7 +493,10 @@ pub fn parse_reading(text: &str, ctx: &ParseContext<'_>) -> Result<Reading, Read
             return Err(match failed_field.into_inner() {
                 Some((field, kind)) => {
                     let reason = match kind {
-                        RejectReason::InvalidMetrics if field.starts_with("metrics.") => {
+                        RejectReason::InvalidMetrics
+                            if field.starts_with("metrics.")
+                                && !strip_position(&e).starts_with(OUT_OF_RANGE) =>
+                        {
                             "expected a finite number or a boolean".to_string()
                         }
                         _ => strip_position(&e),
@@ -661,8 +744,9 @@ impl<'de> Visitor<'de> for WireSeed<'_> {
                 }
                 "seq" => {
                     w.seq = Some(
-                        map.next_value::<u64>()
-                            .inspect_err(|_| fail("seq", RejectReason::InvalidSeq))?,
+                        map.next_value::<SeqDe>()
+                            .inspect_err(|_| fail("seq", RejectReason::InvalidSeq))?
+                            .0,
                     )
                 }
                 "metrics" => {
@@ -783,35 +867,87 @@ impl<'de> Visitor<'de> for MetricsSeed<'_> {
 
 struct MetricValueDe(MetricValue);
 
+/// How an out-of-range integer's error starts, so that its message is kept (SPEC §1).
+const OUT_OF_RANGE: &str = "integer ";
+
+/// A JSON number literal with no fraction and no exponent: an integer, whatever its size.
+fn is_integer_literal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 impl<'de> serde::Deserialize<'de> for MetricValueDe {
+    /// Reads the value's text, so that an integer literal outside −2^63..2^64−1 is refused with
+    /// its value named rather than silently rounded to a float (serde_json's own fallback).
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MetricValueDe;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a finite number or a boolean")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-                Ok(MetricValueDe(MetricValue::Bool(v)))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(MetricValueDe(MetricValue::Int(v)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(MetricValueDe(match i64::try_from(v) {
-                    Ok(i) => MetricValue::Int(i),
-                    Err(_) => MetricValue::UInt(v),
-                }))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                if v.is_finite() {
-                    Ok(MetricValueDe(MetricValue::Float(v)))
-                } else {
-                    Err(E::custom("not finite"))
-                }
+        let raw = <&'de RawValue>::deserialize(d)?;
+        metric_value(raw.get())
+            .map(MetricValueDe)
+            .map_err(|e| match e {
+                Some(msg) => de::Error::custom(msg),
+                None => de::Error::custom("expected a finite number or a boolean"),
+            })
+    }
+}
+
+/// Decodes the JSON text of one metric value. `Err(Some(msg))` for an out-of-range integer,
+/// `Err(None)` for anything that is not a finite number or a boolean.
+fn metric_value(text: &str) -> Result<MetricValue, Option<String>> {
+    match text {
+        "true" => return Ok(MetricValue::Bool(true)),
+        "false" => return Ok(MetricValue::Bool(false)),
+        _ => {}
+    }
+    if is_integer_literal(text) {
+        if text == "-0" {
+            // As serde_json reads it: a negative zero, which reads back as `-0.0`.
+            return Ok(MetricValue::Float(-0.0));
+        }
+        if let Ok(v) = text.parse::<i64>() {
+            return Ok(MetricValue::Int(v));
+        }
+        if let Ok(v) = text.parse::<u64>() {
+            return Ok(MetricValue::UInt(v));
+        }
+        return Err(Some(format!(
+            "{OUT_OF_RANGE}{text} is outside {}..{}, the range kept exactly",
+            i64::MIN,
+            u64::MAX
+        )));
+    }
+    let first = text.as_bytes().first().copied().unwrap_or(b' ');
+    if first == b'-' || first.is_ascii_digit() {
+        // A valid JSON number (the raw value was checked), so Rust's correctly rounded parser
+        // gives the same f64 as serde_json's `float_roundtrip`.
+        if let Ok(v) = text.parse::<f64>() {
+            if v.is_finite() {
+                return Ok(MetricValue::Float(v));
             }
         }
-        d.deserialize_any(V)
+    }
+    Err(None)
+}
+
+/// A `seq`: an unsigned 64-bit integer. A larger literal is named as out of range instead of
+/// being reported as a float.
+struct SeqDe(u64);
+
+impl<'de> serde::Deserialize<'de> for SeqDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        let text = raw.get();
+        if is_integer_literal(text) {
+            return match text.parse::<u64>() {
+                Ok(v) => Ok(SeqDe(v)),
+                Err(_) => Err(de::Error::custom(format!(
+                    "invalid value: {text} is outside 0..{}, an unsigned 64-bit integer",
+                    u64::MAX
+                ))),
+            };
+        }
+        serde_json::from_str::<u64>(text)
+            .map(SeqDe)
+            .map_err(|e| de::Error::custom(strip_position(&e)))
     }
 }
 
@@ -1147,6 +1283,132 @@ mod tests {
             "{}",
             b.rejected[0].error
         );
+    }
+
+    #[test]
+    fn one_leading_bom_is_ignored_and_any_other_stray_byte_is_named() {
+        let one = r#"{"device_id":"a","metrics":{"x":1}}"#;
+        let b = parse_json_batch(&format!("\u{feff}[{one},{one}]"), &ctx()).unwrap();
+        assert_eq!(b.readings.len(), 2);
+        let b = parse_json_batch(&format!("\u{feff}{one}"), &ctx()).unwrap();
+        assert_eq!(b.readings.len(), 1);
+        let b = parse_ndjson_batch(&format!("\u{feff}{one}\n{one}\n"), &ctx()).unwrap();
+        assert_eq!((b.readings.len(), b.rejected.len()), (2, 0));
+
+        let cases = [
+            (
+                format!("\u{feff}\u{feff}[{one}]"),
+                "not valid JSON at line 1 column 1: unexpected byte 0xEF (a UTF-8 byte-order mark?); expected value",
+            ),
+            (
+                format!("[{one},\n \u{feff}{one}]"),
+                "not valid JSON at line 2 column 2: unexpected byte 0xEF (a UTF-8 byte-order mark?); expected value",
+            ),
+            (
+                format!("[{one}\u{0}]"),
+                "not valid JSON at line 1 column 37: unexpected byte 0x00 (a control character); expected `,` or `]`",
+            ),
+            (
+                "[\u{e9}]".to_string(),
+                "not valid JSON at line 1 column 2: unexpected byte 0xC3 (the first byte of '\u{e9}', U+00E9); expected value",
+            ),
+            // Printable ASCII is already plain in serde_json's message.
+            (
+                "[x]".to_string(),
+                "not valid JSON at line 1 column 2: expected value",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parse_json_batch(&text, &ctx()).unwrap_err(),
+                BatchError::Malformed(want.into()),
+                "{text:?}"
+            );
+        }
+
+        let b = parse_ndjson_batch(&format!("{one}\n\u{feff}{one}\n"), &ctx()).unwrap();
+        assert_eq!(b.readings.len(), 1);
+        assert_eq!(
+            b.rejected[0].error.to_string(),
+            "line 2: unexpected byte 0xEF (a UTF-8 byte-order mark?) at column 1; expected value"
+        );
+        assert_eq!(
+            decode_utf8(b"[1, \xFF]").unwrap_err(),
+            BatchError::Malformed("not UTF-8: invalid byte 0xFF at offset 4".into())
+        );
+        assert_eq!(decode_utf8("\u{feff}[]".as_bytes()).unwrap(), "\u{feff}[]");
+    }
+
+    #[test]
+    fn integers_outside_the_exact_range_are_refused_with_their_field() {
+        let m = |v: &str| {
+            parse_reading(
+                &format!(r#"{{"device_id":"a","metrics":{{"v":{v}}}}}"#),
+                &ctx(),
+            )
+        };
+        assert_eq!(
+            m("9223372036854775807").unwrap().metrics[0].1,
+            MetricValue::Int(i64::MAX)
+        );
+        assert_eq!(
+            m("9223372036854775808").unwrap().metrics[0].1,
+            MetricValue::UInt(1 << 63)
+        );
+        assert_eq!(m("-0").unwrap().metrics[0].1, MetricValue::Float(-0.0));
+        assert!(
+            matches!(m("-0").unwrap().metrics[0].1, MetricValue::Float(f) if f.is_sign_negative())
+        );
+        // A float literal may be as large as it likes: it is a float.
+        assert_eq!(
+            m("18446744073709551616.0").unwrap().metrics[0].1,
+            MetricValue::Float(18446744073709551616.0)
+        );
+        assert_eq!(m("1e19").unwrap().metrics[0].1, MetricValue::Float(1e19));
+        for v in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "100000000000000000000000",
+        ] {
+            let e = m(v).unwrap_err();
+            assert_eq!(e.kind, RejectReason::InvalidMetrics);
+            assert_eq!(
+                e.to_string(),
+                format!("metrics.v: integer {v} is outside -9223372036854775808..18446744073709551615, the range kept exactly")
+            );
+        }
+        let s = |v: &str| {
+            parse_reading(
+                &format!(r#"{{"device_id":"a","seq":{v},"metrics":{{"x":1}}}}"#),
+                &ctx(),
+            )
+        };
+        assert_eq!(s("18446744073709551615").unwrap().seq, Some(u64::MAX));
+        let e = s("18446744073709551616").unwrap_err();
+        assert_eq!(e.kind, RejectReason::InvalidSeq);
+        assert_eq!(
+            e.to_string(),
+            "seq: invalid value: 18446744073709551616 is outside 0..18446744073709551615, an unsigned 64-bit integer"
+        );
+        assert!(s("1.5")
+            .unwrap_err()
+            .to_string()
+            .starts_with("seq: invalid type: floating point"));
+        assert!(s("\"7\"")
+            .unwrap_err()
+            .to_string()
+            .starts_with("seq: invalid type: string"));
+        // In a batch, by index.
+        let b = parse_json_batch(
+            r#"[{"device_id":"a","metrics":{"x":1}},{"device_id":"a","metrics":{"x":-9223372036854775809}}]"#,
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!((b.readings.len(), b.rejected[0].index), (1, 1));
+        assert!(b.rejected[0]
+            .error
+            .to_string()
+            .starts_with("metrics.x: integer -9223372036854775809"));
     }
 
     #[test]

@@ -163,10 +163,20 @@ async fn ingest_inner(
             Problem::too_large(format!("body exceeds {} bytes", limits.max_body_bytes)),
         )
     };
-    let bytes: Bytes = match axum::body::to_bytes(body, limits.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) if is_length_limit(&e) => return Err(too_large(state)),
-        Err(e) => return Err(Problem::bad_request(format!("cannot read body: {e}"))),
+    // The headers were bounded by hyper's header-read timer; the whole body gets
+    // `server.request_timeout` more, so a client trickling bytes cannot hold the request.
+    let request_timeout = state.settings.server.request_timeout;
+    let read = axum::body::to_bytes(body, limits.max_body_bytes);
+    let bytes: Bytes = match tokio::time::timeout(request_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large(state)),
+        Ok(Err(e)) => return Err(Problem::bad_request(format!("cannot read body: {e}"))),
+        Err(_) => {
+            return Err(Problem::request_timeout(format!(
+                "the body did not arrive within {} (server.request_timeout)",
+                humantime::format_duration(request_timeout)
+            )))
+        }
     };
     let bytes = if gzip {
         let limit = limits.max_body_bytes;

@@ -57,12 +57,7 @@ pub async fn parse_readings(
     let settings = settings.clone();
     let len = bytes.len();
     let parse = move || {
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            BatchError::Malformed(format!(
-                "not UTF-8: invalid byte at offset {}",
-                e.valid_up_to()
-            ))
-        })?;
+        let text = reading::decode_utf8(&bytes)?;
         let ctx = ParseContext {
             now_ms: received_ms,
             max_future_skew: settings.limits.max_future_skew,

@@ -43,6 +43,8 @@
 //! - **Dead letters.** A payload that can never be taken (not JSON, too large, bad readings, a
 //!   topic level that is not a device id) is counted, republished at QoS 1 with its error to
 //!   `<mqtt.dead_letter_topic>/<device_id>` (or `/_invalid`), and PUBACKed. See [`DeadLetter`].
+//!   What a message comes to is decided by the pure [`decide`] (topic and payload in, a
+//!   [`Verdict`] out, no I/O), which the tests and the `mqtt_payload` fuzz target call directly.
 //! - **Shutdown** ([`MqttSource::stop_taking`], [`MqttSource::finish`]): stop taking messages,
 //!   let those already submitted commit, PUBACK them in order, then DISCONNECT. Whatever is left
 //!   unacked (including held messages not yet started) stays in the broker's session and is
@@ -64,7 +66,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::{parse_readings, Format};
+use super::{parse_readings, Format, INLINE_PARSE_BYTES};
 use crate::config::{LimitSettings, MqttSettings, Settings};
 use crate::pipeline::Admission;
 use crate::reading::{self, format_ts, now_ms, BatchError, DeviceId, ParsedBatch, RejectReason};
@@ -847,54 +849,170 @@ impl Ctx {
             Err(e) => tracing::warn!(error = %e, "cannot queue a dead letter"),
         }
     }
+}
 
-    /// Counts a whole-message refusal and builds its dead letter.
-    fn refused<'a>(
-        &self,
-        t: &'a Taken,
-        device: Option<&'a DeviceId>,
-        r: Refused,
-    ) -> DeadLetter<'a> {
-        self.count(r.readings, []);
-        self.metrics
-            .rejected(Transport::Mqtt, r.reason, r.readings as u64);
-        DeadLetter {
-            error: Some(MessageError {
-                reason: r.reason.as_str(),
-                detail: r.detail,
-            }),
-            ..DeadLetter::new(t, device, self.settings.limits.max_body_bytes)
+/// The device id from the topic's `+` level (`device_level`, counted from 0).
+fn device_of(topic: &str, device_level: usize) -> Result<DeviceId, String> {
+    let level = topic.split('/').nth(device_level).ok_or_else(|| {
+        format!(
+            "topic `{topic}` has no level {} for the device id",
+            device_level + 1
+        )
+    })?;
+    DeviceId::parse(level)
+        .map_err(|e| format!("device id in topic level {}: {e}", device_level + 1))
+}
+
+/// What one message comes to, decided from its topic and payload alone: the pure part of
+/// [`answer`], with no I/O, so that it can be tested and fuzzed on its own.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The message can never be taken: it is PUBACKed, counted as `readings` rejected for
+    /// `reason`, and dead-lettered with `detail`.
+    Refused {
+        /// The device from the topic; `None` when that level is not a valid device id.
+        device: Option<DeviceId>,
+        /// The `reason` label it is counted under.
+        reason: RejectReason,
+        /// What is wrong, for the device's developer.
+        detail: String,
+        /// Readings it is counted as (1 when the payload could not be split).
+        readings: usize,
+    },
+    /// The payload parsed: `parsed.readings` go on to be committed, and `parsed.rejected`, if
+    /// any, are dead-lettered beside them.
+    Parsed {
+        /// The device from the topic.
+        device: DeviceId,
+        /// What the edge parser made of the payload.
+        parsed: ParsedBatch,
+    },
+}
+
+/// Decides what a message on `topic` with `payload`, received at `received_ms`, comes to:
+/// the device from topic level `device_level`, then the size limit, then the shared edge parser
+/// (one reading or an array, `device_id` bound to the topic, one leading byte-order mark
+/// ignored). Pure and synchronous; [`answer`] runs it on a blocking thread for large payloads.
+pub fn decide(
+    topic: &str,
+    payload: &[u8],
+    device_level: usize,
+    limits: &LimitSettings,
+    received_ms: i64,
+) -> Verdict {
+    let device = match device_of(topic, device_level) {
+        Ok(d) => d,
+        Err(detail) => {
+            return Verdict::Refused {
+                device: None,
+                reason: RejectReason::InvalidDeviceId,
+                detail,
+                readings: 1,
+            }
+        }
+    };
+    if payload.len() > limits.max_body_bytes {
+        return Verdict::Refused {
+            device: Some(device),
+            reason: RejectReason::TooLarge,
+            detail: format!(
+                "payload of {} bytes exceeds limits.max_body_bytes ({})",
+                payload.len(),
+                limits.max_body_bytes
+            ),
+            readings: 1,
+        };
+    }
+    let ctx = reading::ParseContext {
+        now_ms: received_ms,
+        max_future_skew: limits.max_future_skew,
+        max_age: limits.max_age,
+        max_readings: limits.max_readings_per_request,
+        bound_device: Some(&device),
+    };
+    let parsed =
+        reading::decode_utf8(payload).and_then(|text| reading::parse_json_batch(text, &ctx));
+    match parsed {
+        Ok(parsed) => Verdict::Parsed { device, parsed },
+        Err(BatchError::Malformed(detail)) => Verdict::Refused {
+            device: Some(device),
+            reason: RejectReason::Malformed,
+            detail,
+            readings: 1,
+        },
+        Err(e @ BatchError::TooMany { count, .. }) => Verdict::Refused {
+            device: Some(device),
+            reason: RejectReason::TooManyReadings,
+            detail: e.to_string(),
+            readings: count,
+        },
+    }
+}
+
+impl Verdict {
+    /// The device from the topic, if it is a valid id.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Verdict::Refused { device, .. } => device.as_ref(),
+            Verdict::Parsed { device, .. } => Some(device),
         }
     }
 
-    /// The device id from the topic's `+` level.
-    fn device_of(&self, topic: &str) -> Result<DeviceId, String> {
-        let level = topic.split('/').nth(self.device_level).ok_or_else(|| {
-            format!(
-                "topic `{topic}` has no level {} for the device id",
-                self.device_level + 1
-            )
-        })?;
-        DeviceId::parse(level)
-            .map_err(|e| format!("device id in topic level {}: {e}", self.device_level + 1))
+    /// The dead letter to republish for this message, if any: always for a refused message,
+    /// and for a parsed one when some of its readings were rejected. `max_body_bytes` bounds the
+    /// payload copied into it.
+    pub fn dead_letter<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+        received_ms: i64,
+        max_body_bytes: usize,
+    ) -> Option<DeadLetter<'a>> {
+        let base = DeadLetter {
+            topic,
+            device_id: self.device().map(DeviceId::as_str),
+            received_at: format_ts(received_ms),
+            payload_bytes: payload.len(),
+            payload: (payload.len() <= max_body_bytes)
+                .then(|| std::str::from_utf8(payload).ok())
+                .flatten(),
+            error: None,
+            rejected: Vec::new(),
+            taken: 0,
+        };
+        match self {
+            Verdict::Refused { reason, detail, .. } => Some(DeadLetter {
+                error: Some(MessageError {
+                    reason: reason.as_str(),
+                    detail: detail.clone(),
+                }),
+                ..base
+            }),
+            Verdict::Parsed { parsed, .. } if !parsed.rejected.is_empty() => Some(DeadLetter {
+                rejected: parsed
+                    .rejected
+                    .iter()
+                    .map(|r| DeadReading {
+                        index: r.index,
+                        reason: r.error.kind.as_str(),
+                        error: r.error.to_string(),
+                    })
+                    .collect(),
+                taken: parsed.readings.len(),
+                ..base
+            }),
+            Verdict::Parsed { .. } => None,
+        }
     }
 }
 
-/// Why a whole message was refused.
-struct Refused {
-    reason: RejectReason,
-    detail: String,
-    /// Readings it is counted as (1 when the payload could not be split).
-    readings: usize,
-}
-
-/// Parses a payload bound to `device` with the shared edge parser.
+/// Parses a payload bound to `device` with the shared edge parser (for a resubmission).
 async fn parse(
     settings: &Arc<Settings>,
     device: &DeviceId,
     payload: &Bytes,
     received_ms: i64,
-) -> Result<ParsedBatch, Refused> {
+) -> Result<ParsedBatch, BatchError> {
     parse_readings(
         settings,
         payload.clone(),
@@ -903,18 +1021,6 @@ async fn parse(
         received_ms,
     )
     .await
-    .map_err(|e| match e {
-        BatchError::Malformed(detail) => Refused {
-            reason: RejectReason::Malformed,
-            detail,
-            readings: 1,
-        },
-        e @ BatchError::TooMany { count, .. } => Refused {
-            reason: RejectReason::TooManyReadings,
-            detail: e.to_string(),
-            readings: count,
-        },
-    })
 }
 
 /// Answers one message: dead-letters what can never be taken, and commits the rest, retrying
@@ -933,88 +1039,54 @@ async fn answer(ctx: Arc<Ctx>, t: Taken) -> Answered {
     };
     let limits = &ctx.settings.limits;
     let payload = &t.publish.payload;
-    let device = match ctx.device_of(&t.publish.topic) {
-        Ok(d) => d,
-        Err(detail) => {
-            let dl = ctx.refused(
-                &t,
-                None,
-                Refused {
-                    reason: RejectReason::InvalidDeviceId,
-                    detail,
-                    readings: 1,
-                },
-            );
-            ctx.dead_letter(None, &t, dl).await;
-            return answered(true);
-        }
-    };
-    if payload.len() > limits.max_body_bytes {
-        let dl = ctx.refused(
-            &t,
-            Some(&device),
-            Refused {
-                reason: RejectReason::TooLarge,
-                detail: format!(
-                    "payload of {} bytes exceeds limits.max_body_bytes ({})",
-                    payload.len(),
-                    limits.max_body_bytes
-                ),
-                readings: 1,
-            },
+    let level = ctx.device_level;
+    let verdict = if payload.len() > INLINE_PARSE_BYTES {
+        // A large payload is parsed on a blocking thread, as for the other transports.
+        let (topic, bytes, lim, ms) = (
+            t.publish.topic.clone(),
+            payload.clone(),
+            limits.clone(),
+            t.received_ms,
         );
-        ctx.dead_letter(Some(&device), &t, dl).await;
-        return answered(true);
-    }
-    let parsed = match parse(&ctx.settings, &device, payload, t.received_ms).await {
-        Ok(p) => p,
-        Err(r) => {
-            let dl = ctx.refused(&t, Some(&device), r);
-            ctx.dead_letter(Some(&device), &t, dl).await;
-            return answered(true);
-        }
+        tokio::task::spawn_blocking(move || decide(&topic, &bytes, level, &lim, ms))
+            .await
+            .unwrap_or_else(|e| Verdict::Refused {
+                device: device_of(&t.publish.topic, level).ok(),
+                reason: RejectReason::Malformed,
+                detail: format!("parser failed: {e}"),
+                readings: 1,
+            })
+    } else {
+        decide(&t.publish.topic, payload, level, limits, t.received_ms)
     };
-    ctx.count(parsed.total(), parsed.rejected.iter().map(|r| r.error.kind));
-    if !parsed.rejected.is_empty() {
-        let dl = DeadLetter {
-            rejected: parsed
-                .rejected
-                .iter()
-                .map(|r| DeadReading {
-                    index: r.index,
-                    reason: r.error.kind.as_str(),
-                    error: r.error.to_string(),
-                })
-                .collect(),
-            taken: parsed.readings.len(),
-            ..DeadLetter::new(&t, Some(&device), limits.max_body_bytes)
-        };
-        ctx.dead_letter(Some(&device), &t, dl).await;
-    }
-    if parsed.readings.is_empty() {
-        return answered(true);
-    }
-    let committed = commit(&ctx, &t, &device, parsed.readings).await;
-    answered(committed)
-}
-
-impl<'a> DeadLetter<'a> {
-    /// A dead letter for `t` with no errors filled in yet.
-    fn new(t: &'a Taken, device: Option<&'a DeviceId>, max_body_bytes: usize) -> Self {
-        let payload = &t.publish.payload;
-        DeadLetter {
-            topic: &t.publish.topic,
-            device_id: device.map(DeviceId::as_str),
-            received_at: format_ts(t.received_ms),
-            payload_bytes: payload.len(),
-            payload: (payload.len() <= max_body_bytes)
-                .then(|| std::str::from_utf8(payload).ok())
-                .flatten(),
-            error: None,
-            rejected: Vec::new(),
-            taken: 0,
+    match &verdict {
+        Verdict::Refused {
+            reason, readings, ..
+        } => {
+            ctx.count(*readings, []);
+            ctx.metrics
+                .rejected(Transport::Mqtt, *reason, *readings as u64);
+        }
+        Verdict::Parsed { parsed, .. } => {
+            ctx.count(parsed.total(), parsed.rejected.iter().map(|r| r.error.kind))
         }
     }
+    if let Some(dl) = verdict.dead_letter(
+        &t.publish.topic,
+        payload,
+        t.received_ms,
+        limits.max_body_bytes,
+    ) {
+        ctx.dead_letter(verdict.device(), &t, dl).await;
+    }
+    let (device, readings) = match verdict {
+        Verdict::Parsed { device, parsed } if !parsed.readings.is_empty() => {
+            (device, parsed.readings)
+        }
+        _ => return answered(true),
+    };
+    let committed = commit(&ctx, &t, &device, readings).await;
+    answered(committed)
 }
 
 /// Submits the readings and waits for their commit, resubmitting after a refusal or a failed
@@ -1124,6 +1196,61 @@ mod tests {
                 m.dead_letter_topic = "devices".into();
             }),
             "mqtt.dead_letter_topic"
+        );
+    }
+
+    #[test]
+    fn decide_refuses_or_parses_and_dead_letters_only_what_was_refused() {
+        let limits = LimitSettings {
+            max_body_bytes: 256,
+            ..LimitSettings::default()
+        };
+        let now = now_ms();
+        let topic = "devices/d1/readings";
+        let decide = |topic: &str, payload: &[u8]| decide(topic, payload, 1, &limits, now);
+
+        let ok = b"\xEF\xBB\xBF{\"seq\":1,\"metrics\":{\"x\":18446744073709551615}}";
+        let v = decide(topic, ok);
+        assert!(matches!(&v, Verdict::Parsed { parsed, .. } if parsed.readings.len() == 1));
+        assert!(v.dead_letter(topic, ok, now, 256).is_none());
+
+        let partial = br#"[{"metrics":{"x":1}},{"metrics":{"x":-9223372036854775809}}]"#;
+        let v = decide(topic, partial);
+        let dl = serde_json::to_value(v.dead_letter(topic, partial, now, 256).unwrap()).unwrap();
+        assert_eq!(dl["taken"], 1);
+        assert_eq!(dl["rejected"][0]["index"], 1);
+        assert_eq!(dl["rejected"][0]["reason"], "invalid_metrics");
+        assert_eq!(dl["payload"], std::str::from_utf8(partial).unwrap());
+
+        let refused = |topic: &str, payload: &[u8]| match decide(topic, payload) {
+            Verdict::Refused {
+                reason,
+                detail,
+                device,
+                ..
+            } => (reason, detail, device),
+            other => panic!("{other:?}"),
+        };
+        let (reason, detail, device) = refused(topic, b"\xEF\xBB\xBF\xEF\xBB\xBF{}");
+        assert_eq!(
+            (reason, device.unwrap().as_str()),
+            (RejectReason::Malformed, "d1")
+        );
+        assert!(
+            detail.contains("unexpected byte 0xEF (a UTF-8 byte-order mark?)"),
+            "{detail}"
+        );
+        let (reason, _, device) = refused("devices/a+b/readings", b"{}");
+        assert_eq!((reason, device), (RejectReason::InvalidDeviceId, None));
+        let (reason, ..) = refused(topic, &[b' '; 300]);
+        assert_eq!(reason, RejectReason::TooLarge);
+        let (reason, detail, _) = refused(topic, b"[1, \xFF]");
+        assert_eq!(
+            (reason, detail.as_str()),
+            (
+                RejectReason::Malformed,
+                "not UTF-8: invalid byte 0xFF at offset 4"
+            )
         );
     }
 

@@ -22,6 +22,10 @@ pub struct Problem {
     /// Sent as `Retry-After` (whole seconds, at least 1).
     #[serde(skip)]
     pub retry_after: Option<Duration>,
+    /// Sends `Connection: close`: the connection is not reused after this answer (a request
+    /// whose body was not read to its end).
+    #[serde(skip)]
+    pub close: bool,
 }
 
 impl Problem {
@@ -38,6 +42,7 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             retry_after: None,
+            close: false,
         }
     }
 
@@ -60,6 +65,20 @@ impl Problem {
     /// 404.
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 408: the body did not arrive within `server.request_timeout`. With `Connection: close`
+    /// (RFC 9110 §15.5.9): the rest of the body is never read, so the connection cannot be
+    /// reused.
+    pub fn request_timeout(detail: impl Into<String>) -> Self {
+        let mut problem = Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            "Request timeout",
+            detail,
+        );
+        problem.close = true;
+        problem
     }
 
     /// 413.
@@ -106,6 +125,10 @@ impl IntoResponse for Problem {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.close {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         res
     }

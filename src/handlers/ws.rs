@@ -30,7 +30,7 @@ use super::problem::Problem;
 use super::{count_parsed, parse_readings, AppState, Format};
 use crate::config::WsSettings;
 use crate::pipeline::{AckResult, Refusal};
-use crate::reading::{now_ms, BatchError, DeviceId, RejectReason};
+use crate::reading::{self, now_ms, BatchError, DeviceId, RejectReason};
 use crate::telemetry::metrics::Transport;
 
 /// Longest envelope `id` (SPEC §4).
@@ -399,8 +399,11 @@ async fn frame_answer(
     let text = std::str::from_utf8(&frame).unwrap_or_default();
     let mut id: Option<String> = None;
     let mut payload = frame.clone();
-    if text.trim_start().starts_with('{') {
-        if let Ok(env) = serde_json::from_str::<Envelope>(text) {
+    // One leading byte-order mark is ignored (SPEC §1). Without an envelope the whole frame,
+    // mark included, goes to the batch parser, which ignores it there.
+    let body = reading::strip_bom(text);
+    if body.trim_start().starts_with('{') {
+        if let Ok(env) = serde_json::from_str::<Envelope>(body) {
             if let Some(readings) = env.readings {
                 if let Some(i) = &env.id {
                     if i.chars().count() > MAX_ID_LEN {

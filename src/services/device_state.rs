@@ -174,7 +174,7 @@ impl Service for DeviceState {
         if n > 0 {
             by_seen.select_nth_unstable_by(n - 1, |a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
             by_seen.truncate(n);
-            by_seen.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            by_seen.sort_by_key(|d| std::cmp::Reverse(d.last_seen_ms));
             *self.recent.lock().unwrap_or_else(|e| e.into_inner()) =
                 by_seen.iter().map(|d| d.device_id.clone()).collect();
         }

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub store_journal_full: IntCounter,
     /// Open WebSocket connections by kind (`device`, `live`).
     pub ws_connections: IntGaugeVec,
+    /// Open HTTP connections, at most `server.max_connections`. A connection upgraded to a
+    /// WebSocket leaves this count (it is in `ws_connections` from then on).
+    pub http_connections: IntGauge,
     /// 1 while the MQTT source is connected and subscribed. Set by the MQTT source.
     pub mqtt_connected: IntGauge,
     /// MQTT connections re-established after a loss. Counted by the MQTT source.
@@ -287,6 +290,15 @@ impl Metrics {
                 "Open WebSocket connections, by kind (device ingest or live stream).",
                 &["kind"],
             ),
+            http_connections: {
+                let g = IntGauge::new(
+                    "sluice_http_connections",
+                    "Open HTTP connections (at most server.max_connections); upgraded WebSockets are in sluice_ws_connections.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             mqtt_connected: {
                 let g = IntGauge::new(
                     "sluice_mqtt_connected",

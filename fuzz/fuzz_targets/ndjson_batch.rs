@@ -1,0 +1,15 @@
+//! The NDJSON batch parser (`application/x-ndjson` bodies): arbitrary bytes → UTF-8 check →
+//! `parse_ndjson_batch`. Never panics; accepted readings round-trip.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    let ctx = common::ctx();
+    let result = sluice::reading::decode_utf8(data)
+        .and_then(|text| sluice::reading::parse_ndjson_batch(text, &ctx));
+    common::check(result, &ctx);
+});
