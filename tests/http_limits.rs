@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -496,7 +496,7 @@ async fn websocket_upgrades_work_and_leave_the_http_count() {
         sockets.push(ws);
     }
     for ws in &mut sockets {
-        let ack = next_ack(ws).await;
+        let ack = next_ws_json(ws, MARGIN).await;
         assert_eq!(ack["accepted"], 1, "{ack}");
     }
     let metrics = scrape(&app).await;
@@ -518,7 +518,7 @@ async fn websocket_upgrades_work_and_leave_the_http_count() {
         ))
         .await
         .expect("still open");
-        let ack = next_ack(ws).await;
+        let ack = next_ws_json(ws, MARGIN).await;
         assert_eq!(ack["accepted"], 1, "{ack}");
         ws.close(None).await.unwrap();
     }
@@ -527,25 +527,6 @@ async fn websocket_upgrades_work_and_leave_the_http_count() {
         [1, 2, 3, 4, 10, 11, 12, 13].into()
     );
     app.shutdown().await.expect("clean shutdown");
-}
-
-/// The next text frame, as JSON, skipping pings.
-async fn next_ack<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        match tokio::time::timeout(MARGIN, ws.next())
-            .await
-            .expect("an answer in time")
-            .expect("open")
-            .expect("no error")
-        {
-            Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

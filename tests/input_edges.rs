@@ -10,8 +10,8 @@ mod mqtt_broker;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{spawn_app, spawn_app_with, wait_until, TestApp};
-use futures_util::{SinkExt, StreamExt};
+use common::{next_ws_json, spawn_app, spawn_app_with, wait_until, TestApp};
+use futures_util::SinkExt;
 use mqtt_broker::{client_id, Mosquitto, TestClient};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -181,23 +181,6 @@ async fn http_ndjson_ignores_one_leading_bom_and_names_one_on_a_later_line() {
     app.shutdown().await.unwrap();
 }
 
-async fn ws_next(
-    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
-) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .expect("no error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected message: {other:?}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn websocket_frames_ignore_one_leading_bom() {
     let app = spawn_app().await;
@@ -233,10 +216,10 @@ async fn websocket_frames_ignore_one_leading_bom() {
     .unwrap();
 
     assert_eq!(
-        ws_next(&mut ws).await,
+        next_ws_json(&mut ws, Duration::from_secs(10)).await,
         json!({"ack": 1, "accepted": 1, "duplicates": 0, "rejected": []})
     );
-    let a2 = ws_next(&mut ws).await;
+    let a2 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(
         (
             a2["ack"].as_u64(),
@@ -246,11 +229,11 @@ async fn websocket_frames_ignore_one_leading_bom() {
         (Some(2), Some("env"), Some(1)),
         "{a2}"
     );
-    let a3 = ws_next(&mut ws).await;
+    let a3 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a3["error"]["code"], "malformed", "{a3}");
     let detail = a3["error"]["detail"].as_str().unwrap();
     assert!(detail.contains(BOM_NAMED), "{detail}");
-    let a4 = ws_next(&mut ws).await;
+    let a4 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a4["accepted"], 1, "{a4}");
     assert_eq!(a4["rejected"][0]["index"], 1, "{a4}");
     let error = a4["rejected"][0]["error"].as_str().unwrap();
@@ -336,7 +319,7 @@ async fn integers_read_back_exactly_everywhere_and_out_of_range_ones_are_named()
     // The live stream.
     let mut seen = None;
     for _ in 0..3 {
-        let m = ws_next(&mut live).await;
+        let m = next_ws_json(&mut live, Duration::from_secs(10)).await;
         if m["device_id"] == "int-2" {
             seen = Some(m);
             break;

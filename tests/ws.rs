@@ -37,22 +37,6 @@ async fn connect_small_buffers(app: &TestApp, path: &str) -> WebSocketStream<Tcp
         .0
 }
 
-/// Next text message as JSON, skipping pings; panics on close or after 10 s.
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .expect("no error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected message: {other:?}"),
-        }
-    }
-}
-
 /// Reads until the close frame and returns its code.
 async fn close_code<S>(ws: &mut WebSocketStream<S>) -> u16
 where
@@ -97,17 +81,17 @@ async fn round_trip_with_ordered_acks_and_envelope_ids() {
     .await;
     send_text(&mut ws, &json!({"id": "batch-a", "readings": [reading("ws-1", 4), {"device_id": "ws-1", "metrics": {"x": "bad"}}]})).await;
 
-    let a1 = next_json(&mut ws).await;
+    let a1 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(
         a1,
         json!({"ack": 1, "accepted": 1, "duplicates": 0, "rejected": []})
     );
-    let a2 = next_json(&mut ws).await;
+    let a2 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(
         a2,
         json!({"ack": 2, "accepted": 2, "duplicates": 1, "rejected": []})
     );
-    let a3 = next_json(&mut ws).await;
+    let a3 = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a3["ack"], 3);
     assert_eq!(a3["id"], "batch-a");
     assert_eq!(a3["accepted"], 1);
@@ -185,7 +169,7 @@ async fn bad_frames_get_error_acks_and_the_connection_survives() {
     ws.send(Message::Text("this is not json".into()))
         .await
         .unwrap();
-    let a = next_json(&mut ws).await;
+    let a = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a["ack"], 1);
     assert_eq!(a["error"]["code"], "malformed");
     assert!(
@@ -201,14 +185,14 @@ async fn bad_frames_get_error_acks_and_the_connection_survives() {
         .map(|i| json!({"seq": i, "metrics": {"v": 1}}))
         .collect();
     send_text(&mut ws, &json!({"id": "big", "readings": many})).await;
-    let a = next_json(&mut ws).await;
+    let a = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a["ack"], 2);
     assert_eq!(a["id"], "big");
     assert_eq!(a["error"]["code"], "too_many_readings");
 
     // A bound connection naming another device: a per-reading error, neighbours taken.
     send_text(&mut ws, &json!([{"device_id": "other-9", "seq": 1, "metrics": {"v": 1}}, {"seq": 2, "metrics": {"v": 2}}])).await;
-    let a = next_json(&mut ws).await;
+    let a = next_ws_json(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(a["ack"], 3);
     assert_eq!(a["accepted"], 1);
     assert_eq!(a["rejected"][0]["index"], 0);
@@ -219,7 +203,10 @@ async fn bad_frames_get_error_acks_and_the_connection_survives() {
 
     // Still alive.
     send_text(&mut ws, &json!({"seq": 3, "metrics": {"v": 3}})).await;
-    assert_eq!(next_json(&mut ws).await["accepted"], 1);
+    assert_eq!(
+        next_ws_json(&mut ws, Duration::from_secs(10)).await["accepted"],
+        1
+    );
     assert_eq!(app.stored_seqs("bound-1").await, [2, 3].into());
     assert_eq!(app.stored_seqs("other-9").await, BTreeSet::new());
     let m = |reason: &'static str| {
@@ -274,7 +261,10 @@ async fn protocol_violations_close_with_the_spec_codes() {
     // The service survives all of it.
     let mut ws = connect(&app, "/v1/ws").await;
     send_text(&mut ws, &reading("after-violations", 1)).await;
-    assert_eq!(next_json(&mut ws).await["accepted"], 1);
+    assert_eq!(
+        next_ws_json(&mut ws, Duration::from_secs(10)).await["accepted"],
+        1
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -308,7 +298,10 @@ async fn a_peer_that_never_answers_pings_is_closed_after_the_idle_timeout() {
     let code = close_code_or_gone(&mut silent, true).await;
     assert!(code == 1001 || code == 0, "{code}");
     send_text(&mut lively, &reading("lively", 1)).await;
-    assert_eq!(next_json(&mut lively).await["accepted"], 1);
+    assert_eq!(
+        next_ws_json(&mut lively, Duration::from_secs(10)).await["accepted"],
+        1
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -347,7 +340,10 @@ async fn a_peer_that_never_reads_acks_is_no_longer_read() {
     // Other devices are unaffected.
     let mut other = connect(&app, "/v1/ws").await;
     send_text(&mut other, &reading("not-deaf", 1)).await;
-    assert_eq!(next_json(&mut other).await["accepted"], 1);
+    assert_eq!(
+        next_ws_json(&mut other, Duration::from_secs(10)).await["accepted"],
+        1
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -378,7 +374,10 @@ async fn connection_over_the_limit_is_closed_with_1013() {
     .await;
     let mut again = connect(&app, "/v1/ws").await;
     send_text(&mut again, &reading("slot", 1)).await;
-    assert_eq!(next_json(&mut again).await["accepted"], 1);
+    assert_eq!(
+        next_ws_json(&mut again, Duration::from_secs(10)).await["accepted"],
+        1
+    );
     drop(open);
     app.shutdown().await.unwrap();
 }
@@ -400,17 +399,20 @@ async fn live_subscribers_see_matching_committed_readings() {
         {"device_id": "greenhouse-3", "seq": 7, "metrics": {"temp_soil": 12, "humidity": 30}}
     ]))
     .await;
-    let first = next_json(&mut live).await;
+    let first = next_ws_json(&mut live, Duration::from_secs(10)).await;
     assert_eq!(first["type"], "reading");
     assert_eq!(first["device_id"], "greenhouse-1");
     assert_eq!(first["metrics"]["temperature"], 21.5);
-    let second = next_json(&mut live).await;
+    let second = next_ws_json(&mut live, Duration::from_secs(10)).await;
     assert_eq!(second["device_id"], "greenhouse-3");
     assert_eq!(second["seq"], 7);
     // Nothing else matched: the next message is from a later post.
     app.post_json(&json!({"device_id": "greenhouse-9", "seq": 1, "metrics": {"temperature": 1}}))
         .await;
-    assert_eq!(next_json(&mut live).await["device_id"], "greenhouse-9");
+    assert_eq!(
+        next_ws_json(&mut live, Duration::from_secs(10)).await["device_id"],
+        "greenhouse-9"
+    );
     app.shutdown().await.unwrap();
 }
 

@@ -288,3 +288,30 @@ impl Drop for SluiceProcess {
 pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// The next text message of a WebSocket, as JSON, skipping pings and pongs. Panics on close,
+/// on an error, on another kind of message, or when none comes `within`.
+pub async fn next_ws_json<S>(ws: &mut S, within: Duration) -> Value
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(within, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("a message within {within:?}"))
+            .expect("stream open")
+            .expect("no error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected message: {other:?}"),
+        }
+    }
+}
