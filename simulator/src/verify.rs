@@ -1,16 +1,12 @@
 //! The no-loss verifier (`--verify`): every acknowledged `(device_id, seq)` must be stored once.
 //!
 //! During the run, [`AckLog`] records the `seq` of each reading the server acknowledged. After
-//! it, [`verify`] reads every device back through `GET /v1/devices/{id}/readings`, paging by
-//! `ts` (10 000 rows a page), and compares:
+//! it, [`verify`] reads every device back through `GET /v1/devices/{id}/readings`, following
+//! its `next` cursor (10 000 rows a page, SPEC §3), and compares:
 //! - **lost**: acknowledged, not stored — the one thing Sluice must never do;
 //! - **duplicated**: a `seq` stored more than once;
 //! - **extra**: stored but never acknowledged to us (sent, committed, and the answer lost with
 //!   a connection, or a reading of an earlier run with the same device prefix). Not an error.
-//!
-//! Paging: `from` is inclusive, so the next page starts at the last page's final `ts`, and the
-//! rows already seen at that `ts` are skipped. Rows of one `ts` come back in insertion order on
-//! every page, so skipping by count is exact.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -216,11 +212,13 @@ fn tally(acked: &[u64], stored: &[u64]) -> Tally {
 #[derive(Deserialize)]
 struct Page {
     readings: Vec<Row>,
+    /// The cursor of the next page, present when more readings match.
+    #[serde(default)]
+    next: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Row {
-    ts: String,
     #[serde(default)]
     seq: Option<u64>,
 }
@@ -233,13 +231,12 @@ pub async fn stored_seqs(
 ) -> anyhow::Result<Vec<u64>> {
     let url = format!("{base}/v1/devices/{device}/readings");
     let mut out = Vec::new();
-    let mut from: Option<String> = None;
-    let mut skip = 0usize;
+    let mut cursor: Option<String> = None;
     loop {
         let mut query: Vec<(&str, String)> =
             vec![("limit", PAGE.to_string()), ("order", "asc".into())];
-        if let Some(f) = &from {
-            query.push(("from", f.clone()));
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
         }
         let mut attempt = 0;
         let res = loop {
@@ -261,19 +258,11 @@ pub async fn stored_seqs(
         }
         let page: Page = serde_json::from_slice(&res.bytes().await?)
             .with_context(|| format!("GET {url}: unexpected body"))?;
-        let rows = page.readings;
-        let n = rows.len();
-        out.extend(rows.iter().skip(skip).filter_map(|r| r.seq));
-        if n < PAGE {
-            return Ok(out);
+        out.extend(page.readings.iter().filter_map(|r| r.seq));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(out),
         }
-        let last = rows[n - 1].ts.clone();
-        let at_last = rows.iter().rev().take_while(|r| r.ts == last).count();
-        if at_last == n && from.as_deref() == Some(last.as_str()) {
-            bail!("{device}: more than {PAGE} readings share ts {last}; cannot page by ts");
-        }
-        skip = at_last;
-        from = Some(last);
     }
 }
 

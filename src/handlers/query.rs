@@ -154,12 +154,34 @@ pub struct ReadingsParams {
     limit: Option<String>,
     /// `asc` (default) or `desc`.
     order: Option<String>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
 }
 
 #[derive(Serialize)]
 struct ReadingsBody {
     device_id: String,
     readings: Vec<StoredRow>,
+    /// Present when more readings match: pass it as `cursor` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// The `next` cursor after `row`: `<ts_ms>.<rid>`, the position of the page's last reading
+/// in `(ts, rid)` order. Clients treat it as opaque (SPEC §3).
+fn cursor_after(row: &StoredRow) -> String {
+    format!("{}.{}", row.ts_ms, row.rid)
+}
+
+/// The inverse of [`cursor_after`]; a 400 problem for anything this server did not give.
+fn parse_cursor(c: &str) -> Result<(i64, u64), Problem> {
+    c.split_once('.')
+        .and_then(|(ts, rid)| Some((ts.parse().ok()?, rid.parse().ok()?)))
+        .ok_or_else(|| {
+            Problem::bad_request(format!(
+                "cursor: `{c}` is not a cursor this server gave (pass the `next` of the previous page)"
+            ))
+        })
 }
 
 fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Problem> {
@@ -188,6 +210,7 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
     if let Some(m) = &p.metric {
         check_metric_name(m).map_err(|e| Problem::bad_request(format!("metric: {e}")))?;
     }
+    let after = p.cursor.as_deref().map(parse_cursor).transpose()?;
     Ok(ReadingsQuery {
         device_id: id.as_str().to_owned(),
         from_ms,
@@ -195,10 +218,13 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
         metric: p.metric,
         limit,
         order,
+        after,
     })
 }
 
-/// `GET /v1/devices/{device_id}/readings?from=&to=&metric=&limit=&order=`
+/// `GET /v1/devices/{device_id}/readings?from=&to=&metric=&limit=&order=&cursor=`: a page
+/// of stored readings in `(ts, rid)` order; `next` is the cursor of the next page, present
+/// only when more match (SPEC §3).
 pub async fn readings(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -207,7 +233,10 @@ pub async fn readings(
     let result = async {
         let id = device_path(&id)?;
         let Query(params) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
-        let q = readings_query(id, params)?;
+        let mut q = readings_query(id, params)?;
+        let limit = q.limit;
+        // One more than asked tells whether another page follows.
+        q.limit += 1;
         let reader = state.reader.clone();
         let retry = state.settings.pipeline.retry_after;
         let unavailable = |detail: String| {
@@ -219,11 +248,20 @@ pub async fn readings(
             .map_err(|e| unavailable(e.to_string()))?
             .map_err(|e| unavailable(e.to_string()))?;
         match rows {
-            Some(readings) => Ok(Json(ReadingsBody {
-                device_id,
-                readings,
-            })
-            .into_response()),
+            Some(mut readings) => {
+                let next = if readings.len() > limit {
+                    readings.truncate(limit);
+                    readings.last().map(cursor_after)
+                } else {
+                    None
+                };
+                Ok(Json(ReadingsBody {
+                    device_id,
+                    readings,
+                    next,
+                })
+                .into_response())
+            }
             None => Err(Problem::not_found(format!(
                 "device `{device_id}` has no stored readings"
             ))),

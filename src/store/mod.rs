@@ -278,16 +278,44 @@ pub struct ReadingsQuery {
     pub limit: usize,
     /// Sort order by `(ts, rid)`.
     pub order: Order,
+    /// Where the previous page ended, as `(ts_ms, rid)` of its last reading: only readings
+    /// strictly beyond it in `order` are answered. `None` starts at the beginning. Both
+    /// parts are stable (a rid never changes, also across compaction), so paging sees every
+    /// reading once even while the store reorganises (SPEC §3, `next` and `cursor`).
+    pub after: Option<(i64, u64)>,
 }
 
 impl ReadingsQuery {
+    /// The time range left to answer, `[from, to)` in epoch ms: the query's own range,
+    /// narrowed by `after`. Backends use it to skip chunks and index ranges; the exact
+    /// `(ts, rid)` cut is [`ReadingsQuery::wanted`].
+    pub fn ts_range(&self) -> (i64, i64) {
+        match (self.after, self.order) {
+            (None, _) => (self.from_ms, self.to_ms),
+            (Some((ts, _)), Order::Asc) => (self.from_ms.max(ts), self.to_ms),
+            (Some((ts, _)), Order::Desc) => (self.from_ms, self.to_ms.min(ts.saturating_add(1))),
+        }
+    }
+
+    /// Whether the reading at `(ts_ms, rid)` is in the range and beyond the cursor.
+    pub fn wanted(&self, ts_ms: i64, rid: u64) -> bool {
+        let (from, to) = self.ts_range();
+        ts_ms >= from
+            && ts_ms < to
+            && match (self.after, self.order) {
+                (None, _) => true,
+                (Some(a), Order::Asc) => (ts_ms, rid) > a,
+                (Some(a), Order::Desc) => (ts_ms, rid) < a,
+            }
+    }
+
     /// Applies the query to rows of its device gathered from anywhere in a store: filters by
-    /// time and metric, sorts by `(ts, rid)` in the asked order, and keeps `limit`. Backends
+    /// time, cursor and metric, sorts by `(ts, rid)` in the asked order, and keeps `limit`. Backends
     /// share it so they answer alike.
     pub fn finish(&self, rows: Vec<StoredRow>) -> Vec<StoredRow> {
         let mut rows: Vec<StoredRow> = rows
             .into_iter()
-            .filter(|r| r.ts_ms >= self.from_ms && r.ts_ms < self.to_ms)
+            .filter(|r| self.wanted(r.ts_ms, r.rid))
             .filter_map(|mut r| match &self.metric {
                 None => Some(r),
                 Some(m) => {

@@ -171,7 +171,7 @@ where
     }
 }
 
-/// Every stored seq of `device`, paging through the query API by `ts`.
+/// Every stored seq of `device`, paging through the query API.
 pub async fn stored_seqs(client: &reqwest::Client, base: &str, device: &str) -> BTreeSet<u64> {
     stored_seq_list(client, base, device)
         .await
@@ -180,27 +180,33 @@ pub async fn stored_seqs(client: &reqwest::Client, base: &str, device: &str) -> 
 }
 
 /// Every stored seq of `device` in the store's order, repeats kept (so "stored exactly once"
-/// can be checked). Empty for an unknown device.
+/// can be checked), following `next` from page to page. Empty for an unknown device.
 pub async fn stored_seq_list(client: &reqwest::Client, base: &str, device: &str) -> Vec<u64> {
-    let res = client
-        .get(format!("{base}/v1/devices/{device}/readings?limit=10000"))
-        .send()
-        .await
-        .expect("query sent");
-    if res.status() == 404 {
-        return Vec::new();
+    let mut seqs = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/v1/devices/{device}/readings?limit=10000");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let res = client.get(url).send().await.expect("query sent");
+        if res.status() == 404 {
+            return seqs;
+        }
+        assert!(res.status().is_success(), "query failed: {}", res.status());
+        let body: Value = res.json().await.unwrap();
+        seqs.extend(
+            body["readings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["seq"].as_u64().expect("seq")),
+        );
+        match body["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return seqs,
+        }
     }
-    assert!(res.status().is_success(), "query failed: {}", res.status());
-    let body: Value = res.json().await.unwrap();
-    let readings = body["readings"].as_array().unwrap();
-    assert!(
-        readings.len() < 10_000,
-        "test stored too many readings to read back in one page"
-    );
-    readings
-        .iter()
-        .map(|r| r["seq"].as_u64().expect("seq"))
-        .collect()
 }
 
 /// A reading for `device` with `seq`.

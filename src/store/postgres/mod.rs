@@ -810,27 +810,35 @@ impl StoreRead for PgReader {
                 "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
                  WHERE device_id = $1 AND ts >= $2 AND ts < $3
                    AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
+                   AND ($6::bigint IS NULL OR (ts, rid) > ($7, $6))
                  ORDER BY ts, rid LIMIT $5"
             }
             Order::Desc => {
                 "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
                  WHERE device_id = $1 AND ts >= $2 AND ts < $3
                    AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
+                   AND ($6::bigint IS NULL OR (ts, rid) < ($7, $6))
                  ORDER BY ts DESC, rid DESC LIMIT $5"
             }
         };
         self.driver.block_on(async {
             let client = self.pool.get().await.map_err(pg_err)?;
             let limit = q.limit as i64;
+            let (from_ms, to_ms) = q.ts_range();
+            // The cursor's rid is the column's own bigint, given back bit for bit.
+            let after_rid = q.after.map(|(_, rid)| rid as i64);
+            let after_ts = Timestamp(q.after.map_or(0, |(ts, _)| ts));
             let rows = client
                 .query(
                     sql,
                     &[
                         &q.device_id,
-                        &Timestamp(q.from_ms),
-                        &Timestamp(q.to_ms),
+                        &Timestamp(from_ms),
+                        &Timestamp(to_ms),
                         &q.metric,
                         &limit,
+                        &after_rid,
+                        &after_ts,
                     ],
                 )
                 .await

@@ -117,13 +117,13 @@ impl SqliteReader {
 }
 
 /// The device's entries of `gen` that the query can use (`None` if the device is not in it):
-/// those in its time range, and without a metric filter only the `limit` first in its order.
+/// those in its time range and past its cursor, and without a metric filter only the `limit` first in its order.
 fn pick<'g>(gen: &'g Gen, q: &ReadingsQuery) -> Option<Vec<&'g Entry>> {
     let de = gen.devices.get(&q.device_id)?;
     let mut c: Vec<&Entry> = de
         .entries
         .iter()
-        .filter(|e| e.ts_ms >= q.from_ms && e.ts_ms < q.to_ms)
+        .filter(|e| q.wanted(e.ts_ms, gen.rid(e.idx)))
         .collect();
     if q.metric.is_none() && c.len() > q.limit {
         let key = |e: &&Entry| (e.ts_ms, e.idx);
@@ -159,7 +159,8 @@ impl StoreRead for SqliteReader {
                 }
             };
             let mut stmt = conn.prepare_cached(sql)?;
-            let mut chunks = stmt.query(params![device, q.from_ms, q.to_ms])?;
+            let (from_ms, to_ms) = q.ts_range();
+            let mut chunks = stmt.query(params![device, from_ms, to_ms])?;
             while let Some(c) = chunks.next()? {
                 let gen: i64 = c.get(1)?;
                 if in_memory.contains(&(gen as u64)) {
