@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Backend, ConfigError, ServerSettings, Settings};
 use crate::handlers::mqtt::MqttSource;
 use crate::handlers::{self, AppState, WsHub};
+use crate::outputs::nats::{CommitNotice, NatsOutput};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
 use crate::store::ReaderSlot;
@@ -52,6 +53,8 @@ pub struct Application {
     runtime: Option<RuntimeTelemetry>,
     /// The MQTT source, when `mqtt.enabled`; stopped before the pipeline drains.
     mqtt: Option<MqttSource>,
+    /// The NATS output, when `nats.enabled`; publishes what is left after the pipeline drains.
+    nats: Option<NatsOutput>,
 }
 
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
@@ -83,7 +86,9 @@ pub fn router(state: AppState) -> Router {
 impl Application {
     /// Binds `server.listen` and starts the pipeline. The store opens in the background: if it
     /// cannot, Sluice still serves `/healthz`, and `/readyz` and ingest answer 503 until it can.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+        // The store keeps committed readings for the NATS publisher until it has them.
+        settings.storage.outbox = settings.nats.enabled;
         let settings = Arc::new(settings);
         preflight_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
@@ -112,7 +117,12 @@ impl Application {
         let health = Arc::new(Health::default());
         let devices = Arc::new(DeviceState::new());
         let live = Live::new();
-        let services = Arc::new(Services::new(vec![devices.clone(), live.clone()]));
+        let notice = Arc::new(tokio::sync::Notify::new());
+        let mut chain: Vec<Arc<dyn crate::services::Service>> = vec![devices.clone(), live.clone()];
+        if settings.nats.enabled {
+            chain.push(Arc::new(CommitNotice(notice.clone())));
+        }
+        let services = Arc::new(Services::new(chain));
         let reader = Arc::new(ReaderSlot::new(settings.storage.backend));
         let pipeline = Pipeline::start(
             &settings,
@@ -126,6 +136,17 @@ impl Application {
                 settings.clone(),
                 pipeline.admission.clone(),
                 metrics.clone(),
+            )?)
+        } else {
+            None
+        };
+        let nats = if settings.nats.enabled {
+            Some(NatsOutput::start(
+                &settings.nats,
+                metrics.clone(),
+                reader.clone(),
+                live.clone(),
+                notice,
             )?)
         } else {
             None
@@ -151,6 +172,7 @@ impl Application {
             pipeline,
             runtime,
             mqtt,
+            nats,
         })
     }
 
@@ -177,6 +199,7 @@ impl Application {
             pipeline,
             runtime,
             mqtt,
+            nats,
         } = self;
         let timeout = state.settings.server.shutdown_timeout;
         let ws_tracker = state.ws.tracker.clone();
@@ -210,6 +233,12 @@ impl Application {
             ),
         }
         tracing::info!(
+            enabled = settings.nats.enabled,
+            url = %if settings.nats.enabled { settings.nats.url.to_string() } else { "-".into() },
+            subject_prefix = %settings.nats.subject_prefix,
+            "NATS output"
+        );
+        tracing::info!(
             http = true,
             websocket = true,
             mqtt = settings.mqtt.enabled,
@@ -228,6 +257,7 @@ impl Application {
         if let Some(mqtt) = &mqtt {
             mqtt.stop_taking();
         }
+        let deadline = tokio::time::Instant::now() + timeout;
         let drain = async {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "HTTP server task failed");
@@ -242,6 +272,17 @@ impl Application {
             }
             tracing::info!("draining the pipeline");
             pipeline.drain().await;
+            if let Some(nats) = nats {
+                // Whatever is not published in the rest of the budget stays in the outbox.
+                let left = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .saturating_sub(std::time::Duration::from_millis(250));
+                tracing::info!(
+                    budget_ms = left.as_millis() as u64,
+                    "publishing what is left to NATS"
+                );
+                nats.finish(left).await;
+            }
         };
         tokio::time::timeout(timeout, drain).await.map_err(|_| {
             anyhow::anyhow!(

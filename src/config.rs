@@ -37,6 +37,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Event-loop telemetry.
     pub telemetry: TelemetrySettings,
+    /// Publishing committed readings to NATS, and the fleet-wide live stream.
+    pub nats: NatsSettings,
 }
 
 /// `[server]`
@@ -225,6 +227,10 @@ pub struct StorageSettings {
     /// committed, then the segment deleted), so that tests can kill Sluice inside one.
     #[serde(with = "humantime_serde")]
     pub compaction_pause: Duration,
+    /// Keep committed readings for the NATS publisher until it has published them (the
+    /// outbox, SPEC §13). Not a configuration key: set from `nats.enabled` at start.
+    #[serde(skip)]
+    pub outbox: bool,
 }
 
 impl StorageSettings {
@@ -375,6 +381,7 @@ impl Default for StorageSettings {
             journal_seal_readings: 262_144,
             journal_max_readings: 2_000_000,
             compaction_pause: Duration::ZERO,
+            outbox: false,
         }
     }
 }
@@ -435,6 +442,7 @@ const ENUM_VALUES: &[(&str, &str)] = &[
     ("Synchronous", "off, normal, full, extra"),
     ("Backend", "sqlite, postgres"),
     ("LogFormat", "text, json"),
+    ("NatsMode", "auto, jetstream, core"),
 ];
 
 /// Rewrites the config crate's message for a bad enum value ("enum Synchronous does not have
@@ -599,6 +607,59 @@ impl Default for TelemetrySettings {
     }
 }
 
+/// How the NATS publisher learns that NATS has a reading (`nats.mode`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsMode {
+    /// JetStream when a stream captures `<subject_prefix>.>` (checked at each connect), else
+    /// core NATS.
+    Auto,
+    /// Always publish to JetStream and wait for its PubAck. Without a stream for the
+    /// subjects, nothing is acknowledged and the outbox grows (and is alerted on).
+    Jetstream,
+    /// Core NATS: publish, then flush. The server has the message, but no subscriber may.
+    Core,
+}
+
+/// `[nats]`: every committed reading published to NATS from a durable outbox, and the
+/// fleet-wide live stream (SPEC §13).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Publish at all. Off by default: Sluice needs no other service.
+    pub enabled: bool,
+    /// `nats://[user:password@]host:port`, or several separated by commas. The password
+    /// is redacted in logs and `--check-config`.
+    pub url: DbUrl,
+    /// Readings go to `<subject_prefix>.<device_id>`.
+    pub subject_prefix: String,
+    /// JetStream PubAcks, core NATS, or whichever the server offers.
+    pub mode: NatsMode,
+    /// Most publications awaiting their PubAck at once: more hides the round trip.
+    pub max_in_flight: usize,
+    /// Past this many unpublished readings, Sluice warns (and `SluiceNatsOutboxBacklog`
+    /// alerts). The outbox is on disk, so it keeps them all: nothing is dropped and ingest is
+    /// never refused for NATS.
+    pub max_outbox: u64,
+    /// With NATS enabled, subscribe to `<subject_prefix>.>` and feed `/v1/live` with the
+    /// readings other replicas commit.
+    pub fleet_live: bool,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: DbUrl::new("nats://127.0.0.1:4222"),
+            subject_prefix: "sluice.readings".into(),
+            mode: NatsMode::Auto,
+            max_in_flight: 4096,
+            max_outbox: 10_000_000,
+            fleet_live: true,
+        }
+    }
+}
+
 /// A configuration that cannot be used. The message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -662,6 +723,39 @@ impl Settings {
     /// Checks relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.nats.enabled {
+            let nats = &self.nats;
+            for url in nats.url.expose().split(',') {
+                if !url.trim().starts_with("nats://") {
+                    return invalid(
+                        "nats.url",
+                        format!(
+                            "`{}` is not a nats:// URL (e.g. nats://127.0.0.1:4222; TLS is not built in)",
+                            DbUrl::new(url.trim())
+                        ),
+                    );
+                }
+            }
+            let p = &nats.subject_prefix;
+            if p.is_empty()
+                || p.split('.').any(|t| {
+                    t.is_empty()
+                        || t.contains(['*', '>'])
+                        || t.contains(|c: char| c.is_whitespace() || c.is_control())
+                })
+            {
+                return invalid(
+                    "nats.subject_prefix",
+                    format!("`{p}` is not a NATS subject without wildcards (dot-separated tokens, e.g. sluice.readings)"),
+                );
+            }
+            if nats.max_in_flight == 0 || nats.max_in_flight > 65_536 {
+                return invalid(
+                    "nats.max_in_flight",
+                    format!("is {}; must be 1 to 65536", nats.max_in_flight),
+                );
+            }
+        }
         if self.server.request_timeout.is_zero() {
             return invalid(
                 "server.request_timeout",

@@ -14,6 +14,7 @@
 pub mod app;
 pub mod config;
 pub mod handlers;
+pub mod outputs;
 pub mod pipeline;
 pub mod reading;
 pub mod services;

@@ -35,13 +35,26 @@ pub struct Subscriber {
 
 impl Subscriber {
     fn matches(&self, r: &Reading) -> bool {
-        self.device
-            .as_ref()
-            .is_none_or(|g| g.matches(r.device_id.as_str()))
+        self.matches_parts(
+            r.device_id.as_str(),
+            r.metrics.iter().map(|(n, _)| n.as_str()),
+        )
+    }
+
+    /// Whether a reading of `device` carrying metrics named `metrics` passes the filters.
+    fn matches_parts<'a>(&self, device: &str, mut metrics: impl Iterator<Item = &'a str>) -> bool {
+        self.device.as_ref().is_none_or(|g| g.matches(device))
             && self
                 .metric
                 .as_ref()
-                .is_none_or(|g| r.metrics.iter().any(|(name, _)| g.matches(name)))
+                .is_none_or(|g| metrics.any(|name| g.matches(name)))
+    }
+
+    /// Offers `msg`; a full buffer counts a miss.
+    fn offer(&self, msg: LiveMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg) {
+            self.missed.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Takes the count of readings missed since the last call.
@@ -133,18 +146,48 @@ impl Live {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Delivers a reading that another replica committed (received over NATS, already in
+    /// the live stream's JSON) to the matching subscribers, as [`Service::after_commit`]
+    /// does for this replica's own.
+    pub fn deliver_remote<'a>(
+        &self,
+        device: &str,
+        metrics: impl Iterator<Item = &'a str> + Clone,
+        msg: LiveMessage,
+    ) {
+        let subscribers = self.subscribers.read().expect("live lock");
+        for s in subscribers
+            .iter()
+            .filter(|s| s.matches_parts(device, metrics.clone()))
+        {
+            s.offer(msg.clone());
+        }
+    }
+}
+
+/// One reading in the live stream's JSON (SPEC §5): `{"type":"reading","device_id","ts",
+/// "seq","metrics","tags"}`. Also the payload published to NATS (SPEC §13).
+pub fn render_parts(
+    device: &str,
+    ts_ms: i64,
+    seq: Option<u64>,
+    metrics: &[(String, crate::reading::MetricValue)],
+    tags: &[(String, String)],
+) -> LiveMessage {
+    let msg = LiveReading {
+        kind: "reading",
+        device_id: device,
+        ts: format_ts(ts_ms),
+        seq,
+        metrics: PairsAsMap(metrics),
+        tags: PairsAsMap(tags),
+    };
+    serde_json::to_string(&msg).unwrap_or_default().into()
 }
 
 fn render(r: &Reading) -> LiveMessage {
-    let msg = LiveReading {
-        kind: "reading",
-        device_id: r.device_id.as_str(),
-        ts: format_ts(r.ts_ms),
-        seq: r.seq,
-        metrics: PairsAsMap(&r.metrics),
-        tags: PairsAsMap(&r.tags),
-    };
-    serde_json::to_string(&msg).unwrap_or_default().into()
+    render_parts(r.device_id.as_str(), r.ts_ms, r.seq, &r.metrics, &r.tags)
 }
 
 impl Service for Live {
@@ -160,10 +203,7 @@ impl Service for Live {
         for r in stored {
             let mut rendered: Option<LiveMessage> = None;
             for s in subscribers.iter().filter(|s| s.matches(r)) {
-                let msg = rendered.get_or_insert_with(|| render(r)).clone();
-                if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(msg) {
-                    s.missed.fetch_add(1, Ordering::AcqRel);
-                }
+                s.offer(rendered.get_or_insert_with(|| render(r)).clone());
             }
         }
     }

@@ -114,6 +114,49 @@ pub trait StoreRead: Send + Sync {
     fn devices(&self, _q: &DevicesQuery) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
         None
     }
+
+    /// The outbox of committed readings not yet published to NATS, when the store keeps one
+    /// (`storage.outbox`, set by `nats.enabled`).
+    fn outbox(&self) -> Option<Arc<dyn Outbox>> {
+        None
+    }
+}
+
+/// The durable outbox (SPEC §13): what the store committed that NATS has not acknowledged.
+///
+/// A position is an opaque `u64` that only grows, in commit order. The NATS publisher reads a
+/// run of readings after its position, publishes them, and calls [`Outbox::advance`] only
+/// once NATS has acknowledged every one of them, so a crash re-sends (at-least-once) and never
+/// skips. Compaction and retention never remove what is not yet advanced past.
+pub trait Outbox: Send + Sync {
+    /// Where publication resumes: the position of the first reading not yet acknowledged.
+    fn start(&self) -> Result<u64, StoreError>;
+
+    /// Up to `max` committed readings at or after position `from`, in commit order, each with
+    /// the position just past it. Empty when nothing more is committed yet.
+    fn read(&self, from: u64, max: usize) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Records that every reading before position `to` is acknowledged by NATS; the store may
+    /// now forget them. Persisted, possibly a little later (a crash then re-sends them).
+    fn advance(&self, to: u64) -> Result<(), StoreError>;
+
+    /// Readings committed and not yet advanced past (`sluice_nats_outbox_lag`).
+    fn lag(&self) -> Result<u64, StoreError>;
+
+    /// Makes the latest [`Outbox::advance`] durable now (at shutdown).
+    fn persist(&self) -> Result<(), StoreError>;
+}
+
+/// One committed reading on its way to NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    /// The device it belongs to.
+    pub device_id: String,
+    /// The reading as stored (its `rid` names a reading without `seq`).
+    pub row: StoredRow,
+    /// The position just past this reading: pass it to [`Outbox::advance`] once this and
+    /// everything before it is acknowledged.
+    pub next: u64,
 }
 
 /// A device's state as the store knows it, for the device-state service at start-up.
@@ -213,6 +256,15 @@ impl ReaderSlot {
     /// Installs the reader of a freshly opened store.
     pub fn set(&self, reader: Arc<dyn StoreRead>) {
         *self.inner.write().expect("reader slot lock") = Some(reader);
+    }
+
+    /// The open store's outbox, if it keeps one (see [`StoreRead::outbox`]).
+    pub fn outbox(&self) -> Option<Arc<dyn Outbox>> {
+        self.inner
+            .read()
+            .expect("reader slot lock")
+            .as_ref()?
+            .outbox()
     }
 
     /// Runs a readings query against the open store.

@@ -105,6 +105,20 @@ pub struct Metrics {
     /// MQTT messages not taken because `mqtt.max_unacked` were held already; left unacked for
     /// the broker to redeliver.
     pub mqtt_not_taken: IntCounter,
+    /// 1 when `nats.enabled`.
+    pub nats_enabled: IntGauge,
+    /// 1 while the NATS publisher is connected.
+    pub nats_connected: IntGauge,
+    /// Readings NATS acknowledged (a JetStream PubAck, or a core flush), re-sends included.
+    pub nats_published: IntCounter,
+    /// Readings committed and not yet acknowledged by NATS (the outbox backlog).
+    pub nats_outbox_lag: IntGauge,
+    /// `nats.max_outbox`, for the backlog alert.
+    pub nats_outbox_limit: IntGauge,
+    /// Failures on the way to NATS, by `kind`: `publish`, `ack`, `outbox`.
+    pub nats_errors: IntCounterVec,
+    /// Readings other replicas committed, received over NATS for `/v1/live`.
+    pub nats_live_received: IntCounter,
     /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
     pub tasks: TaskMonitors,
 }
@@ -317,6 +331,23 @@ impl Metrics {
                 registry.register(Box::new(c.clone())).expect("unique metric");
                 c
             },
+            nats_enabled: simple_gauge(&registry, "sluice_nats_enabled", "1 when NATS publication is configured (nats.enabled)."),
+            nats_connected: simple_gauge(&registry, "sluice_nats_connected", "1 while the NATS publisher is connected to a server."),
+            nats_published: simple_counter(&registry, "sluice_nats_published_total", "Readings NATS acknowledged (JetStream PubAck, or core publish and flush), re-sends included."),
+            nats_outbox_lag: simple_gauge(&registry, "sluice_nats_outbox_lag", "Readings committed and not yet acknowledged by NATS (the outbox backlog)."),
+            nats_outbox_limit: simple_gauge(&registry, "sluice_nats_outbox_limit", "nats.max_outbox: a backlog past it is alerted on (nothing is dropped)."),
+            nats_errors: {
+                let c = counter(
+                    "sluice_nats_errors_total",
+                    "Failures on the way to NATS, by kind: publish (sending), ack (no PubAck or flush), outbox (reading the store).",
+                    &["kind"],
+                );
+                for kind in ["publish", "ack", "outbox"] {
+                    c.with_label_values(&[kind]);
+                }
+                c
+            },
+            nats_live_received: simple_counter(&registry, "sluice_nats_live_received_total", "Readings other replicas committed, received over NATS for /v1/live."),
             mqtt_enabled: {
                 let g = IntGauge::new(
                     "sluice_mqtt_enabled",
@@ -417,4 +448,22 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A registered gauge without labels.
+fn simple_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+/// A registered counter without labels.
+fn simple_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
 }

@@ -56,6 +56,8 @@ pub const MAX_ATTEMPTS: usize = 3;
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 /// Transaction advisory lock of the retention sweep, so one replica sweeps at a time.
 const RETENTION_LOCK: i64 = MIGRATION_LOCK + 1;
+/// Session lock held by the one replica that publishes the outbox to NATS.
+const OUTBOX_LOCK: i64 = MIGRATION_LOCK + 2;
 /// Devices whose expired readings one retention transaction deletes (through the
 /// `(device_id, ts)` index): bounds its length and locks.
 const RETENTION_DEVICES: i64 = 500;
@@ -71,6 +73,8 @@ const PG_EPOCH_MS: i64 = 946_684_800_000;
 /// `END_TIMESTAMP` in its `datatype/timestamp.h`: 4714-11-24 BC to 294277-01-01 AD).
 const PG_MIN_MICROS: i64 = -211_813_488_000_000_000;
 const PG_END_MICROS: i64 = 9_223_371_331_200_000_000;
+
+mod outbox;
 
 mod embedded {
     refinery::embed_migrations!("src/store/postgres/migrations");
@@ -206,6 +210,19 @@ const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics
      ON CONFLICT (device_id, seq) DO NOTHING
      RETURNING device_id, seq";
 
+/// [`INSERT_READINGS`] with the NATS outbox on: the new readings are also copied to `outbox`,
+/// in the same statement (and so the same transaction), in `rid` order.
+const INSERT_READINGS_OUTBOX: &str = "WITH ins AS (
+         INSERT INTO readings (device_id, seq, ts, metrics, tags)
+         SELECT device_id, seq, ts, metrics, tags FROM sluice_staging
+         ORDER BY device_id, seq, idx
+         ON CONFLICT (device_id, seq) DO NOTHING
+         RETURNING rid, device_id, seq, ts, metrics, tags),
+     copied AS (
+         INSERT INTO outbox (rid, device_id, seq, ts, metrics, tags)
+         SELECT rid, device_id, seq, ts, metrics, tags FROM ins ORDER BY rid)
+     SELECT device_id, seq FROM ins";
+
 /// The device table, in the same transaction: one row per device of the commit (its newest
 /// `ts`, its new latest values and the oldest `ts` among them), upserted in id order in one
 /// statement, so that replicas
@@ -289,6 +306,8 @@ pub struct PgReader {
     driver: Arc<Driver>,
     /// Connections for queries and the retention sweep (`storage.postgres.pool_size`).
     pool: Pool,
+    /// The NATS outbox, with `nats.enabled`.
+    outbox: Option<Arc<outbox::PgOutbox>>,
 }
 
 /// A tokio-postgres or pool error, with the server's SQLSTATE and message when it sent one.
@@ -342,9 +361,17 @@ impl PgStore {
         let query_setup = format!("SET statement_timeout = {timeout_ms}");
         let pool = build_pool(&config, 2, pg.connect_timeout, commit_setup)?;
         let query_pool = build_pool(&config, pg.pool_size, pg.connect_timeout, query_setup)?;
+        let outbox = settings.outbox.then(|| {
+            Arc::new(outbox::PgOutbox::new(
+                driver.clone(),
+                config.clone(),
+                query_pool.clone(),
+            ))
+        });
         let reader = Arc::new(PgReader {
             driver: driver.clone(),
             pool: query_pool,
+            outbox,
         });
         let devices = reader.load_devices(&DevicesQuery {
             limit: usize::MAX,
@@ -503,7 +530,12 @@ impl PgStore {
                 .await?;
         }
         writer.as_mut().finish().await?;
-        let inserted = tx.query(INSERT_READINGS, &[]).await?;
+        let insert = if self.settings.outbox {
+            INSERT_READINGS_OUTBOX
+        } else {
+            INSERT_READINGS
+        };
+        let inserted = tx.query(insert, &[]).await?;
 
         // Which readings were new: each returned key claims its first occurrence.
         let mut new_keys: foldhash::HashMap<(&str, i64), u32> = foldhash::HashMap::default();
@@ -853,26 +885,9 @@ impl StoreRead for PgReader {
                     .map_err(pg_err)?;
                 return Ok(known.map(|_| Vec::new()));
             }
-            let corrupt = |rid: i64, e: String| StoreError::Corrupt(format!("reading {rid}: {e}"));
             let rows = rows
                 .iter()
-                .map(|row| {
-                    let rid: i64 = row.get(0);
-                    let ts: Timestamp = row.get(1);
-                    let seq: Option<i64> = row.get(2);
-                    let metrics: &str = row.get(3);
-                    let tags: Option<&str> = row.get(4);
-                    Ok(StoredRow {
-                        rid: rid as u64,
-                        ts_ms: ts.0,
-                        seq: seq.map(|s| s as u64),
-                        metrics: metrics_from_json(metrics).map_err(|e| corrupt(rid, e))?,
-                        tags: match tags {
-                            Some(t) => tags_from_json(t).map_err(|e| corrupt(rid, e))?,
-                            None => Vec::new(),
-                        },
-                    })
-                })
+                .map(|row| stored_row(row, 0))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             Ok(Some(q.finish(rows)))
         })
@@ -881,6 +896,33 @@ impl StoreRead for PgReader {
     fn devices(&self, q: &DevicesQuery) -> Option<Result<Vec<DeviceLatest>, StoreError>> {
         Some(self.load_devices(q))
     }
+
+    fn outbox(&self) -> Option<Arc<dyn crate::store::Outbox>> {
+        self.outbox
+            .clone()
+            .map(|o| o as Arc<dyn crate::store::Outbox>)
+    }
+}
+
+/// A reading from a row whose columns, from `first` on, are `rid, ts, seq, metrics::text,
+/// tags::text` (as `readings` and `outbox` keep them).
+fn stored_row(row: &tokio_postgres::Row, first: usize) -> Result<StoredRow, StoreError> {
+    let rid: i64 = row.get(first);
+    let corrupt = |e: String| StoreError::Corrupt(format!("reading {rid}: {e}"));
+    let ts: Timestamp = row.get(first + 1);
+    let seq: Option<i64> = row.get(first + 2);
+    let metrics: &str = row.get(first + 3);
+    let tags: Option<&str> = row.get(first + 4);
+    Ok(StoredRow {
+        rid: rid as u64,
+        ts_ms: ts.0,
+        seq: seq.map(|s| s as u64),
+        metrics: metrics_from_json(metrics).map_err(corrupt)?,
+        tags: match tags {
+            Some(t) => tags_from_json(t).map_err(corrupt)?,
+            None => Vec::new(),
+        },
+    })
 }
 
 /// A `timestamptz` as Unix epoch milliseconds (PostgreSQL keeps microseconds since
@@ -999,6 +1041,6 @@ mod tests {
 
     #[test]
     fn schema_version_is_the_newest_migration() {
-        assert_eq!(schema_version(), 2);
+        assert_eq!(schema_version(), 3);
     }
 }

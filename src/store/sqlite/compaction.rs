@@ -7,7 +7,8 @@
 //! 2. fold them into the device's row: seq high-water, true `last_seen`, newest `ts`, latest
 //!    value of every metric;
 //! 3. set `meta.compacted_gen` to the generation, and commit;
-//! 4. only then drop the generation from memory and delete its segment file.
+//! 4. only then drop the generation from memory and delete its segment file (or, while the
+//!    NATS outbox still needs it, move it to the outbox directory first: see [`super::outbox`]).
 //!
 //! A crash before 3 leaves the segment, which start-up replays and compacts again; a crash
 //! after 3 leaves a segment at or below `compacted_gen`, which start-up deletes. Either way each
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection};
 
 use super::journal::{self, Gen};
+use super::outbox::OutboxState;
 use super::schema::{insert_chunks, DeviceRow};
 use super::{Shared, BACKEND};
 use crate::config::StorageSettings;
@@ -57,6 +59,7 @@ impl Compactor {
         settings: &StorageSettings,
         shared: Shared,
         metrics: Arc<Metrics>,
+        outbox: Option<Arc<OutboxState>>,
     ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel::<Arc<Gen>>();
         let stop = Arc::new(AtomicBool::new(false));
@@ -65,6 +68,7 @@ impl Compactor {
             settings: settings.clone(),
             shared,
             metrics,
+            outbox,
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -139,6 +143,8 @@ struct Worker {
     shared: Shared,
     /// Compaction and retention counters.
     metrics: Arc<Metrics>,
+    /// The NATS outbox, when enabled: compacted segments it still needs are kept for it.
+    outbox: Option<Arc<OutboxState>>,
     /// Set when the store is dropped.
     stop: Arc<AtomicBool>,
 }
@@ -245,6 +251,22 @@ impl Worker {
         )?;
         tx.commit()?;
         step(&self.stop, self.settings.compaction_pause)?;
+        let dir = self.settings.journal_dir();
+        let seg = journal::segment_path(&dir, gen.id);
+        // Moved before the generation leaves memory, so the publisher finds it in one place.
+        // The chunks are committed: a failure from here on must not redo this compaction. If
+        // the move fails, the generation stays in memory (queries skip its chunks, and the
+        // publisher reads it there) and start-up moves the segment.
+        let kept = match &self.outbox {
+            Some(o) if !o.published(gen.id, gen.readings) => {
+                if let Err(e) = o.keep(&seg, gen.id, gen.readings) {
+                    tracing::error!(segment = %seg.display(), error = %e, "cannot move a compacted segment to the NATS outbox; it stays in memory until restart");
+                    return Ok(());
+                }
+                true
+            }
+            _ => false,
+        };
         {
             let mut st = self.shared.write().expect("journal lock");
             for (name, m) in &maxima {
@@ -258,11 +280,11 @@ impl Worker {
             st.sealed.retain(|g| g.id != gen.id);
             self.metrics.store_journal_readings.set(st.held() as i64);
         }
-        let dir = self.settings.journal_dir();
-        let seg = journal::segment_path(&dir, gen.id);
         // A file left behind is deleted at the next start (its generation is compacted).
-        if let Err(e) = std::fs::remove_file(&seg) {
-            tracing::warn!(segment = %seg.display(), error = %e, "cannot delete a compacted segment");
+        if !kept {
+            if let Err(e) = std::fs::remove_file(&seg) {
+                tracing::warn!(segment = %seg.display(), error = %e, "cannot delete a compacted segment");
+            }
         }
         let elapsed = started.elapsed();
         self.metrics

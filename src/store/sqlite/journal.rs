@@ -105,6 +105,33 @@ impl Gen {
         Ok(&rest[..d.pos])
     }
 
+    /// Readings in commit order from index `idx`, at most `max`, each with its device, for
+    /// the NATS outbox. The arena holds readings back to back in index order, so `off` (the
+    /// arena offset of reading `idx`, if the caller kept it from an earlier call) saves a
+    /// scan from the start. Returns the readings and the arena offset just past the last.
+    pub fn in_order(
+        &self,
+        idx: u32,
+        off: Option<usize>,
+        max: usize,
+    ) -> Result<(Vec<(String, StoredRow)>, usize), StoreError> {
+        let mut d = Dec::new(&self.arena);
+        match off {
+            Some(off) => d.pos = off,
+            None => {
+                for _ in 0..idx {
+                    skip_reading(&mut d)?;
+                }
+            }
+        }
+        let end = self.readings.min(idx.saturating_add(max as u32));
+        let mut out = Vec::with_capacity(end.saturating_sub(idx) as usize);
+        for i in idx..end {
+            out.push(decode_reading(&mut d, self.rid(i))?);
+        }
+        Ok((out, d.pos))
+    }
+
     /// Whether this generation holds `(device, seq)`.
     pub fn contains(&self, device: &str, seq: u64) -> bool {
         self.devices

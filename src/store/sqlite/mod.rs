@@ -24,6 +24,7 @@
 pub mod chunk;
 mod compaction;
 pub mod journal;
+pub mod outbox;
 mod reader;
 pub mod schema;
 
@@ -36,6 +37,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use self::compaction::Compactor;
 use self::journal::{FrameBuilder, Gen, Segment};
+use self::outbox::{OutboxState, SqliteOutbox};
 use self::reader::SqliteReader;
 use self::schema::DeviceRow;
 use super::{seq_key, DeviceLatest, Store, StoreError, StoreRead};
@@ -123,6 +125,24 @@ pub struct SqliteStore {
     /// The exclusive lock on `data_dir/LOCK`. Declared last, so it is released only after the
     /// compaction and checkpoint threads have stopped.
     _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// With NATS disabled, a leftover outbox is not published: say so once at start.
+fn warn_unpublished(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let kept = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".seg")))
+        .count();
+    if kept > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            segments = kept,
+            "nats.enabled is false, but the NATS outbox holds unpublished readings: they are published when NATS is enabled again (delete the directory to discard them)"
+        );
+    }
 }
 
 /// Takes the exclusive lock that makes `data_dir` this process's alone. Two processes on one
@@ -286,12 +306,30 @@ impl SqliteStore {
             .optional()?
             .unwrap_or(0) as u64;
 
+        let segments = journal::list_segments(&dir)?;
+        let mut last_gen = segments
+            .iter()
+            .map(|(id, _)| *id)
+            .fold(compacted_gen, u64::max);
+        let outbox_dir = settings.data_dir.join("outbox");
+        let outbox = if settings.outbox {
+            Some(Arc::new(OutboxState::open(&outbox_dir, last_gen + 1)?))
+        } else {
+            warn_unpublished(&outbox_dir);
+            None
+        };
         let mut sealed = Vec::new();
-        let mut last_gen = compacted_gen;
-        for (id, seg) in journal::list_segments(&dir)? {
-            last_gen = last_gen.max(id);
+        for (id, seg) in segments {
             if id <= compacted_gen {
-                // Its chunks are committed; the crash came before the file was deleted.
+                // Its chunks are committed; the crash came before the file was deleted (or
+                // moved to the NATS outbox, which still needs it if it is not published).
+                if let Some(o) = &outbox {
+                    let (gen, _) = journal::replay(&seg, id, true)?;
+                    if !o.published(id, gen.readings) {
+                        o.keep(&seg, id, gen.readings)?;
+                        continue;
+                    }
+                }
                 std::fs::remove_file(&seg).map_err(|e| journal::io_err(&seg, e))?;
                 continue;
             }
@@ -302,6 +340,7 @@ impl SqliteStore {
             }
             sealed.push(Arc::new(gen));
         }
+        last_gen = last_gen.max(compacted_gen);
         let segment = Segment::create(&dir, last_gen + 1, syncs(settings.synchronous))?;
 
         // Device state and seq high-water: the compacted part from `devices`, then the journal.
@@ -366,12 +405,19 @@ impl SqliteStore {
             .store_journal_capacity
             .set(settings.journal_max_readings.min(i64::MAX as u64) as i64);
         let checkpointer = Checkpointer::spawn(&path, settings)?;
-        let compactor = Compactor::spawn(conn, settings, shared.clone(), metrics.clone())?;
+        let compactor = Compactor::spawn(
+            conn,
+            settings,
+            shared.clone(),
+            metrics.clone(),
+            outbox.clone(),
+        )?;
         for gen in sealed {
             compactor.compact(gen);
         }
         let lookup = open_connection(&path, settings)?;
-        let reader = Arc::new(SqliteReader::new(&path, settings, shared.clone()));
+        let outbox = outbox.map(|o| Arc::new(SqliteOutbox::new(o, shared.clone())));
+        let reader = Arc::new(SqliteReader::new(&path, settings, shared.clone(), outbox));
         tracing::info!(
             devices = devices.len(),
             journal_readings = replayed,

@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::journal::{decode_bytes, Entry, Gen};
+use super::outbox::SqliteOutbox;
 use super::schema::decode_chunk;
 use super::{open_connection, Shared};
 use crate::config::StorageSettings;
-use crate::store::{Order, ReadingsQuery, StoreError, StoreRead, StoredRow};
+use crate::store::{Order, Outbox, ReadingsQuery, StoreError, StoreRead, StoredRow};
 
 /// Idle read connections kept for reuse.
 const POOL: usize = 4;
@@ -37,17 +38,25 @@ pub struct SqliteReader {
     shared: Shared,
     /// Idle connections, reused across queries.
     pool: Mutex<Vec<Connection>>,
+    /// The NATS outbox over the same journal, when enabled.
+    outbox: Option<Arc<SqliteOutbox>>,
 }
 
 impl SqliteReader {
     /// A reader for the database at `path`, sharing the writer's journal. Connections open
     /// lazily.
-    pub fn new(path: &Path, settings: &StorageSettings, shared: Shared) -> Self {
+    pub fn new(
+        path: &Path,
+        settings: &StorageSettings,
+        shared: Shared,
+        outbox: Option<Arc<SqliteOutbox>>,
+    ) -> Self {
         Self {
             path: path.to_path_buf(),
             settings: settings.clone(),
             shared,
             pool: Mutex::new(Vec::new()),
+            outbox,
         }
     }
 
@@ -137,6 +146,10 @@ fn pick<'g>(gen: &'g Gen, q: &ReadingsQuery) -> Option<Vec<&'g Entry>> {
 }
 
 impl StoreRead for SqliteReader {
+    fn outbox(&self) -> Option<Arc<dyn Outbox>> {
+        self.outbox.clone().map(|o| o as Arc<dyn Outbox>)
+    }
+
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
         let (journal, in_memory, known) = self.journal_rows(q)?;
         let mut rows = q.finish(journal);
