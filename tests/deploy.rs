@@ -204,6 +204,9 @@ const POSTGRES_PORT: u16 = 5432;
 fn placeholder(var_name: &str, value_from: &Value, db: &mut Option<TestDb>) -> String {
     if var_name == "SLUICE__STORAGE__POSTGRES__URL" {
         db.get_or_insert_with(TestDb::new).url()
+    } else if var_name == "SLUICE__NATS__URL" {
+        // Not connected to at start: a URL of the shape the Secret holds.
+        "nats://sluice:secret@nats:4222".to_owned()
     } else if value_from.pointer("/fieldRef/fieldPath") == Some(&Value::from("metadata.name")) {
         "sluice-5d8f7c9b4-x2x7q".to_owned()
     } else {
