@@ -3,10 +3,11 @@
 //! slows or refuses ingest, it only lets the outbox grow.
 //!
 //! - The publisher reads committed readings from the store's [`Outbox`] in commit order
-//!   (hence in order per device), publishes up to `nats.max_in_flight` at once, and advances
-//!   the outbox only past readings NATS has acknowledged: with JetStream, each PubAck (awaited
-//!   in order; the first failure stops the batch there); with core NATS, a flush after the
-//!   batch. A failure re-sends from the first unacknowledged reading after a backoff.
+//!   (hence in order per device) and advances the outbox only past readings NATS has
+//!   acknowledged. With JetStream, up to `nats.max_in_flight` publications await their PubAck
+//!   (in order; the first failure stops there), and the window is refilled each time half of
+//!   it is acknowledged, so sending overlaps waiting. With core NATS, a batch is published and
+//!   flushed. A failure re-sends from the first unacknowledged reading after a backoff.
 //! - Every message carries `Nats-Msg-Id: <device_id>:<seq>` (or `<device_id>:r<rid>`, the
 //!   store's reading id, for a reading without seq), so a re-send after a failure or a crash
 //!   is dropped by the stream's duplicate window, and `Sluice-Replica: <id>`, so each replica
@@ -28,6 +29,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr};
 use futures_util::StreamExt;
@@ -39,7 +43,7 @@ use crate::config::{NatsMode, NatsSettings};
 use crate::reading::Reading;
 use crate::services::live::{render_parts, Live};
 use crate::services::Service;
-use crate::store::{OutboxItem, ReaderSlot, StoreError};
+use crate::store::{Outbox, OutboxItem, ReaderSlot, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Header naming the replica that committed a reading.
@@ -260,67 +264,52 @@ impl Publisher {
             .timeout(ACK_TIMEOUT)
             .max_ack_inflight(self.settings.max_in_flight)
             .build(client.clone());
-        let mut pos = match blocking({
+        let start = blocking({
             let o = outbox.clone();
             move || o.start()
         })
-        .await
-        {
+        .await;
+        // `acked`: the position after the last reading NATS acknowledged; `sent`: after the
+        // last one sent. JetStream publications between the two are in `inflight`, oldest
+        // first, and the window is refilled when half of it is acknowledged, so sending and
+        // acknowledging overlap.
+        let mut acked = match start {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the NATS outbox cursor; not publishing");
                 return;
             }
         };
+        let mut sent = acked;
+        let mut inflight: VecDeque<(u64, PublishAckFuture)> = VecDeque::new();
+        let max = self.settings.max_in_flight;
         let mut mode: Option<(Resolved, tokio::time::Instant)> = None;
         let mut backoff = BACKOFF.0;
-        let mut over_limit = false;
-        let mut lag_at: Option<tokio::time::Instant> = None;
+        let mut lag = LagWatch::default();
         loop {
-            if lag_at.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
-                lag_at = Some(tokio::time::Instant::now());
-                let lag = blocking({
+            lag.refresh(&self, &outbox).await;
+            let mut batch = Vec::new();
+            if inflight.len() <= max / 2 {
+                let room = max - inflight.len();
+                let read = blocking({
                     let o = outbox.clone();
-                    move || o.lag()
+                    move || o.read(sent, room)
                 })
                 .await;
-                if let Ok(lag) = lag {
-                    self.metrics
-                        .nats_outbox_lag
-                        .set(lag.min(i64::MAX as u64) as i64);
-                    let over = lag > self.settings.max_outbox;
-                    if over != over_limit {
-                        over_limit = over;
-                        if over {
-                            tracing::warn!(lag, max_outbox = self.settings.max_outbox, "NATS outbox backlog is past nats.max_outbox; readings are kept and published when NATS catches up");
-                        } else {
-                            tracing::info!(
-                                lag,
-                                "NATS outbox backlog is back under nats.max_outbox"
-                            );
-                        }
+                match read {
+                    Ok(b) => batch = b,
+                    Err(e) => {
+                        self.metrics
+                            .nats_errors
+                            .with_label_values(&["outbox"])
+                            .inc();
+                        tracing::error!(error = %e, "cannot read the NATS outbox; retrying");
+                        pause(&mut backoff).await;
+                        continue;
                     }
                 }
             }
-            let batch = match blocking({
-                let o = outbox.clone();
-                let max = self.settings.max_in_flight;
-                move || o.read(pos, max)
-            })
-            .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    self.metrics
-                        .nats_errors
-                        .with_label_values(&["outbox"])
-                        .inc();
-                    tracing::error!(error = %e, "cannot read the NATS outbox; retrying");
-                    pause(&mut backoff).await;
-                    continue;
-                }
-            };
-            if batch.is_empty() {
+            if batch.is_empty() && inflight.is_empty() {
                 if self.draining.is_cancelled() {
                     break;
                 }
@@ -331,42 +320,95 @@ impl Publisher {
                 }
                 continue;
             }
-            let resolved = match mode {
-                Some((m, at)) if at.elapsed() < MODE_RECHECK || m == Resolved::JetStream => m,
-                _ => {
-                    let m = self.resolve(&js, &batch[0].device_id).await;
+            let resolved = match (mode, batch.first()) {
+                (Some((m, at)), _) if m == Resolved::JetStream || at.elapsed() < MODE_RECHECK => m,
+                (_, Some(first)) => {
+                    let m = self.resolve(&js, &first.device_id).await;
                     mode = Some((m, tokio::time::Instant::now()));
                     m
                 }
+                (Some((m, _)), None) => m,
+                (None, None) => unreachable!("in-flight publications imply a resolved mode"),
             };
-            let (acked, failure) = match resolved {
-                Resolved::JetStream => self.publish_jetstream(&js, &batch).await,
-                Resolved::Core => self.publish_core(&client, &batch).await,
+            let before = acked;
+            let failure = match resolved {
+                Resolved::Core => match self.publish_core(&client, &batch).await {
+                    Ok(()) => {
+                        acked = batch.last().map_or(acked, |i| i.next);
+                        sent = acked;
+                        self.metrics.nats_published.inc_by(batch.len() as u64);
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+                Resolved::JetStream => {
+                    let more = batch.len() == max - inflight.len();
+                    let mut failure = None;
+                    for item in &batch {
+                        let (subject, headers, payload) = self.message(item);
+                        let msg = PublishMessage::build().headers(headers).payload(payload);
+                        match js.send_publish(subject, msg).await {
+                            Ok(ack) => {
+                                inflight.push_back((item.next, ack));
+                                sent = item.next;
+                            }
+                            Err(e) => {
+                                self.metrics
+                                    .nats_errors
+                                    .with_label_values(&["publish"])
+                                    .inc();
+                                failure = Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    // With more to send, wait for half the window; else for all of it.
+                    let keep = if more && failure.is_none() {
+                        max / 2
+                    } else {
+                        0
+                    };
+                    let mut n = 0u64;
+                    while inflight.len() > keep {
+                        let (next, ack) = inflight.pop_front().expect("non-empty");
+                        match ack.await {
+                            Ok(_) => {
+                                acked = next;
+                                n += 1;
+                            }
+                            Err(e) => {
+                                self.metrics.nats_errors.with_label_values(&["ack"]).inc();
+                                failure = Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    self.metrics.nats_published.inc_by(n);
+                    failure
+                }
             };
-            if acked > 0 {
-                let to = batch[acked - 1].next;
-                self.metrics.nats_published.inc_by(acked as u64);
-                if let Err(e) = blocking({
+            if acked != before {
+                let to = acked;
+                let advanced = blocking({
                     let o = outbox.clone();
                     move || o.advance(to)
                 })
-                .await
-                {
+                .await;
+                if let Err(e) = advanced {
                     self.metrics
                         .nats_errors
                         .with_label_values(&["outbox"])
                         .inc();
                     tracing::error!(error = %e, "cannot record NATS progress; the readings will be sent again");
                 }
-                pos = to;
             }
             match failure {
                 None => backoff = BACKOFF.0,
                 Some(e) => {
-                    tracing::warn!(error = %e, acked, batch = batch.len(), "NATS publication failed; retrying from the first unacknowledged reading");
-                    if mode.is_some_and(|(m, _)| m == Resolved::JetStream)
-                        && self.settings.mode == NatsMode::Auto
-                    {
+                    tracing::warn!(error = %e, in_flight = inflight.len(), "NATS publication failed; retrying from the first unacknowledged reading");
+                    inflight.clear();
+                    sent = acked;
+                    if resolved == Resolved::JetStream && self.settings.mode == NatsMode::Auto {
                         mode = None; // the stream may be gone: look again
                     }
                     pause(&mut backoff).await;
@@ -413,46 +455,8 @@ impl Publisher {
         )
     }
 
-    /// Publishes a batch to JetStream and awaits the PubAcks in order. Returns how many, from
-    /// the start, are acknowledged, and the error that stopped it, if any.
-    async fn publish_jetstream(
-        &self,
-        js: &async_nats::jetstream::Context,
-        batch: &[OutboxItem],
-    ) -> (usize, Option<String>) {
-        let mut pending = Vec::with_capacity(batch.len());
-        let mut failure = None;
-        for item in batch {
-            let (subject, headers, payload) = self.message(item);
-            let msg = PublishMessage::build().headers(headers).payload(payload);
-            match js.send_publish(subject, msg).await {
-                Ok(ack) => pending.push(ack),
-                Err(e) => {
-                    self.metrics
-                        .nats_errors
-                        .with_label_values(&["publish"])
-                        .inc();
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        let mut acked = 0;
-        for ack in pending {
-            match ack.await {
-                Ok(_) => acked += 1,
-                Err(e) => {
-                    self.metrics.nats_errors.with_label_values(&["ack"]).inc();
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        (acked, failure)
-    }
-
-    /// Publishes a batch with core NATS and flushes. All or nothing.
-    async fn publish_core(&self, client: &Client, batch: &[OutboxItem]) -> (usize, Option<String>) {
+    /// Publishes a batch with core NATS and flushes: all of it is acknowledged, or none.
+    async fn publish_core(&self, client: &Client, batch: &[OutboxItem]) -> Result<(), String> {
         for item in batch {
             let (subject, headers, payload) = self.message(item);
             if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
@@ -460,18 +464,54 @@ impl Publisher {
                     .nats_errors
                     .with_label_values(&["publish"])
                     .inc();
-                return (0, Some(e.to_string()));
+                return Err(e.to_string());
             }
         }
         match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-            Ok(Ok(())) => (batch.len(), None),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 self.metrics.nats_errors.with_label_values(&["ack"]).inc();
-                (0, Some(e.to_string()))
+                Err(e.to_string())
             }
             Err(_) => {
                 self.metrics.nats_errors.with_label_values(&["ack"]).inc();
-                (0, Some("flush timed out".into()))
+                Err("flush timed out".into())
+            }
+        }
+    }
+}
+
+/// The backlog gauge and the `nats.max_outbox` warning, refreshed every [`LAG_EVERY`].
+#[derive(Default)]
+struct LagWatch {
+    /// When it was last refreshed.
+    at: Option<tokio::time::Instant>,
+    /// Whether the backlog was past `nats.max_outbox` then.
+    over: bool,
+}
+
+impl LagWatch {
+    async fn refresh(&mut self, p: &Publisher, outbox: &Arc<dyn Outbox>) {
+        if self.at.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            return;
+        }
+        self.at = Some(tokio::time::Instant::now());
+        let lag = blocking({
+            let o = outbox.clone();
+            move || o.lag()
+        })
+        .await;
+        let Ok(lag) = lag else { return };
+        p.metrics
+            .nats_outbox_lag
+            .set(lag.min(i64::MAX as u64) as i64);
+        let over = lag > p.settings.max_outbox;
+        if over != self.over {
+            self.over = over;
+            if over {
+                tracing::warn!(lag, max_outbox = p.settings.max_outbox, "NATS outbox backlog is past nats.max_outbox; readings are kept and published when NATS catches up");
+            } else {
+                tracing::info!(lag, "NATS outbox backlog is back under nats.max_outbox");
             }
         }
     }
