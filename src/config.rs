@@ -1177,4 +1177,38 @@ mod tests {
         let ok = Settings::load_from(None, env(&[("SLUICE__SERVER__LISTEN", "[::1]:0")])).unwrap();
         assert!(ok.server.listen.is_ipv6());
     }
+
+    #[test]
+    fn nats_keys_are_checked_and_the_password_is_redacted() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SLUICE__NATS__ENABLED", "true"),
+                ("SLUICE__NATS__URL", "nats://sluice:s3cret@nats:4222"),
+                ("SLUICE__NATS__MODE", "core"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.nats.mode, NatsMode::Core);
+        assert!(!s.to_toml().contains("s3cret"), "{}", s.to_toml());
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert!(s.to_toml().contains("nats://sluice:<redacted>@nats:4222"));
+        let err = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("SLUICE__NATS__ENABLED", "true")];
+            all.extend_from_slice(pairs);
+            Settings::load_from(None, env(&all)).unwrap_err().to_string()
+        };
+        let e = err(&[("SLUICE__NATS__URL", "tls://u:pw@h:4222")]);
+        assert!(e.contains("nats.url") && !e.contains("pw"), "{e}");
+        let e = err(&[("SLUICE__NATS__SUBJECT_PREFIX", "sluice.*")]);
+        assert!(e.contains("nats.subject_prefix"), "{e}");
+        let e = err(&[("SLUICE__NATS__SUBJECT_PREFIX", "a..b")]);
+        assert!(e.contains("nats.subject_prefix"), "{e}");
+        let e = err(&[("SLUICE__NATS__MAX_IN_FLIGHT", "0")]);
+        assert!(e.contains("nats.max_in_flight"), "{e}");
+        let e = err(&[("SLUICE__NATS__MODE", "fast")]);
+        assert!(e.contains("`fast`") && e.contains("auto, jetstream, core"), "{e}");
+        // Disabled, the keys are not checked: a leftover URL does not stop the start.
+        Settings::load_from(None, env(&[("SLUICE__NATS__URL", "bogus")])).unwrap();
+    }
 }
