@@ -36,6 +36,7 @@ use crate::outputs::nats::{CommitNotice, NatsOutput};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
 use crate::store::ReaderSlot;
+use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::runtime::{RuntimeTelemetry, TaskMonitors};
 
@@ -58,9 +59,16 @@ pub struct Application {
 }
 
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
+///
+/// Every error answer is a problem document (SPEC §3): each handler's own, its extractors'
+/// (`handlers::params` refuses unknown query parameters), and the two fallbacks below for
+/// an unknown path (404) and a known path with another method (405, with axum's `Allow`).
+/// Only what hyper answers before routing (431, 414, an unparsable request line) has no body.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/readings", post(handlers::http::ingest))
+        .route("/write", post(handlers::influx::write_v1))
+        .route("/api/v2/write", post(handlers::influx::write_v2))
         .route("/v1/devices", get(handlers::query::list_devices))
         .route("/v1/devices/{device_id}", get(handlers::query::get_device))
         .route(
@@ -73,9 +81,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(handlers::ops::healthz))
         .route("/readyz", get(handlers::ops::readyz))
         .merge(handlers::status::routes())
-        .fallback(|| async {
-            handlers::problem::Problem::not_found("no such endpoint; see the README for the API")
-        })
+        // After every route: it applies to the routes registered before it.
+        .method_not_allowed_fallback(handlers::problem::wrong_method)
+        .fallback(handlers::problem::no_route)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             handlers::ops::track,
@@ -89,6 +97,7 @@ impl Application {
     pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
         // The store keeps committed readings for the NATS publisher until it has them.
         settings.storage.outbox = settings.nats.enabled;
+        settings.storage.replica = crate::outputs::nats::replica_id();
         let settings = Arc::new(settings);
         preflight_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
@@ -143,6 +152,7 @@ impl Application {
         let nats = if settings.nats.enabled {
             Some(NatsOutput::start(
                 &settings.nats,
+                &settings.storage.replica,
                 metrics.clone(),
                 reader.clone(),
                 live.clone(),
@@ -323,6 +333,8 @@ async fn serve_http(
     // Tells every connection to finish its request and close; the tracker waits for them.
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
+    // Out of file descriptors lasts: one line, then at most one per 30 s with a count.
+    let accept_failing = LogLimit::new();
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -334,10 +346,17 @@ async fn serve_http(
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, _peer)) => {
+                    if let Some(failures) = accept_failing.recovered() {
+                        tracing::info!(failures, "accepting HTTP connections again");
+                    }
+                    stream
+                }
                 Err(e) => {
                     if must_pause(&e) {
-                        tracing::error!(error = %e, "cannot accept an HTTP connection; retrying in 1 s");
+                        if let Some(suppressed) = accept_failing.event() {
+                            tracing::error!(error = %e, suppressed, "cannot accept an HTTP connection; retrying in 1 s");
+                        }
                         tokio::select! {
                             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                             () = &mut shutdown => break,
@@ -466,7 +485,27 @@ async fn preflight_store(settings: &Settings) -> anyhow::Result<()> {
                     "storage.postgres.url is set but storage.backend is \"sqlite\": the URL is not used"
                 );
             }
-            Ok(())
+            // A directory that cannot be created or written now will not heal by retrying:
+            // refuse to start, naming the key. (A store that fails later gives 503 and is
+            // reopened; that is the writer's.) The probe file is named after the process, so
+            // two processes starting on one directory never remove each other's.
+            let dir = &storage.data_dir;
+            let probe = dir.join(format!(".sluice-write-probe-{}", std::process::id()));
+            let checked = std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))
+                .and_then(|()| {
+                    std::fs::write(&probe, b"")
+                        .and_then(|()| std::fs::remove_file(&probe))
+                        .map_err(|e| {
+                            format!("cannot write in the data directory {}: {e}", dir.display())
+                        })
+                });
+            checked.map_err(|reason| {
+                anyhow::Error::new(ConfigError::Invalid {
+                    key: "storage.data_dir",
+                    reason,
+                })
+            })
         }
         Backend::Postgres => {
             let checked =

@@ -39,6 +39,32 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// Publishing committed readings to NATS, and the fleet-wide live stream.
     pub nats: NatsSettings,
+    /// Options of the wire formats other than JSON (SPEC §10).
+    pub formats: FormatsSettings,
+}
+
+/// `[formats]`: options of the other wire formats (SPEC §10).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FormatsSettings {
+    /// InfluxDB line protocol on `POST /write` and `POST /api/v2/write`.
+    pub line_protocol: LineProtocolSettings,
+}
+
+/// `[formats.line_protocol]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LineProtocolSettings {
+    /// The tag whose value is a line's device id; without it, the tag `host` is used.
+    pub device_tag: String,
+}
+
+impl Default for LineProtocolSettings {
+    fn default() -> Self {
+        Self {
+            device_tag: "device_id".into(),
+        }
+    }
 }
 
 /// `[server]`
@@ -231,6 +257,10 @@ pub struct StorageSettings {
     /// outbox, SPEC §13). Not a configuration key: set from `nats.enabled` at start.
     #[serde(skip)]
     pub outbox: bool,
+    /// This process's replica id (`Sluice-Replica`), recorded with what it commits to a
+    /// shared outbox. Not a configuration key: random per process, set at start.
+    #[serde(skip)]
+    pub replica: String,
 }
 
 impl StorageSettings {
@@ -306,6 +336,20 @@ impl DbUrl {
     /// key-value form).
     pub fn redacted(&self) -> String {
         let s = &self.0;
+        if s.starts_with("nats://") {
+            // NATS: one or more URLs; a user name alone may be a token, so the whole user
+            // part of each is hidden.
+            return s
+                .split(',')
+                .map(|part| match (part.find("://"), part.rfind('@')) {
+                    (Some(i), Some(at)) if at > i + 3 => {
+                        format!("{}<redacted>{}", &part[..i + 3], &part[at..])
+                    }
+                    _ => part.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+        }
         let Some(scheme_end) = s.find("://").map(|i| i + 3) else {
             return redact_pairs(s);
         };
@@ -382,6 +426,7 @@ impl Default for StorageSettings {
             journal_max_readings: 2_000_000,
             compaction_pause: Duration::ZERO,
             outbox: false,
+            replica: String::new(),
         }
     }
 }
@@ -723,17 +768,37 @@ impl Settings {
     /// Checks relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let tag = &self.formats.line_protocol.device_tag;
+        if let Err(reason) = crate::reading::check_metric_name(tag) {
+            return invalid(
+                "formats.line_protocol.device_tag",
+                format!("`{tag}`: {reason} (a tag key, e.g. device_id)"),
+            );
+        }
         if self.nats.enabled {
             let nats = &self.nats;
             for url in nats.url.expose().split(',') {
-                if !url.trim().starts_with("nats://") {
+                let url = url.trim();
+                let shown = DbUrl::new(format!(
+                    "nats://{}",
+                    url.strip_prefix("nats://").unwrap_or(url)
+                ));
+                if !url.starts_with("nats://") {
                     return invalid(
                         "nats.url",
                         format!(
-                            "`{}` is not a nats:// URL (e.g. nats://127.0.0.1:4222; TLS is not built in)",
-                            DbUrl::new(url.trim())
+                            "`{shown}` is not a nats:// URL (e.g. nats://127.0.0.1:4222; TLS is not built in)"
                         ),
                     );
+                }
+                match url.parse::<async_nats::ServerAddr>() {
+                    Ok(addr) if !addr.host().is_empty() => {}
+                    Ok(_) => {
+                        return invalid("nats.url", format!("`{shown}` names no host"));
+                    }
+                    Err(e) => {
+                        return invalid("nats.url", format!("`{shown}`: {e}"));
+                    }
                 }
             }
             let p = &nats.subject_prefix;
@@ -1192,14 +1257,36 @@ mod tests {
         assert_eq!(s.nats.mode, NatsMode::Core);
         assert!(!s.to_toml().contains("s3cret"), "{}", s.to_toml());
         assert!(!format!("{s:?}").contains("s3cret"));
-        assert!(s.to_toml().contains("nats://sluice:<redacted>@nats:4222"));
+        assert!(s.to_toml().contains("nats://<redacted>@nats:4222"));
         let err = |pairs: &[(&str, &str)]| {
             let mut all = vec![("SLUICE__NATS__ENABLED", "true")];
             all.extend_from_slice(pairs);
-            Settings::load_from(None, env(&all)).unwrap_err().to_string()
+            Settings::load_from(None, env(&all))
+                .unwrap_err()
+                .to_string()
         };
         let e = err(&[("SLUICE__NATS__URL", "tls://u:pw@h:4222")]);
         assert!(e.contains("nats.url") && !e.contains("pw"), "{e}");
+        for bad in [
+            "nats://127.0.0.1:99999",
+            "nats://a b:4222",
+            "nats://",
+            "nats://:4222",
+        ] {
+            let e = err(&[("SLUICE__NATS__URL", bad)]);
+            assert!(e.contains("nats.url"), "{bad}: {e}");
+        }
+        // A token alone, and every URL of a list, are redacted; hosts stay visible.
+        for (url, secret) in [
+            ("nats://tok3nsecret@h1:4222", "tok3nsecret"),
+            ("nats://h1:4222,nats://u:p2secret@h2:4222", "p2secret"),
+        ] {
+            let shown = DbUrl::new(url).to_string();
+            assert!(
+                !shown.contains(secret) && shown.contains("h1:4222"),
+                "{shown}"
+            );
+        }
         let e = err(&[("SLUICE__NATS__SUBJECT_PREFIX", "sluice.*")]);
         assert!(e.contains("nats.subject_prefix"), "{e}");
         let e = err(&[("SLUICE__NATS__SUBJECT_PREFIX", "a..b")]);
@@ -1207,7 +1294,10 @@ mod tests {
         let e = err(&[("SLUICE__NATS__MAX_IN_FLIGHT", "0")]);
         assert!(e.contains("nats.max_in_flight"), "{e}");
         let e = err(&[("SLUICE__NATS__MODE", "fast")]);
-        assert!(e.contains("`fast`") && e.contains("auto, jetstream, core"), "{e}");
+        assert!(
+            e.contains("`fast`") && e.contains("auto, jetstream, core"),
+            "{e}"
+        );
         // Disabled, the keys are not checked: a leftover URL does not stop the start.
         Settings::load_from(None, env(&[("SLUICE__NATS__URL", "bogus")])).unwrap();
     }

@@ -12,6 +12,7 @@
 //! See ARCHITECTURE.md for the invariants.
 
 pub mod app;
+pub mod codec;
 pub mod config;
 pub mod handlers;
 pub mod outputs;

@@ -245,7 +245,8 @@ pub struct ReadingError {
 }
 
 impl ReadingError {
-    fn new(field: impl Into<String>, reason: impl Into<String>, kind: RejectReason) -> Self {
+    /// An error on `field` (a path such as `metrics.t`, or empty for the whole reading).
+    pub fn new(field: impl Into<String>, reason: impl Into<String>, kind: RejectReason) -> Self {
         Self {
             field: field.into(),
             reason: reason.into(),
@@ -512,6 +513,37 @@ pub fn parse_reading(text: &str, ctx: &ParseContext<'_>) -> Result<Reading, Read
         }
     };
     wire.validate(ctx)
+}
+
+/// A reading decoded by another wire format (`crate::codec`), before validation: the one way
+/// such a format makes a [`Reading`], so every format keeps SPEC §1's rules.
+#[derive(Debug, Default)]
+pub struct ReadingParts<'a> {
+    /// The device, if the format carries one; else the transport's bound device is used.
+    pub device_id: Option<Cow<'a, str>>,
+    /// Epoch milliseconds; `None` for the receive time.
+    pub ts_ms: Option<i64>,
+    /// The device's sequence number.
+    pub seq: Option<u64>,
+    /// Metric names and values, in the order sent.
+    pub metrics: Vec<(Cow<'a, str>, MetricValue)>,
+    /// Tag keys and values, in the order sent.
+    pub tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl ReadingParts<'_> {
+    /// Validates the parts as SPEC §1 says (device id, time window, metric names and count,
+    /// tags); errors name the field as the JSON parser does.
+    pub fn validate(self, ctx: &ParseContext<'_>) -> Result<Reading, ReadingError> {
+        WireReading {
+            device_id: self.device_id,
+            ts: self.ts_ms.map(WireTs::Millis),
+            seq: self.seq,
+            metrics: Some(self.metrics),
+            tags: Some(self.tags),
+        }
+        .validate(ctx)
+    }
 }
 
 /// A reading as it arrives, before validation. Strings borrow from the input when they can.

@@ -249,6 +249,21 @@ async fn request_level_errors_get_problem_documents_and_are_counted() {
     .await;
     assert!(body["detail"].as_str().unwrap().contains("decompression"));
 
+    // Not gzip at all, though the header says so.
+    let before = rejected(&app, "malformed").await;
+    let res = app
+        .client
+        .post(app.url("/v1/readings"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    let body =
+        expect_request_rejected(&app, res, 400, "urn:sluice:malformed", "malformed", before).await;
+    assert!(body["detail"].as_str().unwrap().contains("gzip"), "{body}");
+
     // Wrong content type, wrong encoding.
     let before = rejected(&app, "unsupported_media_type").await;
     let res = app.post_raw("text/plain", b"{}".to_vec()).await;
@@ -420,9 +435,11 @@ async fn invalid_readings_are_rejected_by_index_and_neighbours_stored() {
     assert_eq!(body["accepted"], good);
     let rejected_list = body["rejected"].as_array().unwrap();
     assert_eq!(rejected_list.len(), cases.len() + 1);
-    for (i, (_, want, _)) in cases.iter().enumerate() {
+    for (i, (_, want, reason)) in cases.iter().enumerate() {
         let r = &rejected_list[i];
         assert_eq!(r["index"], 2 * i + 1, "{r}");
+        // `reason` is the value the rejected counter is labelled with (checked below).
+        assert_eq!(r["reason"], *reason, "case {i}: {r}");
         let err = r["error"].as_str().unwrap();
         assert!(
             err.starts_with(want),
@@ -434,6 +451,7 @@ async fn invalid_readings_are_rejected_by_index_and_neighbours_stored() {
         last["error"],
         "metrics.x: expected a finite number or a boolean"
     );
+    assert_eq!(last["reason"], "invalid_metrics");
     assert!(last["error"].as_str().unwrap().starts_with("metrics.x"));
 
     for (reason, b) in &before {
@@ -455,6 +473,8 @@ async fn invalid_readings_are_rejected_by_index_and_neighbours_stored() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["accepted"], 0);
     assert_eq!(body["rejected"].as_array().unwrap().len(), 2);
+    assert_eq!(body["rejected"][0]["reason"], "invalid_metrics", "{body}");
+    assert_eq!(body["rejected"][1]["reason"], "invalid_device_id", "{body}");
     app.shutdown().await.unwrap();
 }
 
@@ -501,12 +521,21 @@ async fn duplicates_are_stored_once_and_reported() {
     app.shutdown().await.unwrap();
 }
 
+/// A store that cannot open once the data directory has passed the start-up check (here its
+/// `journal` is a file where a directory must be) is not a configuration error: Sluice
+/// serves, `/readyz` and ingest answer 503 problem documents, and the store opens as soon as
+/// it can. (A data directory that cannot be created or written stops the start with exit
+/// code 2: tests/input_edges.rs.)
 #[tokio::test]
-async fn unopenable_store_is_not_ready_and_refuses_ingest() {
-    // data_dir is a regular file, so the store cannot be created under it.
-    let blocker = tempfile::NamedTempFile::new().unwrap();
-    let path = blocker.path().to_path_buf();
-    let app = spawn_app_unready(move |s| s.storage.data_dir = path).await;
+async fn a_store_that_cannot_open_answers_503_and_recovers() {
+    let blocker = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let path = blocker.clone();
+    let app = spawn_app_unready(move |s| {
+        let journal = s.storage.journal_dir();
+        std::fs::write(&journal, b"not a directory").unwrap();
+        *path.lock().unwrap() = Some(journal);
+    })
+    .await;
     wait_until(
         std::time::Duration::from_secs(10),
         "a store error",
@@ -517,7 +546,17 @@ async fn unopenable_store_is_not_ready_and_refuses_ingest() {
     assert_eq!(res.status(), 200);
     let res = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(res.status(), 503);
-    assert!(res.text().await.unwrap().contains("store unavailable"));
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "urn:sluice:not-ready", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("not ready: store unavailable"),
+        "{body}"
+    );
     let res = app.post_json(&json!([reading("nowhere", 1)])).await;
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
@@ -529,6 +568,14 @@ async fn unopenable_store_is_not_ready_and_refuses_ingest() {
         1.0
     );
     assert_eq!(app.metric("sluice_readings_accepted_total", &[]).await, 0.0);
+
+    // The obstacle goes: the writer's next probe opens the store, and ingest is taken.
+    let journal = blocker.lock().unwrap().take().unwrap();
+    std::fs::remove_file(journal).unwrap();
+    app.wait_ready().await;
+    let res = app.post_json(&json!([reading("nowhere", 1)])).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(app.stored_seqs("nowhere").await, [1].into());
     app.shutdown().await.unwrap();
 }
 
@@ -658,6 +705,12 @@ async fn devices_come_a_page_at_a_time() {
         ] {
             let (status, body) = app.get_json(path).await;
             assert_eq!(status, 400, "{path}: {body}");
+            let kind = if path.contains("bogus") {
+                "urn:sluice:unknown-parameter"
+            } else {
+                "urn:sluice:malformed"
+            };
+            assert_eq!(body["type"], kind, "{path}: {body}");
             assert!(
                 body["detail"].as_str().unwrap().contains(names),
                 "{path}: {body}"
@@ -727,6 +780,7 @@ async fn readings_come_a_page_at_a_time() {
             let path = format!("/v1/devices/pager/readings?cursor={bad}");
             let (status, body) = app.get_json(&path).await;
             assert_eq!(status, 400, "{path}: {body}");
+            assert_eq!(body["type"], "urn:sluice:malformed", "{path}: {body}");
             assert!(
                 body["detail"].as_str().unwrap().contains("cursor"),
                 "{path}: {body}"

@@ -216,6 +216,97 @@ async fn a_nats_outage_delays_publication_and_loses_nothing() {
     .await;
 }
 
+/// In core mode (no stream), the backlog gauge follows an outage: publishing waits while
+/// NATS is away instead of blocking on the client's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauge_follows_an_outage_in_core_mode() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let app = spawn_app_with(|s| with_nats(s, url)).await;
+    let mut acked = Acked::default();
+    let mut next = 0;
+    post_batches(&app, &mut acked, 3, &mut next).await;
+    wait_until(Duration::from_secs(10), "published", || async {
+        app.metric("sluice_nats_outbox_lag", &[]).await == 0.0
+            && app.metric("sluice_nats_published_total", &[]).await >= 120.0
+    })
+    .await;
+    nats.stop();
+    wait_until(Duration::from_secs(10), "disconnected", || async {
+        app.metric("sluice_nats_connected", &[]).await == 0.0
+    })
+    .await;
+    for round in 1..=3 {
+        post_batches(&app, &mut acked, 10, &mut next).await;
+        let want = (round * 400) as f64;
+        wait_until(
+            Duration::from_secs(10),
+            "the gauge to count the backlog",
+            || async { app.metric("sluice_nats_outbox_lag", &[]).await == want },
+        )
+        .await;
+    }
+    nats.restart();
+    wait_until(Duration::from_secs(30), "the backlog published", || async {
+        app.metric("sluice_nats_outbox_lag", &[]).await == 0.0
+    })
+    .await;
+}
+
+/// A reading larger than the server's `max_payload` is skipped and counted, and the readings
+/// after it are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_too_large_for_the_server_does_not_hold_up_the_rest() {
+    let nats = NatsServer::start_with("max_payload: 4096\n");
+    nats.create_stream(PREFIX).await;
+    let url = nats.url();
+    let app = spawn_app_with(|s| with_nats(s, url)).await;
+    let mut acked = Acked::default();
+    let mut next = 0;
+    post_batches(&app, &mut acked, 2, &mut next).await;
+    // 200 metrics with long names: about 8 KiB of JSON.
+    let metrics: serde_json::Map<String, Value> = (0..200)
+        .map(|i| (format!("a_rather_long_metric_name_{i:03}"), json!(i)))
+        .collect();
+    let big = json!([{"device_id": "big-1", "seq": 1, "metrics": metrics}]);
+    assert_eq!(app.post_json(&big).await.status(), 200);
+    post_batches(&app, &mut acked, 2, &mut next).await;
+    let js = nats.jetstream().await;
+    wait_published(&js, acked.total(), Duration::from_secs(30)).await;
+    check_stream(&read_stream(&js).await, &acked);
+    wait_until(Duration::from_secs(10), "the skip counted", || async {
+        app.metric("sluice_nats_errors_total", &[("kind", "too_large")])
+            .await
+            == 1.0
+            && app.metric("sluice_nats_outbox_lag", &[]).await == 0.0
+    })
+    .await;
+}
+
+/// Readings without seq from two stores get different message ids, so JetStream keeps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_without_seq_from_two_stores_are_all_published() {
+    let nats = NatsServer::start();
+    nats.create_stream(PREFIX).await;
+    let (url_a, url_b) = (nats.url(), nats.url());
+    let a = spawn_app_with(|s| with_nats(s, url_a)).await;
+    let b = spawn_app_with(|s| with_nats(s, url_b)).await;
+    for i in 0..5 {
+        for app in [&a, &b] {
+            let res = app
+                .post_json(&json!([{"device_id": "shared-1", "metrics": {"i": i}}]))
+                .await;
+            assert_eq!(res.status(), 200);
+        }
+    }
+    let js = nats.jetstream().await;
+    wait_published(&js, 10, Duration::from_secs(30)).await;
+    let msgs = read_stream(&js).await;
+    assert_eq!(msgs.len(), 10);
+    let ids: BTreeSet<&str> = msgs.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids.len(), 10, "{ids:?}");
+}
+
 fn process_env(nats: &NatsServer, in_flight: usize) -> Vec<(&'static str, String)> {
     vec![
         ("SLUICE__NATS__ENABLED", "true".into()),
@@ -308,6 +399,83 @@ async fn kill_9_mid_publish_leaves_no_gap_and_no_duplicate() {
     );
 }
 
+type LiveStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn live_stream(app: &TestApp, device_glob: &str) -> LiveStream {
+    let (live, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/live?device={device_glob}", app.addr))
+            .await
+            .expect("live stream");
+    live
+}
+
+/// Posts readings of `device` to `from` until one shows up on `live` (every replica's
+/// subscription, and with PostgreSQL the publisher's lock, are in place).
+async fn wait_for_link(from: &TestApp, live: &mut LiveStream, device: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seq = 0u64;
+    loop {
+        seq += 1;
+        let res = from
+            .post_json(&json!([{"device_id": device, "seq": seq, "metrics": {"p": 1}}]))
+            .await;
+        assert_eq!(res.status(), 200);
+        let got = tokio::time::timeout(Duration::from_millis(300), live.next()).await;
+        if let Ok(Some(Ok(Message::Text(t)))) = got {
+            let msg: Value = serde_json::from_str(&t).expect("JSON");
+            if msg["device_id"] == device {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{device} never reached the live stream"
+        );
+    }
+}
+
+/// The seqs of `device` a live stream shows until it has shown both markers (98 and 99).
+async fn live_seqs(live: &mut LiveStream, device: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(seqs.contains(&98) && seqs.contains(&99)) {
+        assert!(Instant::now() < deadline, "live saw only {seqs:?}");
+        let msg = next_ws_json(live, Duration::from_secs(30)).await;
+        if msg["device_id"] == device {
+            seqs.push(msg["seq"].as_u64().unwrap());
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+/// Readings posted to either replica reach `/v1/live` on both, each exactly once.
+async fn check_fleet_live(a: &TestApp, b: &TestApp, device: &str) {
+    let glob = format!("{device}*");
+    let mut live_a = live_stream(a, &glob).await;
+    let mut live_b = live_stream(b, &glob).await;
+    wait_for_link(b, &mut live_a, &format!("{device}-probe-b")).await;
+    wait_for_link(a, &mut live_b, &format!("{device}-probe-a")).await;
+    for (app, seq) in [(b, 1), (a, 2), (b, 3), (a, 4), (b, 5), (a, 98), (b, 99)] {
+        let res = app
+            .post_json(&json!([{"device_id": device, "seq": seq, "metrics": {"v": seq}}]))
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    for (name, live) in [("A", &mut live_a), ("B", &mut live_b)] {
+        // The markers come last from each replica: anything a replica echoed of its own
+        // would have come before them.
+        assert_eq!(
+            live_seqs(live, device).await,
+            [1, 2, 3, 4, 5, 98, 99],
+            "each reading once on {name}'s live stream"
+        );
+    }
+    assert!(a.metric("sluice_nats_live_received_total", &[]).await >= 4.0);
+    assert!(b.metric("sluice_nats_live_received_total", &[]).await >= 4.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_on_one_replica_streams_what_another_committed() {
     // Core NATS only: no stream, so the publisher uses publish + flush (nats.mode = auto).
@@ -315,61 +483,7 @@ async fn live_on_one_replica_streams_what_another_committed() {
     let (url_a, url_b) = (nats.url(), nats.url());
     let a = spawn_app_with(|s| with_nats(s, url_a)).await;
     let b = spawn_app_with(|s| with_nats(s, url_b)).await;
-    let (mut live, _) =
-        tokio_tungstenite::connect_async(format!("ws://{}/v1/live?device=fleet-*", a.addr))
-            .await
-            .expect("live stream");
-    // Wait until both replicas' subscriptions are in place: a reading from B shows up on A.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut probe = 0u64;
-    loop {
-        probe += 1;
-        let res = b
-            .post_json(&json!([{"device_id": "fleet-probe", "seq": probe, "metrics": {"p": 1}}]))
-            .await;
-        assert_eq!(res.status(), 200);
-        let got = tokio::time::timeout(Duration::from_millis(300), live.next()).await;
-        if let Ok(Some(Ok(Message::Text(t)))) = got {
-            let msg: Value = serde_json::from_str(&t).expect("JSON");
-            if msg["device_id"] == "fleet-probe" {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B's readings never reached A's live"
-        );
-    }
-    // Drain late probe copies, then send the real readings: three to B, two to A.
-    for (app, seq) in [(&b, 1), (&a, 2), (&b, 3), (&a, 4), (&b, 5)] {
-        let res = app
-            .post_json(&json!([{"device_id": "fleet-1", "seq": seq, "metrics": {"v": seq}}]))
-            .await;
-        assert_eq!(res.status(), 200);
-    }
-    let mut seqs = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seqs.len() < 5 || !seqs.contains(&99) {
-        assert!(Instant::now() < deadline, "live saw only {seqs:?}");
-        let msg = next_ws_json(&mut live, Duration::from_secs(20)).await;
-        if msg["device_id"] == "fleet-1" {
-            seqs.push(msg["seq"].as_u64().unwrap());
-            if seqs.len() == 5 {
-                // A marker through B: anything A echoed of its own would come before it.
-                let res = b
-                    .post_json(&json!([{"device_id": "fleet-1", "seq": 99, "metrics": {"v": 0}}]))
-                    .await;
-                assert_eq!(res.status(), 200);
-            }
-        }
-    }
-    seqs.sort_unstable();
-    assert_eq!(
-        seqs,
-        [1, 2, 3, 4, 5, 99],
-        "each reading once on A's live stream"
-    );
-    assert!(a.metric("sluice_nats_live_received_total", &[]).await >= 4.0);
+    check_fleet_live(&a, &b, "fleet-1").await;
 }
 
 /// SIGTERM publishes what is left before the process exits (SPEC §9), and records how far it
@@ -440,6 +554,51 @@ async fn sigterm_publishes_the_backlog_before_exiting() {
 #[path = "common/pg.rs"]
 mod pg;
 
+/// A replica on PostgreSQL with NATS on, a small publication window.
+fn pg_replica(db_url: String, nats_url: String) -> impl FnOnce(&mut Settings) {
+    move |s: &mut Settings| {
+        s.storage.backend = sluice::config::Backend::Postgres;
+        s.storage.postgres.url = DbUrl::new(db_url);
+        s.nats.enabled = true;
+        s.nats.url = DbUrl::new(nats_url);
+        s.nats.max_in_flight = 8;
+    }
+}
+
+/// With PostgreSQL one replica publishes every replica's readings; each replica's live
+/// stream still shows every reading once (the outbox records who committed each one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_each_stream_every_reading_live_once() {
+    let db = pg::TestDb::new();
+    let nats = NatsServer::start();
+    let a = spawn_app_with(pg_replica(db.url(), nats.url())).await;
+    let b = spawn_app_with(pg_replica(db.url(), nats.url())).await;
+    check_fleet_live(&a, &b, "pglive").await;
+}
+
+/// A replica that cannot reach NATS does not keep the publisher's lock: the one that can
+/// publishes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_replica_without_nats_lets_another_publish() {
+    let db = pg::TestDb::new();
+    let nats = NatsServer::start();
+    nats.create_stream(PREFIX).await;
+    let dead = format!("nats://127.0.0.1:{}", nats_server::free_port());
+    let cut_off = spawn_app_with(pg_replica(db.url(), dead)).await;
+    let good = spawn_app_with(pg_replica(db.url(), nats.url())).await;
+    let mut acked = Acked::default();
+    let mut next = 0;
+    post_batches(&cut_off, &mut acked, 5, &mut next).await;
+    post_batches(&good, &mut acked, 5, &mut next).await;
+    let js = nats.jetstream().await;
+    wait_published(&js, acked.total(), Duration::from_secs(30)).await;
+    check_stream(&read_stream(&js).await, &acked);
+    assert_eq!(
+        cut_off.metric("sluice_nats_published_total", &[]).await,
+        0.0
+    );
+}
+
 /// Replicas on PostgreSQL: each commit copies its new readings to the `outbox` table, and the
 /// one replica holding the publisher lock publishes them. When it stops, another takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,16 +606,8 @@ async fn postgres_replicas_publish_every_reading_once_and_take_over() {
     let db = pg::TestDb::new();
     let nats = NatsServer::start();
     nats.create_stream(PREFIX).await;
-    let replica = |db_url: String, nats_url: String| {
-        move |s: &mut Settings| {
-            s.storage.backend = sluice::config::Backend::Postgres;
-            s.storage.postgres.url = DbUrl::new(db_url);
-            s.nats.enabled = true;
-            s.nats.url = DbUrl::new(nats_url);
-        }
-    };
-    let a = spawn_app_with(replica(db.url(), nats.url())).await;
-    let b = spawn_app_with(replica(db.url(), nats.url())).await;
+    let a = spawn_app_with(pg_replica(db.url(), nats.url())).await;
+    let b = spawn_app_with(pg_replica(db.url(), nats.url())).await;
     let mut acked = Acked::default();
     let mut next = 0;
     post_batches(&a, &mut acked, 8, &mut next).await;
@@ -464,7 +615,8 @@ async fn postgres_replicas_publish_every_reading_once_and_take_over() {
     post_batches(&a, &mut acked, 4, &mut next).await;
     let js = nats.jetstream().await;
     wait_published(&js, acked.total(), Duration::from_secs(30)).await;
-    // Exactly one replica published.
+    // Exactly one replica published, each reading once (a window of 8 in flight: rows in
+    // flight are not read and sent again).
     let published = [
         a.metric("sluice_nats_published_total", &[]).await,
         b.metric("sluice_nats_published_total", &[]).await,
@@ -472,6 +624,11 @@ async fn postgres_replicas_publish_every_reading_once_and_take_over() {
     assert!(
         published.iter().filter(|p| **p > 0.0).count() == 1,
         "{published:?}"
+    );
+    assert_eq!(
+        published[0] + published[1],
+        acked.total() as f64,
+        "re-sent readings"
     );
     // Stop the publisher; the other replica takes over what it commits next.
     let (leader, other) = if published[0] > 0.0 { (a, b) } else { (b, a) };

@@ -96,6 +96,7 @@ async fn round_trip_with_ordered_acks_and_envelope_ids() {
     assert_eq!(a3["id"], "batch-a");
     assert_eq!(a3["accepted"], 1);
     assert_eq!(a3["rejected"][0]["index"], 1);
+    assert_eq!(a3["rejected"][0]["reason"], "invalid_metrics");
     assert_eq!(
         a3["rejected"][0]["error"],
         "metrics.x: expected a finite number or a boolean"
@@ -196,6 +197,7 @@ async fn bad_frames_get_error_acks_and_the_connection_survives() {
     assert_eq!(a["ack"], 3);
     assert_eq!(a["accepted"], 1);
     assert_eq!(a["rejected"][0]["index"], 0);
+    assert_eq!(a["rejected"][0]["reason"], "device_mismatch");
     assert!(a["rejected"][0]["error"]
         .as_str()
         .unwrap()
@@ -222,6 +224,155 @@ async fn bad_frames_get_error_acks_and_the_connection_survives() {
     assert_eq!(m("malformed").await, 1.0);
     assert_eq!(m("too_many_readings").await, 10_001.0);
     assert_eq!(m("device_mismatch").await, 1.0);
+    ws.close(None).await.unwrap();
+    app.shutdown().await.unwrap();
+}
+
+/// Each `rejected[]` entry carries `reason`, the label value its reading was counted under in
+/// `sluice_readings_rejected_total`, beside `error`: the same entries over HTTP and over a
+/// WebSocket, for every kind of bad reading (SPEC §3).
+#[tokio::test]
+async fn rejected_entries_carry_the_metric_reason_over_http_and_ws() {
+    let app = spawn_app().await;
+    let now = sluice::reading::now_ms();
+    let many_tags: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("t{i}"), json!("v"))).collect();
+    // (bad reading, its reason, the start of its error)
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({"device_id": "a/b", "metrics": {"x": 1}}),
+            "invalid_device_id",
+            "device_id: '/' is not allowed",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": "warm"}}),
+            "invalid_metrics",
+            "metrics.x: expected a finite number or a boolean",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"bad name": 1}}),
+            "invalid_metrics",
+            "metrics.bad name: ",
+        ),
+        (
+            json!({"device_id": "why-1", "ts": now + 3_600_000, "metrics": {"x": 1}}),
+            "invalid_ts",
+            "ts: ",
+        ),
+        (
+            json!({"device_id": "why-1", "seq": -1, "metrics": {"x": 1}}),
+            "invalid_seq",
+            "seq: ",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": 1}, "tags": {"site": 7}}),
+            "invalid_tags",
+            "tags: ",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": 1}, "tags": many_tags}),
+            "invalid_tags",
+            "tags: at most 16 tags",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": 1}, "tags": {"bad key": "x"}}),
+            "invalid_tags",
+            "tags.bad key: ",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": 1}, "tags": {"site": "n".repeat(129)}}),
+            "invalid_tags",
+            "tags.site: value longer than 128 characters",
+        ),
+        (
+            json!({"device_id": "why-1", "metrics": {"x": 1}, "colour": "red"}),
+            "unknown_field",
+            "colour: unknown field",
+        ),
+    ];
+    // An integer outside −2^63..2^64−1 can only be written as raw JSON text.
+    let out_of_range = r#"{"device_id":"why-1","metrics":{"d":18446744073709551616}}"#;
+    let mut items: Vec<String> = vec![reading("why-1", 1).to_string()];
+    items.extend(cases.iter().map(|(bad, _, _)| bad.to_string()));
+    items.push(out_of_range.to_owned());
+    let mut want: Vec<(usize, &str, &str)> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, reason, error))| (i + 1, *reason, *error))
+        .collect();
+    want.push((
+        cases.len() + 1,
+        "invalid_metrics",
+        "metrics.d: integer 18446744073709551616 is outside",
+    ));
+    let check = |answer: &Value, want: &[(usize, &str, &str)], transport: &str| {
+        let got = answer["rejected"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{transport}: {answer}");
+        for (r, (index, reason, error)) in got.iter().zip(want) {
+            assert_eq!(r["index"], *index, "{transport}: {r}");
+            assert_eq!(r["reason"], *reason, "{transport}: {r}");
+            let e = r["error"].as_str().unwrap();
+            assert!(
+                e.starts_with(error),
+                "{transport}: `{e}` should start with `{error}`"
+            );
+        }
+    };
+
+    let res = app
+        .post_raw(
+            "application/json",
+            format!("[{}]", items.join(",")).into_bytes(),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    check(&answer, &want, "http");
+
+    // Over a connection bound to `why-1`, naming another device is one more kind.
+    let mut ws = connect(&app, "/v1/ws?device_id=why-1").await;
+    items[0] = reading("why-1", 2).to_string();
+    items.push(json!({"device_id": "other-1", "metrics": {"x": 1}}).to_string());
+    want.push((
+        items.len() - 1,
+        "device_mismatch",
+        "device_id: `other-1` does not match",
+    ));
+    let rejected_ws = |reason: &'static str| {
+        let app = &app;
+        async move {
+            app.metric(
+                "sluice_readings_rejected_total",
+                &[("transport", "ws"), ("reason", reason)],
+            )
+            .await
+        }
+    };
+    ws.send(Message::Text(format!("[{}]", items.join(",")).into()))
+        .await
+        .unwrap();
+    let answer = next_ws_json(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    check(&answer, &want, "ws");
+    // Each reason is the label its reading was counted under.
+    for reason in BTreeSet::from_iter(want.iter().map(|w| w.1)) {
+        let n = want.iter().filter(|w| w.1 == reason).count() as f64;
+        assert_eq!(rejected_ws(reason).await, n, "{reason}");
+    }
+    assert_eq!(app.stored_seqs("why-1").await, [1, 2].into());
+
+    // A frame that fails as a whole has no `rejected[]`: an error ack, counted by its reason.
+    let long_id = "i".repeat(65);
+    send_text(
+        &mut ws,
+        &json!({"id": long_id, "readings": [reading("why-1", 3)]}),
+    )
+    .await;
+    let answer = next_ws_json(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(answer["error"]["code"], "malformed", "{answer}");
+    assert_eq!(answer["error"]["detail"], "id: longer than 64 characters");
+    assert_eq!(rejected_ws("malformed").await, 1.0);
     ws.close(None).await.unwrap();
     app.shutdown().await.unwrap();
 }
@@ -257,6 +408,12 @@ async fn protocol_violations_close_with_the_spec_codes() {
         .await
         .unwrap();
     assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "urn:sluice:malformed", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("device_id: "),
+        "{body}"
+    );
 
     // The service survives all of it.
     let mut ws = connect(&app, "/v1/ws").await;

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use super::params::{NoParams, Params};
 use super::problem::Problem;
 use super::{count_parsed, parse_readings, AppState, Format, INLINE_PARSE_BYTES};
 use crate::pipeline::{Ack, Refusal};
@@ -32,12 +33,15 @@ pub struct IngestResponse {
     pub rejected: Vec<RejectedItem>,
 }
 
-/// One refused reading.
+/// One refused reading, in HTTP answers and WebSocket acks.
 #[derive(Debug, Serialize)]
 pub struct RejectedItem {
     /// Position in the batch.
     pub index: usize,
-    /// `field: reason`.
+    /// The `reason` label it was counted under in `sluice_readings_rejected_total` (the same
+    /// value MQTT dead letters carry), for clients to match on.
+    pub reason: &'static str,
+    /// `field: reason`, for the device's developer.
     pub error: String,
 }
 
@@ -45,13 +49,19 @@ impl From<&Rejection> for RejectedItem {
     fn from(r: &Rejection) -> Self {
         Self {
             index: r.index,
+            reason: r.error.kind.as_str(),
             error: r.error.to_string(),
         }
     }
 }
 
-/// The ingest handler.
-pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+/// The ingest handler. It takes no query parameter.
+pub async fn ingest(
+    State(state): State<AppState>,
+    _: Params<NoParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let received = Instant::now();
     let inner = ingest_inner(&state, &headers, body);
     let response = match state.metrics.tasks.ingest.instrument(inner).await {
@@ -147,13 +157,16 @@ enum GunzipError {
     Corrupt(String),
 }
 
-async fn ingest_inner(
+/// Reads an ingest body: at most `limits.max_body_bytes` (413 past it, counted as
+/// `too_large`), within `server.request_timeout` (408), gunzipped when `Content-Encoding: gzip`
+/// (the limit applies to the decompressed bytes; corrupt gzip is a 400). Shared by every
+/// ingest endpoint (SPEC §1, §3).
+pub(super) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, Problem> {
+) -> Result<Bytes, Problem> {
     let limits = &state.settings.limits;
-    let format = content_format(state, headers)?;
     let gzip = is_gzip(state, headers)?;
     let too_large = |state: &AppState| {
         reject_request(
@@ -212,6 +225,16 @@ async fn ingest_inner(
     } else {
         bytes
     };
+    Ok(bytes)
+}
+
+async fn ingest_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let format = content_format(state, headers)?;
+    let bytes = read_body(state, headers, body).await?;
 
     let parsed = parse_readings(&state.settings, bytes, format, None, now_ms()).await;
     let parsed = match parsed {
@@ -258,8 +281,19 @@ async fn ingest_inner(
         ));
     }
 
+    let ack = submit(state, t, parsed.readings).await?;
+    Ok(answer(StatusCode::OK, ack, rejected))
+}
+
+/// Submits valid readings and waits for their commit: the ack, or the 503 problem (with
+/// `Retry-After`) for a refusal or a store failure. Shared by every HTTP ingest endpoint.
+pub(super) async fn submit(
+    state: &AppState,
+    t: Transport,
+    readings: Vec<crate::reading::Reading>,
+) -> Result<Ack, Problem> {
     let retry = state.settings.pipeline.retry_after;
-    let ack_rx = match state.admission.submit(t, parsed.readings) {
+    let ack_rx = match state.admission.submit(t, readings) {
         Ok(rx) => rx,
         Err(refusal) => {
             let problem = match refusal {
@@ -287,7 +321,7 @@ async fn ingest_inner(
         }
     };
     match ack_rx.await {
-        Ok(Ok(ack)) => Ok(answer(StatusCode::OK, ack, rejected)),
+        Ok(Ok(ack)) => Ok(ack),
         Ok(Err(e)) => Err(Problem::unavailable(
             "unavailable",
             "Store unavailable",

@@ -7,20 +7,22 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
+use super::params::Params;
 use super::ws::{finish_close, upgrade, ConnectionGauge};
 use super::AppState;
 
 /// How often a subscriber is checked for missed readings when nothing else is sent.
 const LAG_CHECK: Duration = Duration::from_millis(100);
 
-/// Query string of `/v1/live`.
+/// Query string of `/v1/live`; any other parameter is a 400 before the upgrade.
 #[derive(Debug, Deserialize)]
 pub struct LiveParams {
     /// Glob on device ids (`*`, `?`); all devices if absent.
@@ -32,8 +34,8 @@ pub struct LiveParams {
 /// The upgrade handler.
 pub async fn live_ws(
     State(state): State<AppState>,
-    Query(params): Query<LiveParams>,
-    ws: WebSocketUpgrade,
+    Params(params): Params<LiveParams>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     upgrade(ws, state, move |socket, state, _slot| {
         run(socket, state, params)

@@ -2,16 +2,20 @@
 //! error, submits readings to the pipeline's admission, and answers after the ack.
 //!
 //! - `http`: `POST /v1/readings`
+//! - `influx`: `POST /write`, `POST /api/v2/write` (InfluxDB line protocol, SPEC §10)
 //! - `mqtt`: the MQTT source (subscribes to a broker; PUBACK after commit)
 //! - `query`: `GET /v1/devices…` (device state and stored readings)
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`
-//! - `problem`: RFC 9457 problem documents for every non-ingest error
+//! - `params`: every endpoint's query string, with unknown parameters refused
+//! - `problem`: RFC 9457 problem documents for every error answer
 //! - `status`: the status page (`GET /`, `/static/…`) and its figures (`GET /v1/status`)
 
 pub mod http;
+pub mod influx;
 pub mod live;
 pub mod mqtt;
 pub mod ops;
+pub mod params;
 pub mod problem;
 pub mod query;
 pub mod status;

@@ -70,6 +70,7 @@ use super::{parse_readings, Format, INLINE_PARSE_BYTES};
 use crate::config::{LimitSettings, MqttSettings, Settings};
 use crate::pipeline::Admission;
 use crate::reading::{self, format_ts, now_ms, BatchError, DeviceId, ParsedBatch, RejectReason};
+use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::{Metrics, Transport};
 
 /// First reconnect delay; doubles on each failure up to [`RECONNECT_MAX`].
@@ -372,6 +373,10 @@ struct Ctx {
     device_level: usize,
     /// Flips to `true` on shutdown; wakes retry sleeps.
     stop: watch::Receiver<bool>,
+    /// PUBACKs that cannot be queued fail message after message: their line is limited.
+    puback_failing: LogLimit,
+    /// Likewise dead letters that cannot be queued.
+    dead_letter_failing: LogLimit,
 }
 
 /// The running MQTT source.
@@ -464,6 +469,8 @@ impl MqttSource {
             shared,
             device_level,
             stop: stop_rx.clone(),
+            puback_failing: LogLimit::new(),
+            dead_letter_failing: LogLimit::new(),
         });
         let processor = tokio::spawn(ctx.metrics.tasks.mqtt.instrument(run_processor(
             ctx.clone(),
@@ -576,6 +583,9 @@ async fn run_connection(
     let mut ever_connected = false;
     let mut connected_at: Option<Instant> = None;
     let mut delay = RECONNECT_MIN;
+    // A broker that stays away fails every attempt (the backoff grows from 0.1 s to 30 s):
+    // one line, then at most one per 30 s with a count, and `failures` on the next connect.
+    let failing = LogLimit::new();
     // A message was not taken on this connection: take nothing more until resumed.
     let mut paused = false;
     // Our own DISCONNECT (to resume) is queued behind the last PUBACKs.
@@ -612,6 +622,7 @@ async fn run_connection(
                 paused = false;
                 tracing::info!(
                     session_present = ack.session_present,
+                    failures = failing.recovered(),
                     "MQTT connected; subscribing"
                 );
                 // Always subscribe: a resumed session keeps it, a new one needs it. Ahead of
@@ -684,11 +695,14 @@ async fn run_connection(
                 {
                     delay = RECONNECT_MIN;
                 }
-                tracing::warn!(
-                    error = %e,
-                    retry_in = ?delay,
-                    "MQTT connection failed; reconnecting"
-                );
+                if let Some(suppressed) = failing.event() {
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?delay,
+                        suppressed,
+                        "MQTT connection failed; reconnecting"
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut done => break,
@@ -793,10 +807,13 @@ impl Ctx {
                     }
                     Err(e) => {
                         self.shared.unwritten_acks.fetch_sub(1, Ordering::AcqRel);
-                        tracing::warn!(
-                            error = %e,
-                            "PUBACK could not be queued; the broker will redeliver the message"
-                        );
+                        if let Some(suppressed) = self.puback_failing.event() {
+                            tracing::warn!(
+                                error = %e,
+                                suppressed,
+                                "PUBACK could not be queued; the broker will redeliver the message"
+                            );
+                        }
                     }
                 }
             }
@@ -846,7 +863,11 @@ impl Ctx {
             .await
         {
             Ok(()) => self.metrics.mqtt_dead_letters.inc(),
-            Err(e) => tracing::warn!(error = %e, "cannot queue a dead letter"),
+            Err(e) => {
+                if let Some(suppressed) = self.dead_letter_failing.event() {
+                    tracing::warn!(error = %e, suppressed, "cannot queue a dead letter");
+                }
+            }
         }
     }
 }

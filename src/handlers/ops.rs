@@ -8,10 +8,12 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::params::{NoParams, Params};
+use super::problem::Problem;
 use super::AppState;
 
-/// `GET /metrics`: Prometheus text exposition.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// `GET /metrics`: Prometheus text exposition. It takes no query parameter.
+pub async fn metrics(State(state): State<AppState>, _: Params<NoParams>) -> Response {
     let body = state.metrics.render();
     (
         [(
@@ -23,20 +25,24 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// `GET /healthz`: 200 while the process serves.
-pub async fn healthz() -> &'static str {
+/// `GET /healthz`: 200 while the process serves. It takes no query parameter.
+pub async fn healthz(_: Params<NoParams>) -> &'static str {
     "ok\n"
 }
 
-/// `GET /readyz`: 200 when ingest is accepted, 503 with the reason otherwise.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+/// `GET /readyz`: 200 when ingest is accepted; otherwise 503, a problem document
+/// (`urn:sluice:not-ready`) whose detail says why, with `Retry-After`. It takes no query
+/// parameter.
+pub async fn readyz(State(state): State<AppState>, _: Params<NoParams>) -> Response {
     match state.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
+        Err(why) => Problem::unavailable(
+            "not-ready",
+            "Not ready",
+            format!("not ready: {why}"),
+            state.settings.pipeline.retry_after,
         )
-            .into_response(),
+        .into_response(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -62,9 +62,44 @@ impl Problem {
         )
     }
 
+    /// 400: a query parameter the endpoint does not take (see [`super::params`]).
+    pub fn unknown_parameter(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "unknown-parameter",
+            "Unknown query parameter",
+            detail,
+        )
+    }
+
     /// 404.
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 405: the path exists, the method does not (axum adds the `Allow` header).
+    pub fn method_not_allowed(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            detail,
+        )
+    }
+
+    /// The problem for an axum extractor's rejection (a path that does not decode, a
+    /// WebSocket handshake that is not one), which axum would answer in plain text: its status
+    /// and text, with the type of that status.
+    pub fn rejected(status: StatusCode, detail: impl Into<String>) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => Self::bad_request(detail),
+            StatusCode::NOT_FOUND => Self::not_found(detail),
+            StatusCode::METHOD_NOT_ALLOWED => Self::method_not_allowed(detail),
+            StatusCode::UPGRADE_REQUIRED => {
+                Self::new(status, "upgrade-required", "Upgrade required", detail)
+            }
+            _ => Self::new(status, "error", "Request refused", detail),
+        }
     }
 
     /// 408: the body did not arrive within `server.request_timeout`. With `Connection: close`
@@ -110,6 +145,22 @@ impl Problem {
     ) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, title, detail).retry_after(after)
     }
+}
+
+/// The router's fallback: no route has this path.
+pub async fn no_route(uri: Uri) -> Problem {
+    Problem::not_found(format!(
+        "no endpoint at `{}`; see the README for the API",
+        uri.path()
+    ))
+}
+
+/// The router's method fallback: a route has this path, but not with this method.
+pub async fn wrong_method(method: Method, uri: Uri) -> Problem {
+    Problem::method_not_allowed(format!(
+        "{method} is not allowed on `{}`; the Allow header lists the methods that are",
+        uri.path()
+    ))
 }
 
 impl IntoResponse for Problem {

@@ -5,11 +5,13 @@
 //!   that table on a blocking thread, so every replica answers the same (SPEC §13).
 //! - `GET /v1/devices/{id}/readings` queries the store on a blocking thread.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::params::{NoParams, Params};
 use super::problem::Problem;
 use super::AppState;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
@@ -43,7 +45,6 @@ async fn find_devices(state: &AppState, q: DevicesQuery) -> Result<Vec<DeviceVie
 
 /// Query string of `GET /v1/devices` (SPEC §3).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DevicesParams {
     /// Only device ids that start with this.
     prefix: Option<String>,
@@ -65,10 +66,9 @@ struct DevicesBody {
 /// cursor of the next page (the last id of this one), present only when more match.
 pub async fn list_devices(
     State(state): State<AppState>,
-    params: Result<Query<DevicesParams>, axum::extract::rejection::QueryRejection>,
+    Params(p): Params<DevicesParams>,
 ) -> Response {
     let result = async {
-        let Query(p) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
         let limit = parse_limit(p.limit)?;
         for (name, value) in [("prefix", &p.prefix), ("cursor", &p.cursor)] {
             if let Some(v) = value {
@@ -103,13 +103,20 @@ pub async fn list_devices(
     result.unwrap_or_else(|p: Problem| p.into_response())
 }
 
-fn device_path(id: &str) -> Result<DeviceId, Problem> {
-    DeviceId::parse(id).map_err(|e| Problem::bad_request(format!("device_id: {e}")))
+/// The `{device_id}` of the path; a problem document (never axum's plain text) when it
+/// does not decode or is not a device id.
+fn device_path(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, Problem> {
+    let Path(id) = path.map_err(|e| Problem::rejected(e.status(), e.body_text()))?;
+    DeviceId::parse(&id).map_err(|e| Problem::bad_request(format!("device_id: {e}")))
 }
 
-/// `GET /v1/devices/{device_id}`
-pub async fn get_device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let id = match device_path(&id) {
+/// `GET /v1/devices/{device_id}`. It takes no query parameter.
+pub async fn get_device(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    _: Params<NoParams>,
+) -> Response {
+    let id = match device_path(path) {
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
@@ -142,7 +149,6 @@ fn parse_limit(limit: Option<String>) -> Result<usize, Problem> {
 
 /// Query string of `GET /v1/devices/{id}/readings`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReadingsParams {
     /// Inclusive lower bound: RFC 3339 or epoch ms.
     from: Option<String>,
@@ -227,12 +233,11 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
 /// only when more match (SPEC §3).
 pub async fn readings(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    params: Result<Query<ReadingsParams>, axum::extract::rejection::QueryRejection>,
+    path: Result<Path<String>, PathRejection>,
+    Params(params): Params<ReadingsParams>,
 ) -> Response {
     let result = async {
-        let id = device_path(&id)?;
-        let Query(params) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
+        let id = device_path(path)?;
         let mut q = readings_query(id, params)?;
         let limit = q.limit;
         // One more than asked tells whether another page follows.

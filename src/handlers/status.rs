@@ -28,14 +28,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, Uri};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::proto::{Metric, MetricFamily};
 use serde::Serialize;
 
+use super::params::{NoParams, Params};
 use super::problem::Problem;
 use super::AppState;
 use crate::reading::format_ts;
@@ -112,7 +114,9 @@ pub fn routes() -> Router<AppState> {
         .route("/static/{*path}", get(asset))
         .route(
             "/v1/status",
-            get(move |state: State<AppState>, uri: Uri| status(state, uri, sampler)),
+            get(move |state: State<AppState>, params: Params<NoParams>| {
+                status(state, params, sampler)
+            }),
         )
 }
 
@@ -137,37 +141,23 @@ fn serve(asset: &Asset) -> Response {
     res
 }
 
-/// Refuses a query string: these endpoints take none, and an unknown parameter is a 400 that
-/// names it (SPEC §3).
-fn no_query(query: Option<&str>) -> Result<(), Problem> {
-    match query {
-        None | Some("") => Ok(()),
-        Some(q) => {
-            let name = q.split('&').next().unwrap_or(q);
-            let name = name.split('=').next().unwrap_or(name);
-            Err(Problem::bad_request(format!(
-                "unknown query parameter `{name}`: this endpoint takes none"
-            )))
-        }
-    }
-}
-
-/// `GET /`: the status page.
-pub async fn page(uri: Uri) -> Response {
-    if let Err(p) = no_query(uri.query()) {
-        return p.into_response();
-    }
+/// `GET /`: the status page. It takes no query parameter (see [`asset`]).
+pub async fn page(_: Params<NoParams>) -> Response {
     match ASSETS.iter().find(|a| a.path == "index.html") {
         Some(a) => serve(a),
         None => Problem::not_found("the status page is not built in").into_response(),
     }
 }
 
-/// `GET /static/{*path}`: one of [`ASSETS`].
-pub async fn asset(Path(path): Path<String>, uri: Uri) -> Response {
-    if let Err(p) = no_query(uri.query()) {
-        return p.into_response();
-    }
+/// `GET /static/{*path}`: one of [`ASSETS`]. It takes no query parameter, not even a
+/// cache-busting `?v=`: every asset is sent with `Cache-Control: no-cache`, so a browser
+/// revalidates it on each load and never runs an old one, and the page links its assets
+/// without one.
+pub async fn asset(path: Result<Path<String>, PathRejection>, _: Params<NoParams>) -> Response {
+    let path = match path {
+        Ok(Path(path)) => path,
+        Err(e) => return Problem::rejected(e.status(), e.body_text()).into_response(),
+    };
     if let Some(bad) = path
         .split(['/', '\\'])
         .find(|s| s.is_empty() || *s == "." || *s == "..")
@@ -189,10 +179,12 @@ pub async fn asset(Path(path): Path<String>, uri: Uri) -> Response {
 }
 
 /// `GET /v1/status`: the status page's figures, as JSON (see the README for each field).
-pub async fn status(State(state): State<AppState>, uri: Uri, sampler: Arc<Sampler>) -> Response {
-    if let Err(p) = no_query(uri.query()) {
-        return p.into_response();
-    }
+/// It takes no query parameter.
+pub async fn status(
+    State(state): State<AppState>,
+    _: Params<NoParams>,
+    sampler: Arc<Sampler>,
+) -> Response {
     let now = Instant::now();
     let families = index(state.metrics.registry.gather());
     let totals = Arc::new(Totals::read(&families));

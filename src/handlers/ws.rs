@@ -14,8 +14,9 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep_until;
 
 use super::http::RejectedItem;
+use super::params::Params;
 use super::problem::Problem;
 use super::{count_parsed, parse_readings, AppState, Format};
 use crate::config::WsSettings;
@@ -41,7 +43,9 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// ...or for at most this long.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 
-/// Query string of `/v1/ws`.
+/// Query string of `/v1/ws`. Any other parameter is a 400 before the upgrade: `?device=x`
+/// (the live stream's name) would otherwise leave the connection unbound, and every reading
+/// without `device_id` rejected.
 #[derive(Debug, Deserialize)]
 pub struct WsParams {
     /// Binds the connection to one device: readings may omit `device_id`, and must not name
@@ -90,8 +94,8 @@ pub async fn finish_close(mut socket: WebSocket) {
 /// The upgrade handler.
 pub async fn device_ws(
     State(state): State<AppState>,
-    Query(params): Query<WsParams>,
-    ws: WebSocketUpgrade,
+    Params(params): Params<WsParams>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let bound = match params.device_id.as_deref().map(DeviceId::parse) {
         None => None,
@@ -104,12 +108,21 @@ pub async fn device_ws(
 }
 
 /// Upgrades with the configured buffers and limits, and runs `connection` as a tracked task
-/// holding one of `ws.max_connections` slots. Without a free slot the peer gets 1013.
-pub fn upgrade<F, Fut>(ws: WebSocketUpgrade, state: AppState, connection: F) -> Response
+/// holding one of `ws.max_connections` slots. Without a free slot the peer gets 1013. A
+/// request that is not a WebSocket handshake gets axum's status for it, as a problem document.
+pub fn upgrade<F, Fut>(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    state: AppState,
+    connection: F,
+) -> Response
 where
     F: FnOnce(WebSocket, AppState, OwnedSemaphorePermit) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return Problem::rejected(e.status(), e.body_text()).into_response(),
+    };
     let permit = state.ws.connections.clone().try_acquire_owned().ok();
     let tracker = state.ws.tracker.clone();
     let family = state.metrics.tasks.ws.clone();

@@ -31,6 +31,8 @@ use std::time::Duration;
 
 use std::collections::VecDeque;
 
+use async_nats::connection::State;
+use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr};
@@ -44,10 +46,16 @@ use crate::reading::Reading;
 use crate::services::live::{render_parts, Live};
 use crate::services::Service;
 use crate::store::{Outbox, OutboxItem, ReaderSlot, StoreError};
+use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 
 /// Header naming the replica that committed a reading.
 pub const REPLICA_HEADER: &str = "Sluice-Replica";
+
+/// Repeating failures, logged by the rule of [`crate::telemetry::log_limit`].
+static PUBLISH_FAILED: LogLimit = LogLimit::new();
+/// Reading or advancing the store's outbox failed.
+static OUTBOX_FAILED: LogLimit = LogLimit::new();
 
 /// Longest wait for a core flush (JetStream PubAcks have the context's own timeout).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,7 +74,7 @@ const MODE_RECHECK: Duration = Duration::from_secs(30);
 pub fn message_id(item: &OutboxItem) -> String {
     match item.row.seq {
         Some(seq) => format!("{}:{seq}", item.device_id),
-        None => format!("{}:r{}", item.device_id, item.row.rid),
+        None => format!("{}:r{}", item.device_id, item.unsequenced_id),
     }
 }
 
@@ -122,8 +130,8 @@ enum Resolved {
     Core,
 }
 
-/// A random id for this process: replicas on one host must differ.
-fn replica_id() -> String {
+/// A random id for this process (`Sluice-Replica`): replicas on one host must differ.
+pub fn replica_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     format!("{:016x}", h.finish())
@@ -134,6 +142,7 @@ impl NatsOutput {
     /// and starts the publisher and, with `nats.fleet_live`, the live subscription.
     pub fn start(
         settings: &NatsSettings,
+        replica: &str,
         metrics: Arc<Metrics>,
         reader: Arc<ReaderSlot>,
         live: Arc<Live>,
@@ -146,14 +155,21 @@ impl NatsOutput {
             .map(|u| u.trim().parse::<ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("nats.url: {e}"))?;
+        // The URL's user and password are percent-encoded (`%40` for `@`): decoded here.
+        let decode = |s: Option<&str>| {
+            percent_encoding::percent_decode_str(s.unwrap_or_default())
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         let mut options = match addrs.iter().find(|a| a.username().is_some()) {
-            Some(a) => ConnectOptions::with_user_and_password(
-                a.username().unwrap_or_default().to_owned(),
-                a.password().unwrap_or_default().to_owned(),
-            ),
+            Some(a) if a.password().is_some() => {
+                ConnectOptions::with_user_and_password(decode(a.username()), decode(a.password()))
+            }
+            // A user name alone is a token (`nats://<token>@host`).
+            Some(a) => ConnectOptions::with_token(decode(a.username())),
             None => ConnectOptions::new(),
         };
-        let replica = replica_id();
+        let replica = replica.to_owned();
         let connected = metrics.nats_connected.clone();
         options = options
             .name(format!("sluice-{replica}"))
@@ -281,13 +297,25 @@ impl Publisher {
             }
         };
         let mut sent = acked;
-        let mut inflight: VecDeque<(u64, PublishAckFuture)> = VecDeque::new();
+        // `None`: a reading too large for the server, skipped (counts as acknowledged).
+        let mut inflight: VecDeque<(u64, Option<PublishAckFuture>)> = VecDeque::new();
         let max = self.settings.max_in_flight;
         let mut mode: Option<(Resolved, tokio::time::Instant)> = None;
         let mut backoff = BACKOFF.0;
-        let mut lag = LagWatch::default();
+        // The backlog gauge has its own task, so it stays true while publishing waits.
+        let _lag = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(lag_loop(
+            outbox.clone(),
+            self.metrics.clone(),
+            self.settings.max_outbox,
+        )));
         loop {
-            lag.refresh(&self, &outbox).await;
+            if inflight.is_empty() && client.connection_state() != State::Connected {
+                // Nothing is read while NATS is away: the outbox keeps it, and with
+                // PostgreSQL another replica may publish meanwhile.
+                outbox.release();
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
             let mut batch = Vec::new();
             if inflight.len() <= max / 2 {
                 let room = max - inflight.len();
@@ -303,7 +331,9 @@ impl Publisher {
                             .nats_errors
                             .with_label_values(&["outbox"])
                             .inc();
-                        tracing::error!(error = %e, "cannot read the NATS outbox; retrying");
+                        if let Some(suppressed) = OUTBOX_FAILED.event() {
+                            tracing::error!(error = %e, suppressed, "cannot read the NATS outbox; retrying");
+                        }
                         pause(&mut backoff).await;
                         continue;
                     }
@@ -322,17 +352,25 @@ impl Publisher {
             }
             let resolved = match (mode, batch.first()) {
                 (Some((m, at)), _) if m == Resolved::JetStream || at.elapsed() < MODE_RECHECK => m,
-                (_, Some(first)) => {
-                    let m = self.resolve(&js, &first.device_id).await;
-                    mode = Some((m, tokio::time::Instant::now()));
-                    m
-                }
+                (_, Some(first)) => match self.resolve(&js, &first.device_id).await {
+                    Some(m) => {
+                        mode = Some((m, tokio::time::Instant::now()));
+                        m
+                    }
+                    None => {
+                        // Could not tell (NATS busy or away): try again, publishing nothing.
+                        outbox.rewind();
+                        pause(&mut backoff).await;
+                        continue;
+                    }
+                },
                 (Some((m, _)), None) => m,
                 (None, None) => unreachable!("in-flight publications imply a resolved mode"),
             };
+            let max_payload = client.server_info().max_payload;
             let before = acked;
             let failure = match resolved {
-                Resolved::Core => match self.publish_core(&client, &batch).await {
+                Resolved::Core => match self.publish_core(&client, &batch, max_payload).await {
                     Ok(()) => {
                         acked = batch.last().map_or(acked, |i| i.next);
                         sent = acked;
@@ -346,10 +384,15 @@ impl Publisher {
                     let mut failure = None;
                     for item in &batch {
                         let (subject, headers, payload) = self.message(item);
+                        if self.too_large(item, &payload, max_payload) {
+                            inflight.push_back((item.next, None));
+                            sent = item.next;
+                            continue;
+                        }
                         let msg = PublishMessage::build().headers(headers).payload(payload);
                         match js.send_publish(subject, msg).await {
                             Ok(ack) => {
-                                inflight.push_back((item.next, ack));
+                                inflight.push_back((item.next, Some(ack)));
                                 sent = item.next;
                             }
                             Err(e) => {
@@ -371,6 +414,10 @@ impl Publisher {
                     let mut n = 0u64;
                     while inflight.len() > keep {
                         let (next, ack) = inflight.pop_front().expect("non-empty");
+                        let Some(ack) = ack else {
+                            acked = next; // skipped: too large ever to publish
+                            continue;
+                        };
                         match ack.await {
                             Ok(_) => {
                                 acked = next;
@@ -399,15 +446,28 @@ impl Publisher {
                         .nats_errors
                         .with_label_values(&["outbox"])
                         .inc();
-                    tracing::error!(error = %e, "cannot record NATS progress; the readings will be sent again");
+                    if let Some(suppressed) = OUTBOX_FAILED.event() {
+                        tracing::error!(error = %e, suppressed, "cannot record NATS progress; the readings will be sent again");
+                    }
                 }
             }
             match failure {
-                None => backoff = BACKOFF.0,
+                None => {
+                    backoff = BACKOFF.0;
+                    if let Some(failures) = PUBLISH_FAILED.recovered() {
+                        tracing::info!(failures, "NATS publication works again");
+                    }
+                }
                 Some(e) => {
-                    tracing::warn!(error = %e, in_flight = inflight.len(), "NATS publication failed; retrying from the first unacknowledged reading");
+                    if let Some(suppressed) = PUBLISH_FAILED.event() {
+                        tracing::warn!(error = %e, in_flight = inflight.len(), suppressed, "NATS publication failed; retrying from the first unacknowledged reading");
+                    }
                     inflight.clear();
                     sent = acked;
+                    outbox.rewind();
+                    if client.connection_state() != State::Connected {
+                        outbox.release();
+                    }
                     if resolved == Resolved::JetStream && self.settings.mode == NatsMode::Auto {
                         mode = None; // the stream may be gone: look again
                     }
@@ -420,32 +480,70 @@ impl Publisher {
         }
     }
 
-    /// `nats.mode`, resolved: in `auto`, JetStream if a stream captures this device's subject.
-    async fn resolve(&self, js: &async_nats::jetstream::Context, device: &str) -> Resolved {
+    /// `nats.mode`, resolved: in `auto`, JetStream if a stream captures this device's subject,
+    /// core NATS if none does (or the server has no JetStream). `None` when the lookup could
+    /// not tell (a timeout): the caller tries again later rather than guess.
+    async fn resolve(&self, js: &async_nats::jetstream::Context, device: &str) -> Option<Resolved> {
         match self.settings.mode {
-            NatsMode::Jetstream => Resolved::JetStream,
-            NatsMode::Core => Resolved::Core,
+            NatsMode::Jetstream => Some(Resolved::JetStream),
+            NatsMode::Core => Some(Resolved::Core),
             NatsMode::Auto => {
                 let subject = format!("{}.{device}", self.settings.subject_prefix);
                 match js.stream_by_subject(subject.clone()).await {
                     Ok(stream) => {
                         tracing::info!(%stream, "NATS: publishing to JetStream with PubAcks");
-                        Resolved::JetStream
+                        Some(Resolved::JetStream)
                     }
                     Err(e) => {
-                        tracing::info!(subject, reason = %e, "NATS: no JetStream stream captures the subjects; publishing with core NATS (publish and flush)");
-                        Resolved::Core
+                        let text = format!("{e:?} {e}");
+                        let no_stream = e.kind() == GetStreamByNameErrorKind::NotFound
+                            || text.contains("no responders")
+                            || text.contains("NoResponders");
+                        if no_stream {
+                            tracing::info!(subject, reason = %e, "NATS: no JetStream stream captures the subjects; publishing with core NATS (publish and flush)");
+                            Some(Resolved::Core)
+                        } else {
+                            tracing::warn!(subject, error = %e, "NATS: cannot tell whether a JetStream stream captures the subjects; trying again");
+                            None
+                        }
                     }
                 }
             }
         }
     }
 
+    /// Whether `payload` (with its headers) is over the server's `max_payload`: such a reading
+    /// can never be published. It is logged, counted (`kind="too_large"`) and skipped, so that
+    /// it does not hold up every reading after it.
+    fn too_large(&self, item: &OutboxItem, payload: &bytes::Bytes, max_payload: usize) -> bool {
+        // Headers add well under 1 KiB: the message id, the replica id and their names.
+        let size = payload.len() + item.device_id.len() + 256;
+        if max_payload == 0 || size <= max_payload {
+            return false;
+        }
+        self.metrics
+            .nats_errors
+            .with_label_values(&["too_large"])
+            .inc();
+        tracing::error!(
+            device_id = %item.device_id,
+            seq = ?item.row.seq,
+            bytes = payload.len(),
+            max_payload,
+            "a reading is larger than the NATS server's max_payload and is not published"
+        );
+        true
+    }
+
     /// The subject, headers and payload of a reading.
     fn message(&self, item: &OutboxItem) -> (String, HeaderMap, bytes::Bytes) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", message_id(item));
-        headers.insert(REPLICA_HEADER, self.replica.as_str());
+        // The replica that committed it: with PostgreSQL one replica publishes for all.
+        headers.insert(
+            REPLICA_HEADER,
+            item.origin.as_deref().unwrap_or(self.replica.as_str()),
+        );
         let r = &item.row;
         let payload = render_parts(&item.device_id, r.ts_ms, r.seq, &r.metrics, &r.tags);
         (
@@ -456,64 +554,65 @@ impl Publisher {
     }
 
     /// Publishes a batch with core NATS and flushes: all of it is acknowledged, or none.
-    async fn publish_core(&self, client: &Client, batch: &[OutboxItem]) -> Result<(), String> {
-        for item in batch {
-            let (subject, headers, payload) = self.message(item);
-            if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
-                self.metrics
-                    .nats_errors
-                    .with_label_values(&["publish"])
-                    .inc();
-                return Err(e.to_string());
+    /// Bounded by [`FLUSH_TIMEOUT`] as a whole, since the client's buffer blocks while the
+    /// server is away.
+    async fn publish_core(
+        &self,
+        client: &Client,
+        batch: &[OutboxItem],
+        max_payload: usize,
+    ) -> Result<(), String> {
+        let send = async {
+            for item in batch {
+                let (subject, headers, payload) = self.message(item);
+                if self.too_large(item, &payload, max_payload) {
+                    continue;
+                }
+                if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                    self.metrics
+                        .nats_errors
+                        .with_label_values(&["publish"])
+                        .inc();
+                    return Err(e.to_string());
+                }
             }
-        }
-        match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
+            client.flush().await.map_err(|e| {
                 self.metrics.nats_errors.with_label_values(&["ack"]).inc();
-                Err(e.to_string())
-            }
+                e.to_string()
+            })
+        };
+        match tokio::time::timeout(FLUSH_TIMEOUT, send).await {
+            Ok(result) => result,
             Err(_) => {
                 self.metrics.nats_errors.with_label_values(&["ack"]).inc();
-                Err("flush timed out".into())
+                Err("publish and flush timed out".into())
             }
         }
     }
 }
 
-/// The backlog gauge and the `nats.max_outbox` warning, refreshed every [`LAG_EVERY`].
-#[derive(Default)]
-struct LagWatch {
-    /// When it was last refreshed.
-    at: Option<tokio::time::Instant>,
-    /// Whether the backlog was past `nats.max_outbox` then.
-    over: bool,
-}
-
-impl LagWatch {
-    async fn refresh(&mut self, p: &Publisher, outbox: &Arc<dyn Outbox>) {
-        if self.at.is_some_and(|t| t.elapsed() < LAG_EVERY) {
-            return;
-        }
-        self.at = Some(tokio::time::Instant::now());
+/// Refreshes the backlog gauge every [`LAG_EVERY`] and warns when it crosses
+/// `nats.max_outbox` (and says when it is back under).
+async fn lag_loop(outbox: Arc<dyn Outbox>, metrics: Arc<Metrics>, max_outbox: u64) {
+    let mut over = false;
+    loop {
         let lag = blocking({
             let o = outbox.clone();
             move || o.lag()
         })
         .await;
-        let Ok(lag) = lag else { return };
-        p.metrics
-            .nats_outbox_lag
-            .set(lag.min(i64::MAX as u64) as i64);
-        let over = lag > p.settings.max_outbox;
-        if over != self.over {
-            self.over = over;
-            if over {
-                tracing::warn!(lag, max_outbox = p.settings.max_outbox, "NATS outbox backlog is past nats.max_outbox; readings are kept and published when NATS catches up");
-            } else {
-                tracing::info!(lag, "NATS outbox backlog is back under nats.max_outbox");
+        if let Ok(lag) = lag {
+            metrics.nats_outbox_lag.set(lag.min(i64::MAX as u64) as i64);
+            if (lag > max_outbox) != over {
+                over = lag > max_outbox;
+                if over {
+                    tracing::warn!(lag, max_outbox, "NATS outbox backlog is past nats.max_outbox; readings are kept and published when NATS catches up");
+                } else {
+                    tracing::info!(lag, "NATS outbox backlog is back under nats.max_outbox");
+                }
             }
         }
+        tokio::time::sleep(LAG_EVERY).await;
     }
 }
 
@@ -585,13 +684,15 @@ mod tests {
                 tags: vec![],
             },
             next: rid + 1,
+            unsequenced_id: format!("s1-{rid}"),
+            origin: None,
         }
     }
 
     #[test]
     fn message_ids_tell_seq_from_store_ids() {
         assert_eq!(message_id(&item(Some(7), 99)), "barn-1:7");
-        assert_eq!(message_id(&item(None, 7)), "barn-1:r7");
+        assert_eq!(message_id(&item(None, 7)), "barn-1:rs1-7");
         assert_ne!(message_id(&item(Some(7), 1)), message_id(&item(None, 7)));
     }
 

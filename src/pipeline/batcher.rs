@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::{Submission, Unavailable};
 use crate::config::PipelineSettings;
+use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 
 /// Submissions committed together in one transaction.
@@ -46,6 +47,8 @@ pub async fn run(
     writer_idle: Arc<Notify>,
 ) {
     let store_depth = metrics.queue_depth.with_label_values(&["store"]);
+    // Every batch fails alike once the writer is gone: one line, then one per 30 s.
+    let writer_gone = LogLimit::new();
     let mut draining = false;
     loop {
         let first = if draining {
@@ -89,7 +92,9 @@ pub async fn run(
         if let Err(mpsc::error::SendError(batch)) = tx.send(batch).await {
             // The writer is gone (it only stops after we do, so this is a bug or a panic):
             // answer rather than leave handlers waiting.
-            tracing::error!("store writer stopped; refusing batch");
+            if let Some(suppressed) = writer_gone.event() {
+                tracing::error!(suppressed, "store writer stopped; refusing batch");
+            }
             for s in batch.submissions {
                 let _ = s.ack.send(Err(Unavailable("store writer stopped".into())));
             }

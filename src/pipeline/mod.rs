@@ -169,6 +169,7 @@ impl Pipeline {
                 services,
                 admission: admission.clone(),
                 reader,
+                logs: writer::Logs::default(),
             },
             writer_idle,
         )));

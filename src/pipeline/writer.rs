@@ -14,6 +14,10 @@
 //! compaction catches up) is answered "unavailable" too, and counted as shed, but the store
 //! stays up. Between batches, about once a second, the writer gives the store its upkeep
 //! ([`Store::maintain`]).
+//!
+//! A store that stays down fails every second (each open or probe), and a full journal refuses
+//! every batch: those lines are limited ([`Logs`], the rule in [`crate::telemetry::log_limit`]),
+//! the counters are not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +30,7 @@ use crate::config::{Backend, StorageSettings};
 use crate::reading::{now_ms, Reading};
 use crate::services::Services;
 use crate::store::{ReaderSlot, Store, StoreError};
+use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 
 /// The open store, as the writer holds it.
@@ -54,6 +59,20 @@ pub struct Ctx {
     pub admission: Admission,
     /// Where queries find the store's reader once it is open.
     pub reader: Arc<ReaderSlot>,
+    /// Limits the lines of failures that repeat while they last.
+    pub logs: Logs,
+}
+
+/// The writer's repeating conditions, one [`LogLimit`] each (first line at once, then at most
+/// one per 30 s with `suppressed`, and a line when it clears).
+#[derive(Debug, Default)]
+pub struct Logs {
+    /// The store is down: failed opens, commits and upkeep, and each probe that still fails
+    /// (one a second). Cleared when the store is up again (`store recovered`).
+    pub store_down: LogLimit,
+    /// Commits refused for load (a full journal): every batch while compaction catches up.
+    /// Cleared by the next commit that is taken.
+    pub overload: LogLimit,
 }
 
 /// Runs until the batcher has stopped and every batch is answered. `idle` is notified each
@@ -112,7 +131,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn store_failed(ctx: &Ctx, what: &str, e: &StoreError) {
-    tracing::error!(error = %e, "store {what} failed");
+    if let Some(suppressed) = ctx.logs.store_down.event() {
+        tracing::error!(error = %e, suppressed, "store {what} failed");
+    }
     ctx.metrics
         .store_errors
         .with_label_values(&[backend_label(ctx)])
@@ -138,6 +159,9 @@ async fn open(ctx: &Arc<Ctx>) -> Option<Boxed> {
     .await;
     match opened {
         Ok(Ok(store)) => {
+            if let Some(failures) = ctx.logs.store_down.recovered() {
+                tracing::info!(failures, "store recovered");
+            }
             ctx.reader.set(store.reader());
             match ctx.settings.backend {
                 Backend::Sqlite => tracing::info!(
@@ -172,12 +196,16 @@ async fn reprobe(ctx: &Arc<Ctx>, store: Boxed) -> Option<Boxed> {
     let (store, result) = blocking(store, |s| s.probe()).await;
     match result {
         Some(Ok(())) => {
-            tracing::info!("store recovered");
+            if let Some(failures) = ctx.logs.store_down.recovered() {
+                tracing::info!(failures, "store recovered");
+            }
             ctx.metrics.store_up.set(1);
             ctx.health.set_store_up();
         }
         Some(Err(e)) => {
-            tracing::warn!(error = %e, "store still unavailable");
+            if let Some(suppressed) = ctx.logs.store_down.event() {
+                tracing::warn!(error = %e, suppressed, "store still unavailable");
+            }
         }
         None => {}
     }
@@ -234,6 +262,9 @@ async fn commit(ctx: &Arc<Ctx>, store: Option<Boxed>, batch: Batch) -> Option<Bo
     };
     match result {
         Ok(inserted) => {
+            if let Some(refused) = ctx.logs.overload.recovered() {
+                tracing::info!(refused, "commits taken again");
+            }
             ctx.metrics
                 .store_commit_seconds
                 .with_label_values(&[backend])
@@ -261,7 +292,9 @@ async fn commit(ctx: &Arc<Ctx>, store: Option<Boxed>, batch: Batch) -> Option<Bo
             }
         }
         Err(e) if e.is_overload() => {
-            tracing::warn!(error = %e, "commit refused for load");
+            if let Some(suppressed) = ctx.logs.overload.event() {
+                tracing::warn!(error = %e, suppressed, "commit refused for load");
+            }
             refuse(ctx, batch, &e.to_string());
         }
         Err(e) => {

@@ -145,6 +145,14 @@ pub trait Outbox: Send + Sync {
 
     /// Makes the latest [`Outbox::advance`] durable now (at shutdown).
     fn persist(&self) -> Result<(), StoreError>;
+
+    /// Forgets what was read and not advanced past: after a failed publication, the next read
+    /// starts again at the first unacknowledged reading.
+    fn rewind(&self) {}
+
+    /// Lets another replica publish, where replicas share one outbox (PostgreSQL): called
+    /// when this replica cannot reach NATS.
+    fn release(&self) {}
 }
 
 /// One committed reading on its way to NATS.
@@ -157,6 +165,13 @@ pub struct OutboxItem {
     /// The position just past this reading: pass it to [`Outbox::advance`] once this and
     /// everything before it is acknowledged.
     pub next: u64,
+    /// An id for the reading unique across stores, for the `Nats-Msg-Id` of a reading without
+    /// seq: `<store id>-<rid>` with SQLite (the store id is random per data directory),
+    /// the rid with PostgreSQL (one sequence for every replica).
+    pub unsequenced_id: String,
+    /// The replica that committed it, when the store records it (PostgreSQL, where one
+    /// replica publishes for all); `None` for this process.
+    pub origin: Option<String>,
 }
 
 /// A device's state as the store knows it, for the device-state service at start-up.

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub nats_errors: IntCounterVec,
     /// Readings other replicas committed, received over NATS for `/v1/live`.
     pub nats_live_received: IntCounter,
+    /// Line-protocol string fields ignored (beside numeric fields of the same line).
+    pub line_protocol_ignored_fields: IntCounter,
     /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
     pub tasks: TaskMonitors,
 }
@@ -339,14 +341,15 @@ impl Metrics {
             nats_errors: {
                 let c = counter(
                     "sluice_nats_errors_total",
-                    "Failures on the way to NATS, by kind: publish (sending), ack (no PubAck or flush), outbox (reading the store).",
+                    "Failures on the way to NATS, by kind: publish (sending), ack (no PubAck or flush), outbox (reading the store), too_large (a reading over the server's max_payload, skipped).",
                     &["kind"],
                 );
-                for kind in ["publish", "ack", "outbox"] {
+                for kind in ["publish", "ack", "outbox", "too_large"] {
                     c.with_label_values(&[kind]);
                 }
                 c
             },
+            line_protocol_ignored_fields: simple_counter(&registry, "sluice_line_protocol_ignored_fields_total", "Line-protocol string fields ignored: Sluice stores numbers and booleans (SPEC §10)."),
             nats_live_received: simple_counter(&registry, "sluice_nats_live_received_total", "Readings other replicas committed, received over NATS for /v1/live."),
             mqtt_enabled: {
                 let g = IntGauge::new(

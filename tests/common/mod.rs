@@ -321,3 +321,40 @@ where
         }
     }
 }
+
+/// Runs the real `sluice` binary with `env` (over a cleared environment, on port 0) until it
+/// exits, for up to `within`; kills it after that. Returns its exit code (`None` when it had
+/// to be killed, i.e. it did not stop by itself) and its stderr.
+pub fn run_sluice_to_exit(env: &[(&str, String)], within: Duration) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE__SERVER__LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("sluice binary starts");
+    let mut stderr = child.stderr.take().unwrap();
+    // Read to the end on a thread of its own, so the child never blocks on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + within;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, reader.join().unwrap_or_default())
+}

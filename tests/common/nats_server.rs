@@ -25,9 +25,12 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     /// The running server, if any.
     child: Option<Child>,
+    /// Extra configuration lines (a config file is written when there are any).
+    conf: String,
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -37,10 +40,16 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server with JetStream on a free port.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a server with JetStream and extra configuration lines, e.g. `max_payload: 4096`.
+    pub fn start_with(conf: &str) -> Self {
         let mut s = NatsServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            conf: conf.to_owned(),
         };
         s.restart();
         s
@@ -54,7 +63,13 @@ impl NatsServer {
     /// Starts it again on the same port and store (after [`NatsServer::stop`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(NATS_SERVER)
+        let mut cmd = Command::new(NATS_SERVER);
+        if !self.conf.is_empty() {
+            let path = self.dir.path().join("nats.conf");
+            std::fs::write(&path, &self.conf).expect("config written");
+            cmd.arg("-c").arg(path);
+        }
+        let child = cmd
             .args([
                 "-a",
                 "127.0.0.1",

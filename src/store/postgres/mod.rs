@@ -219,8 +219,8 @@ const INSERT_READINGS_OUTBOX: &str = "WITH ins AS (
          ON CONFLICT (device_id, seq) DO NOTHING
          RETURNING rid, device_id, seq, ts, metrics, tags),
      copied AS (
-         INSERT INTO outbox (rid, device_id, seq, ts, metrics, tags)
-         SELECT rid, device_id, seq, ts, metrics, tags FROM ins ORDER BY rid)
+         INSERT INTO outbox (rid, device_id, seq, ts, metrics, tags, origin)
+         SELECT rid, device_id, seq, ts, metrics, tags, $1::text FROM ins ORDER BY rid)
      SELECT device_id, seq FROM ins";
 
 /// The device table, in the same transaction: one row per device of the commit (its newest
@@ -530,12 +530,12 @@ impl PgStore {
                 .await?;
         }
         writer.as_mut().finish().await?;
-        let insert = if self.settings.outbox {
-            INSERT_READINGS_OUTBOX
+        let inserted = if self.settings.outbox {
+            tx.query(INSERT_READINGS_OUTBOX, &[&self.settings.replica])
+                .await?
         } else {
-            INSERT_READINGS
+            tx.query(INSERT_READINGS, &[]).await?
         };
-        let inserted = tx.query(insert, &[]).await?;
 
         // Which readings were new: each returned key claims its first occurrence.
         let mut new_keys: foldhash::HashMap<(&str, i64), u32> = foldhash::HashMap::default();
@@ -717,7 +717,14 @@ impl Store for PgStore {
             match sweep(&pool, cutoff, &metrics).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "postgres: retention sweep"),
-                Err(e) => tracing::warn!(error = %e, "postgres: retention sweep failed"),
+                Err(e) => {
+                    // Every retention interval while the database is away.
+                    static SWEEP: crate::telemetry::log_limit::LogLimit =
+                        crate::telemetry::log_limit::LogLimit::new();
+                    if let Some(suppressed) = SWEEP.event() {
+                        tracing::warn!(error = %e, suppressed, "postgres: retention sweep failed");
+                    }
+                }
             }
             sweeping.store(false, Ordering::Release);
         });
@@ -820,7 +827,12 @@ impl PgReader {
                     let device_id: String = row.get(0);
                     let latest: &str = row.get(3);
                     let metrics = latest_from_json(latest).unwrap_or_else(|e| {
-                        tracing::warn!(device = %device_id, error = %e, "postgres: unreadable devices.latest; listed without latest values");
+                        // At every listing that includes the row.
+                        static LATEST: crate::telemetry::log_limit::LogLimit =
+                            crate::telemetry::log_limit::LogLimit::new();
+                        if let Some(suppressed) = LATEST.event() {
+                            tracing::warn!(device = %device_id, error = %e, suppressed, "postgres: unreadable devices.latest; listed without latest values");
+                        }
                         Vec::new()
                     });
                     DeviceLatest {

@@ -9,7 +9,10 @@
 //!
 //! Rows are read in id order and deleted by id once NATS has acknowledged them. Ids are drawn
 //! at insert time, so a transaction that commits late may add ids below published ones; they
-//! are picked up by the next read, because nothing is skipped by a cursor.
+//! are picked up by the next read, because nothing is skipped by a cursor. A read skips the
+//! rows handed out and not yet acknowledged (the publisher keeps a window of them in flight),
+//! and `advance` deletes exactly the rows handed out up to the acknowledged one, in the order
+//! they were handed out.
 //!
 //! [`OUTBOX_LOCK`]: super::OUTBOX_LOCK
 
@@ -34,7 +37,8 @@ struct Lock {
     held: bool,
     /// When the lock was last tried.
     tried: Option<Instant>,
-    /// Outbox ids handed out by the last read, in order: what `advance` deletes.
+    /// Outbox ids handed out and not yet acknowledged, in the order they were handed out:
+    /// what `advance` deletes, and what a read skips.
     handed: Vec<i64>,
 }
 
@@ -110,24 +114,25 @@ impl Outbox for PgOutbox {
                 let client = lock.client.as_ref().expect("leader has a connection");
                 let rows = client
                     .query(
-                        "SELECT id, rid, ts, seq, metrics::text, tags::text, device_id
-                         FROM outbox ORDER BY id LIMIT $1",
-                        &[&(max as i64)],
+                        "SELECT id, rid, ts, seq, metrics::text, tags::text, device_id, origin
+                         FROM outbox WHERE NOT (id = ANY($2)) ORDER BY id LIMIT $1",
+                        &[&(max as i64), &lock.handed],
                     )
                     .await
                     .map_err(pg_err)?;
                 let mut items = Vec::with_capacity(rows.len());
-                let mut handed = Vec::with_capacity(rows.len());
                 for row in &rows {
                     let id: i64 = row.get(0);
-                    handed.push(id);
+                    let stored = stored_row(row, 1)?;
+                    lock.handed.push(id);
                     items.push(OutboxItem {
                         device_id: row.get(6),
-                        row: stored_row(row, 1)?,
+                        unsequenced_id: stored.rid.to_string(),
+                        row: stored,
                         next: id as u64,
+                        origin: Some(row.get(7)),
                     });
                 }
-                lock.handed = handed;
                 Ok(items)
             }
             .await;
@@ -138,15 +143,14 @@ impl Outbox for PgOutbox {
         })
     }
 
-    /// Deletes the rows handed out by the last read up to and including id `to`.
+    /// Deletes the rows handed out up to and including id `to`, in the order they were
+    /// handed out (ids are not in commit order across reads).
     fn advance(&self, to: u64) -> Result<(), StoreError> {
         let mut lock = self.lock.lock().expect("outbox lock");
-        let done: Vec<i64> = lock
-            .handed
-            .iter()
-            .copied()
-            .take_while(|id| *id as u64 <= to)
-            .collect();
+        let Some(upto) = lock.handed.iter().position(|id| *id as u64 == to) else {
+            return Ok(()); // not handed out by this replica's current lock: nothing to do
+        };
+        let done: Vec<i64> = lock.handed[..=upto].to_vec();
         let Some(client) = lock.client.as_ref().filter(|_| lock.held) else {
             return Ok(());
         };
@@ -158,7 +162,7 @@ impl Outbox for PgOutbox {
         });
         match result {
             Ok(_) => {
-                lock.handed.retain(|id| *id as u64 > to);
+                lock.handed.drain(..=upto);
                 Ok(())
             }
             Err(e) => {
@@ -182,5 +186,24 @@ impl Outbox for PgOutbox {
 
     fn persist(&self) -> Result<(), StoreError> {
         Ok(()) // every advance is a committed DELETE
+    }
+
+    fn rewind(&self) {
+        self.lock.lock().expect("outbox lock").handed.clear();
+    }
+
+    /// Closes the lock's connection (PostgreSQL releases the lock with it) and waits
+    /// [`TAKE_OVER_EVERY`] before trying again, so a replica that can reach NATS takes over.
+    fn release(&self) {
+        let mut lock = self.lock.lock().expect("outbox lock");
+        if lock.held {
+            tracing::warn!(
+                "this replica cannot reach NATS: it lets another replica publish the outbox"
+            );
+        }
+        *lock = Lock {
+            tried: Some(Instant::now()),
+            ..Lock::default()
+        };
     }
 }

@@ -201,7 +201,19 @@ impl Worker {
     }
 
     fn failed(&self, what: &str, e: &StoreError) {
-        tracing::error!(error = %e, "store {what} failed; will retry");
+        // Compaction is retried every second while it fails: one line, then one per 30 s.
+        static COMPACTION: crate::telemetry::log_limit::LogLimit =
+            crate::telemetry::log_limit::LogLimit::new();
+        static RETENTION: crate::telemetry::log_limit::LogLimit =
+            crate::telemetry::log_limit::LogLimit::new();
+        let limit = if what == "retention" {
+            &RETENTION
+        } else {
+            &COMPACTION
+        };
+        if let Some(suppressed) = limit.event() {
+            tracing::error!(error = %e, suppressed, "store {what} failed; will retry");
+        }
         self.metrics
             .store_errors
             .with_label_values(&[BACKEND])
@@ -260,7 +272,12 @@ impl Worker {
         let kept = match &self.outbox {
             Some(o) if !o.published(gen.id, gen.readings) => {
                 if let Err(e) = o.keep(&seg, gen.id, gen.readings) {
-                    tracing::error!(segment = %seg.display(), error = %e, "cannot move a compacted segment to the NATS outbox; it stays in memory until restart");
+                    // The same for every generation while it lasts.
+                    static KEEP: crate::telemetry::log_limit::LogLimit =
+                        crate::telemetry::log_limit::LogLimit::new();
+                    if let Some(suppressed) = KEEP.event() {
+                        tracing::error!(segment = %seg.display(), error = %e, suppressed, "cannot move a compacted segment to the NATS outbox; it stays in memory until restart");
+                    }
                     return Ok(());
                 }
                 true
@@ -283,7 +300,11 @@ impl Worker {
         // A file left behind is deleted at the next start (its generation is compacted).
         if !kept {
             if let Err(e) = std::fs::remove_file(&seg) {
-                tracing::warn!(segment = %seg.display(), error = %e, "cannot delete a compacted segment");
+                static REMOVE: crate::telemetry::log_limit::LogLimit =
+                    crate::telemetry::log_limit::LogLimit::new();
+                if let Some(suppressed) = REMOVE.event() {
+                    tracing::warn!(segment = %seg.display(), error = %e, suppressed, "cannot delete a compacted segment");
+                }
             }
         }
         let elapsed = started.elapsed();

@@ -198,23 +198,25 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("sluice-checkpoint".into())
             .spawn(move || {
-                // Logged when it starts failing and when it recovers, not ten times a second.
-                let mut failing = false;
+                // Tried ten times a second: one line when it starts failing, then at most one
+                // per 30 s with a count, and one when it works again.
+                let failing = crate::telemetry::log_limit::LogLimit::new();
                 loop {
                     match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
                     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        Err(e) if !failing => {
-                            tracing::warn!(error = %e, "background checkpoint failed; retrying quietly");
-                            failing = true;
+                        Err(e) => {
+                            if let Some(suppressed) = failing.event() {
+                                tracing::warn!(error = %e, suppressed, "background checkpoint failed; will retry");
+                            }
                         }
-                        Ok(()) if failing => {
-                            tracing::info!("background checkpoint works again");
-                            failing = false;
+                        Ok(()) => {
+                            if let Some(failures) = failing.recovered() {
+                                tracing::info!(failures, "background checkpoint works again");
+                            }
                         }
-                        _ => {}
                     }
                 }
             })
@@ -472,8 +474,13 @@ impl SqliteStore {
                     let mut seqs: Vec<u64> = match chunk::decode_seqs(&data) {
                         Ok(s) => s.into_iter().flatten().collect(),
                         Err(e) => {
-                            tracing::error!(chunk = id, device, error = %e,
-                                "cannot decode a chunk for a duplicate lookup; taking the reading as new");
+                            // Every resend that looks it up fails alike.
+                            static UNDECODABLE: crate::telemetry::log_limit::LogLimit =
+                                crate::telemetry::log_limit::LogLimit::new();
+                            if let Some(suppressed) = UNDECODABLE.event() {
+                                tracing::error!(chunk = id, device, error = %e, suppressed,
+                                    "cannot decode a chunk for a duplicate lookup; taking the reading as new");
+                            }
                             self.metrics
                                 .store_errors
                                 .with_label_values(&[BACKEND])
@@ -605,7 +612,12 @@ impl Store for SqliteStore {
         // error (the readings would be refused yet stored). It is retried at the next commit
         // or `maintain`, which reports it.
         if let Err(e) = self.maybe_seal() {
-            tracing::warn!(error = %e, "cannot seal the journal generation; will retry");
+            // Retried at every commit while it lasts.
+            static SEAL: crate::telemetry::log_limit::LogLimit =
+                crate::telemetry::log_limit::LogLimit::new();
+            if let Some(suppressed) = SEAL.event() {
+                tracing::warn!(error = %e, suppressed, "cannot seal the journal generation; will retry");
+            }
         }
         Ok(flags)
     }

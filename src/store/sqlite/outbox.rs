@@ -37,6 +37,10 @@ pub const PERSIST_EVERY: Duration = Duration::from_millis(200);
 /// The cursor file inside the outbox directory.
 const CURSOR: &str = "CURSOR";
 
+/// The store's id file: random, made with the outbox, so that `Nats-Msg-Id`s of readings
+/// without seq differ between stores (two replicas, or a data directory made again).
+const STORE_ID: &str = "STORE_ID";
+
 /// The generation of a position.
 fn gen_of(pos: u64) -> u64 {
     pos >> 32
@@ -56,6 +60,8 @@ pub struct OutboxState {
     acked: AtomicU64,
     /// Generations kept in the outbox directory: gen → readings in it.
     files: Mutex<BTreeMap<u64, u32>>,
+    /// This store's id (see [`STORE_ID`]).
+    store_id: String,
 }
 
 impl OutboxState {
@@ -66,9 +72,16 @@ impl OutboxState {
         fs::create_dir_all(dir).map_err(|e| journal::io_err(dir, e))?;
         let path = dir.join(CURSOR);
         let acked = match fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse::<u64>().map_err(|e| {
-                StoreError::Corrupt(format!("{}: `{}`: {e}", path.display(), text.trim()))
-            })?,
+            Ok(text) => match text.trim().parse::<u64>() {
+                Ok(pos) => pos,
+                Err(e) => {
+                    // Bookkeeping of publication must never stop ingest: publish again from
+                    // the oldest reading still kept (JetStream drops what it already has).
+                    tracing::error!(file = %path.display(), content = text.trim(), error = %e, "the NATS outbox cursor is unreadable; publishing again from the oldest reading kept");
+                    write_cursor(dir, 0)?;
+                    0
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let start = fresh << 32;
                 write_cursor(dir, start)?;
@@ -76,15 +89,33 @@ impl OutboxState {
             }
             Err(e) => return Err(journal::io_err(&path, e)),
         };
+        let id_path = dir.join(STORE_ID);
+        let store_id = match fs::read_to_string(&id_path) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            _ => {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos()),
+                );
+                let id = format!("{:016x}", h.finish());
+                fs::write(&id_path, format!("{id}\n")).map_err(|e| journal::io_err(&id_path, e))?;
+                id
+            }
+        };
         let state = Self {
             dir: dir.to_path_buf(),
             acked: AtomicU64::new(acked),
             files: Mutex::new(BTreeMap::new()),
+            store_id,
         };
         let mut files = BTreeMap::new();
         for entry in fs::read_dir(dir).map_err(|e| journal::io_err(dir, e))? {
             let entry = entry.map_err(|e| journal::io_err(dir, e))?;
-            let Some((gen, count)) = entry.file_name().to_str().and_then(parse_name) else {
+            let name = entry.file_name();
+            let Some((gen, count)) = name.to_str().and_then(parse_name) else {
                 continue;
             };
             if state.published(gen, count) {
@@ -109,6 +140,12 @@ impl OutboxState {
         fs::rename(segment, &to).map_err(|e| journal::io_err(segment, e))?;
         self.files.lock().expect("outbox lock").insert(gen, count);
         Ok(())
+    }
+
+    /// The first kept generation after `gen`, if any.
+    fn next_file(&self, gen: u64) -> Option<u64> {
+        let files = self.files.lock().expect("outbox lock");
+        files.range(gen + 1..).next().map(|(g, _)| *g)
     }
 
     /// The kept segment of `gen`, if any.
@@ -217,18 +254,26 @@ impl Outbox for SqliteOutbox {
             let want = max - out.len();
             // The active generation is decoded under the lock (it grows); a sealed one is
             // shared and decoded after.
-            let (found, active_id) = {
+            let (found, next_in_memory) = {
                 let st = self.shared.read().expect("journal lock");
                 if st.active.id == gen_id {
                     let (rows, off) = st.active.in_order(idx, self.hint(pos), want)?;
-                    push(&mut out, gen_id, idx, rows);
+                    push(&mut out, &self.state.store_id, gen_id, idx, rows);
                     let next = out.last().map_or(pos, |i| i.next);
                     let mut h = self.hint.lock().expect("outbox lock");
                     (h.pos, h.off) = (next, off);
                     return Ok(out);
                 }
                 let sealed = st.sealed.iter().find(|g| g.id == gen_id).cloned();
-                (sealed, st.active.id)
+                let next = st
+                    .sealed
+                    .iter()
+                    .map(|g| g.id)
+                    .filter(|id| *id > gen_id)
+                    .chain([st.active.id])
+                    .min()
+                    .filter(|id| *id > gen_id);
+                (sealed, next)
             };
             let gen = match found {
                 Some(g) => g,
@@ -245,12 +290,18 @@ impl Outbox for SqliteOutbox {
                             }
                         }
                     }
-                    // Never written, empty, or compacted while NATS was disabled.
-                    None if gen_id < active_id => {
-                        pos = (gen_id + 1) << 32;
-                        continue;
+                    // Never written, empty, or compacted while NATS was disabled: on to the
+                    // next generation that exists.
+                    None => {
+                        let next_file = self.state.next_file(gen_id);
+                        match next_in_memory.into_iter().chain(next_file).min() {
+                            Some(next) => {
+                                pos = next << 32;
+                                continue;
+                            }
+                            None => return Ok(out),
+                        }
                     }
-                    None => return Ok(out),
                 },
             };
             if idx >= gen.readings {
@@ -258,7 +309,7 @@ impl Outbox for SqliteOutbox {
                 continue;
             }
             let (rows, off) = gen.in_order(idx, self.hint(pos), want)?;
-            push(&mut out, gen_id, idx, rows);
+            push(&mut out, &self.state.store_id, gen_id, idx, rows);
             pos = out.last().map_or(pos, |i| i.next);
             let mut h = self.hint.lock().expect("outbox lock");
             (h.pos, h.off) = (pos, off);
@@ -279,7 +330,11 @@ impl Outbox for SqliteOutbox {
         for (gen, count) in &done {
             let path = self.state.dir.join(format!("{gen:020}.{count}.seg"));
             if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!(segment = %path.display(), error = %e, "cannot delete a published outbox segment");
+                static REMOVE: crate::telemetry::log_limit::LogLimit =
+                    crate::telemetry::log_limit::LogLimit::new();
+                if let Some(suppressed) = REMOVE.event() {
+                    tracing::warn!(segment = %path.display(), error = %e, suppressed, "cannot delete a published outbox segment");
+                }
             }
             self.state.files.lock().expect("outbox lock").remove(gen);
         }
@@ -317,16 +372,20 @@ impl Outbox for SqliteOutbox {
 /// Appends decoded readings of generation `gen` starting at `idx` as outbox items.
 fn push(
     out: &mut Vec<OutboxItem>,
+    store_id: &str,
     gen: u64,
     idx: u32,
     rows: Vec<(String, crate::store::StoredRow)>,
 ) {
     for (i, (device_id, row)) in rows.into_iter().enumerate() {
         let next = (gen << 32) | u64::from(idx + i as u32 + 1);
+        let unsequenced_id = format!("{store_id}-{}", row.rid);
         out.push(OutboxItem {
             device_id,
             row,
             next,
+            unsequenced_id,
+            origin: None,
         });
     }
 }
@@ -340,6 +399,30 @@ mod tests {
         assert_eq!(parse_name("00000000000000000007.12.seg"), Some((7, 12)));
         assert_eq!(parse_name("CURSOR"), None);
         assert_eq!(parse_name("7.seg"), None);
+    }
+
+    /// Found by a breaking session: an empty or damaged cursor file stopped the store from
+    /// opening, and so all ingest. It now publishes again from the oldest reading kept.
+    #[test]
+    fn an_unreadable_cursor_restarts_publication_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CURSOR), "").unwrap();
+        let st = OutboxState::open(dir.path(), 5).unwrap();
+        assert_eq!(st.acked.load(Ordering::Acquire), 0);
+        std::fs::write(dir.path().join(CURSOR), "garbage").unwrap();
+        assert_eq!(
+            OutboxState::open(dir.path(), 5)
+                .unwrap()
+                .acked
+                .load(Ordering::Acquire),
+            0
+        );
+        // The store id stays the same across opens.
+        let id = std::fs::read_to_string(dir.path().join(STORE_ID)).unwrap();
+        assert_eq!(
+            OutboxState::open(dir.path(), 5).unwrap().store_id,
+            id.trim()
+        );
     }
 
     #[test]

@@ -16,5 +16,9 @@ CREATE TABLE outbox (
     seq       bigint,
     ts        timestamptz NOT NULL,
     metrics   json        NOT NULL,
-    tags      json
+    tags      json,
+    -- The replica that committed it (its Sluice-Replica id), so that the one replica that
+    -- publishes can say whose reading it is, and each replica's fleet-wide live stream can
+    -- tell its own readings from others'.
+    origin    text        NOT NULL
 );

@@ -1,0 +1,241 @@
+//! `POST /write` (InfluxDB v1) and `POST /api/v2/write` (v2): Telegraf and InfluxDB client
+//! libraries → **line-protocol handler** → admission → … → ack → 204 (SPEC §10).
+//!
+//! The body is read as for `POST /v1/readings` (limit, gzip, `server.request_timeout`),
+//! parsed by [`crate::codec::line_protocol`], and its valid lines are committed before the
+//! answer. Answers follow InfluxDB's conventions, which its clients act on:
+//! - 204 when every line was stored or was a duplicate;
+//! - 400 `{"code": "invalid", "message", "line"}` naming the first bad line, the good lines
+//!   stored (a partial write; clients do not retry a 400);
+//! - 413 `{"code": "request too large"}` (Telegraf's v2 output then halves the batch);
+//! - 503 with `Retry-After` when the pipeline sheds or the store is down (clients back off).
+//!
+//! Any content type is accepted: InfluxDB ignores it, and Telegraf sends `text/plain`.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::http::{read_body, submit};
+use super::params;
+use super::problem::Problem;
+use super::{count_parsed, AppState, INLINE_PARSE_BYTES};
+use crate::codec::line_protocol::{self, LineBatch, LineOptions, Precision};
+use crate::reading::{self, now_ms, BatchError, ParseContext, RejectReason};
+use crate::telemetry::metrics::Transport;
+
+/// Query string of `POST /write` (InfluxDB 1.x). `db`, `rp` and `consistency` are accepted
+/// and not used (Sluice has one store); `u` and `p` are the 1.x credentials.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // named so that they are accepted; only `precision` is read
+pub struct V1Params {
+    db: Option<String>,
+    rp: Option<String>,
+    precision: Option<String>,
+    consistency: Option<String>,
+    u: Option<String>,
+    p: Option<String>,
+}
+
+/// Query string of `POST /api/v2/write` (InfluxDB 2.x). `org`, `orgID` and `bucket` are
+/// accepted and not used.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // named so that they are accepted; only `precision` is read
+pub struct V2Params {
+    org: Option<String>,
+    #[serde(rename = "orgID")]
+    org_id: Option<String>,
+    bucket: Option<String>,
+    precision: Option<String>,
+}
+
+/// InfluxDB's error body.
+#[derive(Debug, Serialize)]
+struct InfluxError {
+    /// `invalid`, `request too large`, `unavailable`, …
+    code: &'static str,
+    /// What is wrong.
+    message: String,
+    /// The first bad line (1-based), for a partial write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+}
+
+/// A problem as InfluxDB clients expect it: the same status and `Retry-After`, InfluxDB's body.
+fn influx_error(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::REQUEST_TIMEOUT => "request timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "request too large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+        StatusCode::TOO_MANY_REQUESTS => "too many requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "internal error",
+    };
+    let mut response = (
+        status,
+        Json(InfluxError {
+            code,
+            message: p.detail,
+            line: None,
+        }),
+    )
+        .into_response();
+    if let Some(after) = p.retry_after {
+        let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    response
+}
+
+/// The `precision` parameter: nanoseconds when absent; a 400 naming the accepted values.
+fn precision(
+    given: Option<&str>,
+    parse: fn(&str) -> Option<Precision>,
+    accepted: &str,
+) -> Result<Precision, Problem> {
+    match given {
+        None | Some("") => Ok(Precision::Ns),
+        Some(s) => parse(s).ok_or_else(|| {
+            Problem::bad_request(format!("precision `{s}` is not one of {accepted}"))
+        }),
+    }
+}
+
+/// `POST /write?db=&precision=` (InfluxDB 1.x).
+pub async fn write_v1(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let checked = params::parse::<V1Params>(&uri).and_then(|p| {
+        precision(
+            p.precision.as_deref(),
+            Precision::parse_v1,
+            "n, u, ms, s, m, h",
+        )
+    });
+    match checked {
+        Ok(p) => write(state, headers, p, body).await,
+        Err(problem) => influx_error(problem),
+    }
+}
+
+/// `POST /api/v2/write?org=&bucket=&precision=` (InfluxDB 2.x).
+pub async fn write_v2(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let checked = params::parse::<V2Params>(&uri)
+        .and_then(|p| precision(p.precision.as_deref(), Precision::parse_v2, "ns, us, ms, s"));
+    match checked {
+        Ok(p) => write(state, headers, p, body).await,
+        Err(problem) => influx_error(problem),
+    }
+}
+
+async fn write(state: AppState, headers: HeaderMap, precision: Precision, body: Body) -> Response {
+    let received = std::time::Instant::now();
+    let inner = write_inner(&state, &headers, precision, body);
+    let response = state
+        .metrics
+        .tasks
+        .ingest
+        .instrument(inner)
+        .await
+        .unwrap_or_else(influx_error);
+    state
+        .metrics
+        .ack_latency
+        .with_label_values(&[Transport::Http.as_str()])
+        .observe(received.elapsed().as_secs_f64());
+    response
+}
+
+async fn write_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    precision: Precision,
+    body: Body,
+) -> Result<Response, Problem> {
+    let t = Transport::Http;
+    let bytes = read_body(state, headers, body).await?;
+    let settings = state.settings.clone();
+    let len = bytes.len();
+    let received_ms = now_ms();
+    let parse = move || -> Result<LineBatch, BatchError> {
+        let text = reading::decode_utf8(&bytes)?;
+        let ctx = ParseContext {
+            now_ms: received_ms,
+            max_future_skew: settings.limits.max_future_skew,
+            max_age: settings.limits.max_age,
+            max_readings: settings.limits.max_readings_per_request,
+            bound_device: None,
+        };
+        let opts = LineOptions {
+            device_tag: &settings.formats.line_protocol.device_tag,
+            precision,
+        };
+        line_protocol::parse(text, &opts, &ctx)
+    };
+    let parsed = if len > INLINE_PARSE_BYTES {
+        tokio::task::spawn_blocking(parse)
+            .await
+            .unwrap_or_else(|e| Err(BatchError::Malformed(format!("parser failed: {e}"))))
+    } else {
+        parse()
+    };
+    let lines = match parsed {
+        Ok(b) => b,
+        Err(BatchError::Malformed(detail)) => {
+            state
+                .metrics
+                .rejected_unparsed(t, RejectReason::Malformed, 1);
+            return Err(Problem::bad_request(detail));
+        }
+        Err(e @ BatchError::TooMany { count, .. }) => {
+            state
+                .metrics
+                .rejected_unparsed(t, RejectReason::TooManyReadings, count as u64);
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-many-readings",
+                "Too many readings",
+                format!("{e} (lines)"),
+            ));
+        }
+    };
+    count_parsed(state, t, &lines.batch);
+    state
+        .metrics
+        .line_protocol_ignored_fields
+        .inc_by(lines.ignored_fields as u64);
+    let first_error = lines.first_error();
+    let rejected = lines.batch.rejected.len();
+    if !lines.batch.readings.is_empty() {
+        submit(state, t, lines.batch.readings).await?;
+    }
+    Ok(match first_error {
+        None => StatusCode::NO_CONTENT.into_response(),
+        Some((line, message)) => (
+            StatusCode::BAD_REQUEST,
+            Json(InfluxError {
+                code: "invalid",
+                message: format!(
+                    "partial write: line {line}: {message} ({rejected} line(s) rejected, the others stored)"
+                ),
+                line: Some(line),
+            }),
+        )
+            .into_response(),
+    })
+}
