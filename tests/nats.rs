@@ -551,6 +551,43 @@ async fn sigterm_publishes_the_backlog_before_exiting() {
     check_stream(&read_stream(&js).await, &acked);
 }
 
+/// SIGTERM while NATS is away does not spend the whole shutdown budget: after a short wait
+/// the rest stays in the outbox, and the next start publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_away_leaves_the_rest_for_the_next_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start();
+    nats.create_stream(PREFIX).await;
+    nats.stop();
+    let client = reqwest::Client::new();
+    let proc = SluiceProcess::start(data.path(), &process_env(&nats, 64));
+    common::wait_ready(&client, &format!("{}/readyz", proc.url())).await;
+    let batch: Vec<Value> = (1..=100u64)
+        .map(|seq| json!({"device_id": "away-1", "seq": seq, "metrics": {"v": seq}}))
+        .collect();
+    assert_eq!(post_to(&client, &proc.url(), &batch).await["accepted"], 100);
+    let stopped = Instant::now();
+    proc.signal(Signal::SIGTERM);
+    let mut proc = proc;
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?} with NATS away (budget 25 s)",
+        stopped.elapsed()
+    );
+    nats.restart();
+    let proc = SluiceProcess::start(data.path(), &process_env(&nats, 64));
+    common::wait_ready(&client, &format!("{}/readyz", proc.url())).await;
+    let js = nats.jetstream().await;
+    wait_published(&js, 100, Duration::from_secs(30)).await;
+    let mut acked = Acked::default();
+    acked.seqs.insert("away-1".into(), (1..=100).collect());
+    check_stream(&read_stream(&js).await, &acked);
+}
+
 #[path = "common/pg.rs"]
 mod pg;
 

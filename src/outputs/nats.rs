@@ -65,6 +65,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// With nothing to publish, look again after this long even without a commit notice.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// At shutdown, how long to wait for a NATS that is away to come back before leaving what is
+/// left in the outbox (a NATS that is up is published to for the whole shutdown budget).
+const SHUTDOWN_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How often the backlog gauge is refreshed (a count on PostgreSQL).
 const LAG_EVERY: Duration = Duration::from_millis(500);
 /// In `auto` mode, how often to look again for a stream that captures the subjects.
@@ -302,6 +305,8 @@ impl Publisher {
         let max = self.settings.max_in_flight;
         let mut mode: Option<(Resolved, tokio::time::Instant)> = None;
         let mut backoff = BACKOFF.0;
+        // When the shutdown found NATS away (see SHUTDOWN_RECONNECT_WAIT).
+        let mut away_at_shutdown: Option<tokio::time::Instant> = None;
         // The backlog gauge has its own task, so it stays true while publishing waits.
         let _lag = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(lag_loop(
             outbox.clone(),
@@ -311,9 +316,23 @@ impl Publisher {
         loop {
             if inflight.is_empty() && client.connection_state() != State::Connected {
                 // Nothing is read while NATS is away: the outbox keeps it, and with
-                // PostgreSQL another replica may publish meanwhile.
+                // PostgreSQL another replica may publish meanwhile. At shutdown, a NATS that
+                // stays away is waited for only briefly: the rest is published after the
+                // next start.
                 outbox.release();
-                tokio::time::sleep(IDLE_POLL).await;
+                if self.draining.is_cancelled() {
+                    let since = *away_at_shutdown.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= SHUTDOWN_RECONNECT_WAIT {
+                        tracing::info!(
+                            "NATS is away at shutdown; what is left stays in the outbox"
+                        );
+                        break;
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = self.draining.cancelled() => {}
+                }
                 continue;
             }
             let mut batch = Vec::new();
