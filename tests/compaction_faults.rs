@@ -133,15 +133,7 @@ async fn kill_9_during_compaction_keeps_every_ack_exactly_once() {
     assert!(n > 500, "the test acked too little to mean much: {n}");
     // After a final compaction the answer is the same.
     wait_until(Duration::from_secs(20), "journal compacted", || async {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text");
-        metric_value(&text, "sluice_store_journal_readings", &[]) == 0.0
+        common::scrape_metric(&client, &base, "sluice_store_journal_readings", &[]).await == 0.0
     })
     .await;
     check_exactly_once(&client, &base, &acked).await;

@@ -14,30 +14,15 @@ use serde_json::Value;
 
 use common::{spawn_app, spawn_app_with, TestApp};
 
-/// The Python of the venv `scripts/test` creates with the InfluxDB clients.
-fn clients_python() -> PathBuf {
-    let python = std::env::var_os("SLUICE_CLIENTS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/root/.cache"));
-            cache.join("sluice/venv-clients/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test, which creates the venv with the InfluxDB clients \
-         (tests/clients/requirements.txt), or set SLUICE_CLIENTS_PYTHON",
-        python.display()
-    );
-    python
-}
-
 /// Runs tests/clients/influx_write.py and returns its JSON.
 fn run_client(mode: &str, base: &str, prefix: &str) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/influx_write.py");
-    let out = Command::new(clients_python())
+    let python = common::venv_python(
+        "SLUICE_CLIENTS_PYTHON",
+        "venv-clients",
+        "the InfluxDB clients (tests/clients/requirements.txt)",
+    );
+    let out = Command::new(python)
         .arg(script)
         .args([mode, base, &sluice::reading::now_ms().to_string(), prefix])
         .output()

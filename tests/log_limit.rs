@@ -37,15 +37,13 @@ fn field(line: &str, key: &str) -> Option<u64> {
 }
 
 async fn store_errors(client: &reqwest::Client, base: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .unwrap();
-    metric_value(&text, "sluice_store_errors_total", &[("store", "sqlite")])
+    common::scrape_metric(
+        client,
+        base,
+        "sluice_store_errors_total",
+        &[("store", "sqlite")],
+    )
+    .await
 }
 
 #[tokio::test]

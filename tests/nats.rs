@@ -317,6 +317,37 @@ fn process_env(nats: &NatsServer, in_flight: usize) -> Vec<(&'static str, String
     ]
 }
 
+/// Posts `batches` batches of 100 readings over devices `<prefix>-0..devices`, seqs rising
+/// from 1, to the Sluice at `base`; every one must be accepted. Returns them.
+async fn post_backlog(
+    client: &reqwest::Client,
+    base: &str,
+    prefix: &str,
+    devices: u64,
+    batches: u64,
+) -> Acked {
+    let mut acked = Acked::default();
+    for b in 0..batches {
+        let batch: Vec<Value> = (0..100u64)
+            .map(|i| {
+                let seq = b * 100 + i + 1;
+                json!({"device_id": format!("{prefix}-{}", i % devices), "seq": seq,
+                       "metrics": {"v": seq}})
+            })
+            .collect();
+        let body = post_to(client, base, &batch).await;
+        assert_eq!(body["accepted"], 100, "{body}");
+        for r in &batch {
+            acked
+                .seqs
+                .entry(r["device_id"].as_str().unwrap().into())
+                .or_default()
+                .insert(r["seq"].as_u64().unwrap());
+        }
+    }
+    acked
+}
+
 async fn post_to(client: &reqwest::Client, base: &str, batch: &[Value]) -> Value {
     let res = client
         .post(format!("{base}/v1/readings"))
@@ -339,24 +370,7 @@ async fn kill_9_mid_publish_leaves_no_gap_and_no_duplicate() {
     let proc = SluiceProcess::start(data.path(), &process_env(&nats, 8));
     let base = proc.url();
     common::wait_ready(&client, &format!("{base}/readyz")).await;
-    let mut acked = Acked::default();
-    for b in 0..100u64 {
-        let batch: Vec<Value> = (0..100u64)
-            .map(|i| {
-                let seq = b * 100 + i + 1;
-                json!({"device_id": format!("k9-{}", i % 10), "seq": seq, "metrics": {"v": seq}})
-            })
-            .collect();
-        let body = post_to(&client, &base, &batch).await;
-        assert_eq!(body["accepted"], 100, "{body}");
-        for r in &batch {
-            acked
-                .seqs
-                .entry(r["device_id"].as_str().unwrap().into())
-                .or_default()
-                .insert(r["seq"].as_u64().unwrap());
-        }
-    }
+    let acked = post_backlog(&client, &base, "k9", 10, 100).await;
     nats.restart();
     let js = nats.jetstream().await;
     wait_until(Duration::from_secs(30), "publication under way", || async {
@@ -379,15 +393,8 @@ async fn kill_9_mid_publish_leaves_no_gap_and_no_duplicate() {
     let proc = SluiceProcess::start(data.path(), &process_env(&nats, 256));
     common::wait_ready(&client, &format!("{}/readyz", proc.url())).await;
     wait_published(&js, acked.total(), Duration::from_secs(60)).await;
-    let text = client
-        .get(format!("{}/metrics", proc.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let republished = common::metric_value(&text, "sluice_nats_published_total", &[]);
+    let republished =
+        common::scrape_metric(&client, &proc.url(), "sluice_nats_published_total", &[]).await;
     // The stream drops re-sends within its duplicate window: exactly one message per reading.
     let msgs = read_stream(&js).await;
     assert_eq!(msgs.len(), acked.total());
@@ -498,23 +505,7 @@ async fn sigterm_publishes_the_backlog_before_exiting() {
     let proc = SluiceProcess::start(data.path(), &process_env(&nats, 64));
     let base = proc.url();
     common::wait_ready(&client, &format!("{base}/readyz")).await;
-    let mut acked = Acked::default();
-    for b in 0..20u64 {
-        let batch: Vec<Value> = (0..100u64)
-            .map(|i| {
-                let seq = b * 100 + i + 1;
-                json!({"device_id": format!("term-{}", i % 5), "seq": seq, "metrics": {"v": seq}})
-            })
-            .collect();
-        assert_eq!(post_to(&client, &base, &batch).await["accepted"], 100);
-        for r in &batch {
-            acked
-                .seqs
-                .entry(r["device_id"].as_str().unwrap().into())
-                .or_default()
-                .insert(r["seq"].as_u64().unwrap());
-        }
-    }
+    let mut acked = post_backlog(&client, &base, "term", 5, 20).await;
     nats.restart();
     proc.signal(Signal::SIGTERM);
     let mut proc = proc;
@@ -535,16 +526,8 @@ async fn sigterm_publishes_the_backlog_before_exiting() {
     assert_eq!(post_to(&client, &proc.url(), &one).await["accepted"], 1);
     acked.seqs.get_mut("term-0").unwrap().insert(1_000_000);
     wait_published(&js, acked.total(), Duration::from_secs(30)).await;
-    let text = client
-        .get(format!("{}/metrics", proc.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     assert_eq!(
-        common::metric_value(&text, "sluice_nats_published_total", &[]),
+        common::scrape_metric(&client, &proc.url(), "sluice_nats_published_total", &[]).await,
         1.0,
         "the restart re-sent readings published before the SIGTERM"
     );

@@ -389,21 +389,7 @@ async fn the_page_and_its_assets_are_built_in_and_bad_paths_are_refused() {
 
 /// The Python of the venv `scripts/test` creates, with Playwright in it.
 fn browser_python() -> PathBuf {
-    let python = std::env::var_os("SLUICE_BROWSER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/root/.cache"));
-            cache.join("sluice/venv-browser/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test, which creates the venv with Playwright \
-         (or set SLUICE_BROWSER_PYTHON to a Python that has it)",
-        python.display()
-    );
+    let python = common::venv_python("SLUICE_BROWSER_PYTHON", "venv-browser", "Playwright");
     let chromium = std::env::var("SLUICE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         std::path::Path::new(&chromium).exists(),

@@ -223,18 +223,14 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     pub fn start(data_dir: &Path, env: &[(&str, String)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("SLUICE__SERVER__LISTEN", "127.0.0.1:0")
-            .env("SLUICE__STORAGE__DATA_DIR", data_dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let dir = data_dir.to_string_lossy().into_owned();
+        // The caller's values come last, so they win.
+        let mut all = vec![
+            ("SLUICE__STORAGE__DATA_DIR", dir),
+            ("RUST_LOG", "info".into()),
+        ];
+        all.extend(env.iter().cloned());
+        let mut cmd = sluice_command(&all);
         let mut child = cmd.spawn().expect("sluice binary starts");
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -326,17 +322,7 @@ where
 /// exits, for up to `within`; kills it after that. Returns its exit code (`None` when it had
 /// to be killed, i.e. it did not stop by itself) and its stderr.
 pub fn run_sluice_to_exit(env: &[(&str, String)], within: Duration) -> (Option<i32>, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SLUICE__SERVER__LISTEN", "127.0.0.1:0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("sluice binary starts");
+    let mut child = sluice_command(env).spawn().expect("sluice binary starts");
     let mut stderr = child.stderr.take().unwrap();
     // Read to the end on a thread of its own, so the child never blocks on a full pipe.
     let reader = std::thread::spawn(move || {
@@ -357,4 +343,58 @@ pub fn run_sluice_to_exit(env: &[(&str, String)], within: Duration) -> (Option<i
         std::thread::sleep(Duration::from_millis(20));
     };
     (code, reader.join().unwrap_or_default())
+}
+
+/// The real `sluice` binary with a clean environment: `PATH`, a free loopback port, stdin and
+/// stdout closed, stderr piped, then `env`.
+fn sluice_command(env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE__SERVER__LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// One value of `name{labels}` scraped from `{base}/metrics` (0 when absent).
+pub async fn scrape_metric(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    metric_value(&text, name, labels)
+}
+
+/// The Python of a venv `scripts/test` makes under `~/.cache/sluice/<venv>` (or `$var`), for
+/// tests that drive client libraries this team did not write. Panics, saying how to get it,
+/// when it is missing.
+pub fn venv_python(var: &str, venv: &str, what: &str) -> PathBuf {
+    let python = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/root/.cache"));
+        cache.join("sluice").join(venv).join("bin/python")
+    });
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test, which creates the venv with {what} (or set {var} \
+         to a Python that has it)",
+        python.display()
+    );
+    python
 }
