@@ -29,9 +29,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{self, AppState, WsHub};
 use crate::config::{Backend, ConfigError, ServerSettings, Settings};
-use crate::handlers::mqtt::MqttSource;
-use crate::handlers::{self, AppState, WsHub};
+use crate::ingest::{self, mqtt::MqttSource};
 use crate::outputs::nats::{CommitNotice, NatsOutput};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
@@ -61,32 +61,32 @@ pub struct Application {
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
 ///
 /// Every error answer is a problem document (SPEC §3): each handler's own, its extractors'
-/// (`handlers::params` refuses unknown query parameters), and the two fallbacks below for
+/// (`api::params` refuses unknown query parameters), and the two fallbacks below for
 /// an unknown path (404) and a known path with another method (405, with axum's `Allow`).
 /// Only what hyper answers before routing (431, 414, an unparsable request line) has no body.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/readings", post(handlers::http::ingest))
-        .route("/write", post(handlers::influx::write_v1))
-        .route("/api/v2/write", post(handlers::influx::write_v2))
-        .route("/v1/devices", get(handlers::query::list_devices))
-        .route("/v1/devices/{device_id}", get(handlers::query::get_device))
+        .route("/v1/readings", post(ingest::http::ingest))
+        .route("/write", post(ingest::influx::write_v1))
+        .route("/api/v2/write", post(ingest::influx::write_v2))
+        .route("/v1/devices", get(api::query::list_devices))
+        .route("/v1/devices/{device_id}", get(api::query::get_device))
         .route(
             "/v1/devices/{device_id}/readings",
-            get(handlers::query::readings),
+            get(api::query::readings),
         )
-        .route("/v1/ws", get(handlers::ws::device_ws))
-        .route("/v1/live", get(handlers::live::live_ws))
-        .route("/metrics", get(handlers::ops::metrics))
-        .route("/healthz", get(handlers::ops::healthz))
-        .route("/readyz", get(handlers::ops::readyz))
-        .merge(handlers::status::routes())
+        .route("/v1/ws", get(ingest::ws::device_ws))
+        .route("/v1/live", get(api::live::live_ws))
+        .route("/metrics", get(api::ops::metrics))
+        .route("/healthz", get(api::ops::healthz))
+        .route("/readyz", get(api::ops::readyz))
+        .merge(api::status::routes())
         // After every route: it applies to the routes registered before it.
-        .method_not_allowed_fallback(handlers::problem::wrong_method)
-        .fallback(handlers::problem::no_route)
+        .method_not_allowed_fallback(api::problem::wrong_method)
+        .fallback(api::problem::no_route)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            handlers::ops::track,
+            api::ops::track,
         ))
         .with_state(state)
 }

@@ -3,7 +3,7 @@
 //! The flow, and the modules that implement it:
 //!
 //! ```text
-//! device ─▶ handlers (parse at the edge: reading) ─▶ pipeline::Admission (bounded, in readings)
+//! device ─▶ ingest (parse at the edge: codec → reading) ─▶ pipeline::Admission (bounded, in readings)
 //!        ─▶ pipeline batcher ─▶ services (before commit) ─▶ store (one transaction per batch)
 //!        ─▶ services (after commit: device state) ─▶ ack to each request
 //! ```
@@ -11,10 +11,11 @@
 //! [`app::Application`] wires it together; `main.rs` only parses the command line.
 //! See ARCHITECTURE.md for the invariants.
 
+pub mod api;
 pub mod app;
 pub mod codec;
 pub mod config;
-pub mod handlers;
+pub mod ingest;
 pub mod outputs;
 pub mod pipeline;
 pub mod reading;

@@ -1,4 +1,4 @@
-//! Properties of the edge parser (`sluice::reading`), checked on generated inputs in every
+//! Properties of the edge parser (`sluice::codec::json` over the model in `sluice::reading`), checked on generated inputs in every
 //! `cargo test`, so that CI keeps the fuzzers' invariants without a fuzzer (README, "Fuzzing"):
 //! - any valid reading, serialised (as an object, an array or NDJSON, with or without a leading
 //!   byte-order mark) and parsed, is the same reading;
@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
+use sluice::codec::decode_utf8;
+use sluice::codec::json::{parse_json_batch, parse_ndjson_batch};
 use sluice::reading::{
-    decode_utf8, format_ts, parse_json_batch, parse_ndjson_batch, BatchError, DeviceId,
-    MetricValue, PairsAsMap, ParseContext, ParsedBatch, Reading,
+    format_ts, BatchError, DeviceId, MetricValue, PairsAsMap, ParseContext, ParsedBatch, Reading,
 };
 
 const NOW: i64 = 1_795_000_000_000; // 2026-11-17

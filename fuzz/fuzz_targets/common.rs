@@ -40,7 +40,7 @@ pub fn check(result: Result<ParsedBatch, BatchError>, ctx: &ParseContext<'_>) {
                     serde_json::to_string(&PairsAsMap(&r.metrics)).unwrap(),
                     serde_json::to_string(&PairsAsMap(&r.tags)).unwrap(),
                 );
-                let back = sluice::reading::parse_reading(&text, ctx)
+                let back = sluice::codec::json::parse_reading(&text, ctx)
                     .unwrap_or_else(|e| panic!("{text}: re-parse failed: {e}"));
                 assert_eq!(&back, r, "{text}");
             }

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         device_tag: "device_id",
         precision: PRECISIONS[first as usize % PRECISIONS.len()],
     };
-    let Ok(text) = sluice::reading::decode_utf8(rest) else {
+    let Ok(text) = sluice::codec::decode_utf8(rest) else {
         return;
     };
     match line_protocol::parse(text, &opts, &ctx) {

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use sluice::config::LimitSettings;
-use sluice::handlers::mqtt::{decide, Verdict};
+use sluice::ingest::mqtt::{decide, Verdict};
 
 #[path = "common.rs"]
 mod common;

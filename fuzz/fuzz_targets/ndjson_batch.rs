@@ -9,7 +9,7 @@ mod common;
 
 fuzz_target!(|data: &[u8]| {
     let ctx = common::ctx();
-    let result = sluice::reading::decode_utf8(data)
-        .and_then(|text| sluice::reading::parse_ndjson_batch(text, &ctx));
+    let result = sluice::codec::decode_utf8(data)
+        .and_then(|text| sluice::codec::json::parse_ndjson_batch(text, &ctx));
     common::check(result, &ctx);
 });

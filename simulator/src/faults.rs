@@ -154,7 +154,7 @@ mod tests {
         for fault in Fault::ALL {
             let mut text = String::new();
             fault.write("sim-x-1", now, &mut text);
-            let err = sluice::reading::parse_reading(&text, &ctx)
+            let err = sluice::codec::json::parse_reading(&text, &ctx)
                 .expect_err(&format!("{fault:?} must be rejected: {text}"));
             assert!(fault.check(&err.to_string()), "{fault:?}: got `{err}`");
             assert_eq!(err.kind.as_str(), fault.reason(), "{fault:?}: `{err}`");

@@ -120,7 +120,7 @@ pub fn parse(
     opts: &LineOptions<'_>,
     ctx: &ParseContext<'_>,
 ) -> Result<LineBatch, BatchError> {
-    let text = crate::reading::strip_bom(text);
+    let text = super::strip_bom(text);
     let count = lines(text).count();
     if count > ctx.max_readings {
         return Err(BatchError::TooMany {

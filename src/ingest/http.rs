@@ -15,9 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::params::{NoParams, Params};
-use super::problem::Problem;
-use super::{count_parsed, parse_readings, AppState, Format, INLINE_PARSE_BYTES};
+use super::{count_parsed, parse_readings, Format, INLINE_PARSE_BYTES};
+use crate::api::params::{NoParams, Params};
+use crate::api::problem::Problem;
+use crate::api::AppState;
 use crate::pipeline::{Ack, Refusal};
 use crate::reading::{now_ms, BatchError, RejectReason, Rejection};
 use crate::telemetry::metrics::Transport;

@@ -27,12 +27,13 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep_until;
 
 use super::http::RejectedItem;
-use super::params::Params;
-use super::problem::Problem;
-use super::{count_parsed, parse_readings, AppState, Format};
+use super::{count_parsed, parse_readings, Format};
+use crate::api::params::Params;
+use crate::api::problem::Problem;
+use crate::api::AppState;
 use crate::config::WsSettings;
 use crate::pipeline::{AckResult, Refusal};
-use crate::reading::{self, now_ms, BatchError, DeviceId, RejectReason};
+use crate::reading::{now_ms, BatchError, DeviceId, RejectReason};
 use crate::telemetry::metrics::Transport;
 
 /// Longest envelope `id` (SPEC §4).
@@ -414,7 +415,7 @@ async fn frame_answer(
     let mut payload = frame.clone();
     // One leading byte-order mark is ignored (SPEC §1). Without an envelope the whole frame,
     // mark included, goes to the batch parser, which ignores it there.
-    let body = reading::strip_bom(text);
+    let body = crate::codec::strip_bom(text);
     if body.trim_start().starts_with('{') {
         if let Ok(env) = serde_json::from_str::<Envelope>(body) {
             if let Some(readings) = env.readings {

@@ -16,8 +16,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
 use super::params::Params;
-use super::ws::{finish_close, upgrade, ConnectionGauge};
 use super::AppState;
+use crate::ingest::ws::{finish_close, upgrade, ConnectionGauge};
 
 /// How often a subscriber is checked for missed readings when nothing else is sent.
 const LAG_CHECK: Duration = Duration::from_millis(100);

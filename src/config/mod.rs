@@ -5,6 +5,10 @@
 //! unknown fields, so a typo stops the start (exit code 2) instead of being silently ignored.
 //! [`Settings::validate`] checks the relations between keys that serde cannot see.
 
+pub mod mqtt;
+
+pub use mqtt::MqttSettings;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -529,77 +533,6 @@ impl Serialize for Secret {
     }
 }
 
-/// `[mqtt]`: the MQTT source (SPEC §6).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttSettings {
-    /// Subscribe to a broker at all.
-    pub enabled: bool,
-    /// `mqtt://host:port`.
-    pub url: String,
-    /// Client id; stable across restarts so the broker keeps the persistent session.
-    pub client_id: String,
-    /// Topic filter; its `+` level is the device id.
-    pub topic: String,
-    /// Shared-subscription group (`$share/<group>/<topic>`); empty for a plain subscription.
-    pub shared_group: String,
-    /// MQTT keep-alive interval.
-    #[serde(with = "humantime_serde")]
-    pub keep_alive: Duration,
-    /// Broker user name, if the broker wants one.
-    pub username: Option<String>,
-    /// Broker password. Never logged or printed.
-    pub password: Option<Secret>,
-    /// Payloads that can never be accepted are republished to `<this>/<device_id>`.
-    pub dead_letter_topic: String,
-    /// Most messages Sluice holds taken but not yet PUBACKed (parsing, waiting for admission or
-    /// for their commit). MQTT 3.1.1 lets only the broker choose its in-flight window, and
-    /// brokers overshoot it, so Sluice bounds what it takes: past this (or
-    /// `max_unacked_bytes`) a message is left unacknowledged, and the session is resumed once
-    /// the held ones are answered, so that the broker redelivers it. At most (and by default)
-    /// 65535, the number of MQTT packet ids.
-    pub max_unacked: usize,
-    /// Most payload bytes held in those messages: the memory knob. Lower saves memory; when a
-    /// broker floods Sluice with a backlog, lower also means more resumed sessions and more
-    /// resending by the broker. One message is always taken when none is held, however large
-    /// (up to `limits.max_body_bytes`, beyond which it is dead-lettered).
-    pub max_unacked_bytes: usize,
-    /// Largest MQTT packet Sluice reads. Payloads over `limits.max_body_bytes` and up to this
-    /// are dead-lettered; a larger packet breaks the connection (and the broker redelivers it),
-    /// so keep the broker's `max_packet_size` / `message_size_limit` at or below it.
-    pub max_packet_bytes: usize,
-}
-
-/// `sluice-<hostname>`, stable for a given host (or pod, whose hostname is its name).
-fn default_client_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("sluice-{host}")
-}
-
-impl Default for MqttSettings {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            url: "mqtt://127.0.0.1:1883".into(),
-            client_id: default_client_id(),
-            topic: "devices/+/readings".into(),
-            shared_group: "sluice".into(),
-            keep_alive: Duration::from_secs(30),
-            username: None,
-            password: None,
-            dead_letter_topic: "sluice/rejected".into(),
-            max_unacked: 65_535,
-            max_unacked_bytes: 32 * 1024 * 1024,
-            max_packet_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -988,7 +921,7 @@ impl Settings {
                 "must be more than 0s".into(),
             );
         }
-        if let Err((key, reason)) = crate::handlers::mqtt::validate(&self.mqtt, &self.limits) {
+        if let Err((key, reason)) = mqtt::validate(&self.mqtt, &self.limits) {
             return invalid(key, reason);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -20,11 +20,12 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::http::{read_body, submit};
-use super::params;
-use super::problem::Problem;
-use super::{count_parsed, AppState, INLINE_PARSE_BYTES};
+use super::{count_parsed, INLINE_PARSE_BYTES};
+use crate::api::params;
+use crate::api::problem::Problem;
+use crate::api::AppState;
 use crate::codec::line_protocol::{self, LineBatch, LineOptions, Precision};
-use crate::reading::{self, now_ms, BatchError, ParseContext, RejectReason};
+use crate::reading::{now_ms, BatchError, ParseContext, RejectReason};
 use crate::telemetry::metrics::Transport;
 
 /// Query string of `POST /write` (InfluxDB 1.x). `db`, `rp` and `consistency` are accepted
@@ -173,7 +174,7 @@ async fn write_inner(
     let len = bytes.len();
     let received_ms = now_ms();
     let parse = move || -> Result<LineBatch, BatchError> {
-        let text = reading::decode_utf8(&bytes)?;
+        let text = crate::codec::decode_utf8(&bytes)?;
         let ctx = ParseContext {
             now_ms: received_ms,
             max_future_skew: settings.limits.max_future_skew,
