@@ -7,8 +7,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -16,23 +14,8 @@ use common::{spawn_app, spawn_app_with, TestApp};
 
 /// Runs tests/clients/influx_write.py and returns its JSON.
 fn run_client(mode: &str, base: &str, prefix: &str) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/influx_write.py");
-    let python = common::venv_python(
-        "SLUICE_CLIENTS_PYTHON",
-        "venv-clients",
-        "the InfluxDB clients (tests/clients/requirements.txt)",
-    );
-    let out = Command::new(python)
-        .arg(script)
-        .args([mode, base, &sluice::reading::now_ms().to_string(), prefix])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "influx_write.py {mode} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON from the client script")
+    let now = sluice::reading::now_ms().to_string();
+    common::run_client_script("influx_write.py", &[mode, base, &now, prefix])
 }
 
 /// Every expected reading is stored exactly as the client wrote it.

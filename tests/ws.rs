@@ -387,7 +387,7 @@ async fn protocol_violations_close_with_the_spec_codes() {
     let _ = ws.send(Message::Text(big.into())).await;
     assert_eq!(close_code(&mut ws).await, 1009);
 
-    // A binary frame: 1003.
+    // A binary frame that is not one CBOR item (the integer 1, then two stray bytes): 1003.
     let mut ws = connect(&app, "/v1/ws").await;
     ws.send(Message::Binary(vec![1, 2, 3].into()))
         .await

@@ -7,10 +7,17 @@
 //! content type, endpoint, frame type or payload; none knows a format's details.
 //!
 //! - [`json`]: Sluice's own JSON and NDJSON (SPEC §1).
+//! - [`cbor`]: CBOR (RFC 8949) carrying the JSON shapes, for `application/cbor` and binary
+//!   WebSocket frames, and the CBOR acks of those frames (SPEC §10).
+//! - [`senml`]: SenML (RFC 8428) packs in JSON and CBOR, resolved into readings (SPEC §10).
 //! - [`line_protocol`]: InfluxDB line protocol (SPEC §10), for Telegraf and InfluxDB clients.
+//! - [`envelope`]: the WebSocket envelope `{"id", "readings"}` of JSON text frames (SPEC §4).
 
+pub mod cbor;
+pub mod envelope;
 pub mod json;
 pub mod line_protocol;
+pub mod senml;
 
 use crate::reading::BatchError;
 

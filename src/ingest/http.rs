@@ -94,12 +94,15 @@ fn content_format(state: &AppState, headers: &HeaderMap) -> Result<Format, Probl
     match mime {
         "application/json" => Ok(Format::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::Ndjson),
+        "application/cbor" => Ok(Format::Cbor),
+        "application/senml+json" => Ok(Format::SenmlJson),
+        "application/senml+cbor" => Ok(Format::SenmlCbor),
         other => Err(reject_request(
             state,
             RejectReason::UnsupportedMediaType,
             1,
             Problem::unsupported(format!(
-                "content type `{other}` is not accepted; use application/json or application/x-ndjson"
+                "content type `{other}` is not accepted; use application/json, application/x-ndjson, application/cbor, application/senml+json or application/senml+cbor"
             )),
         )),
     }

@@ -22,22 +22,20 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep_until;
 
 use super::http::RejectedItem;
-use super::{count_parsed, parse_readings, Format};
+use super::{count_parsed, parse_off_loop, parse_readings, Format};
 use crate::api::params::Params;
 use crate::api::problem::Problem;
 use crate::api::AppState;
+use crate::codec::{cbor, envelope};
 use crate::config::WsSettings;
 use crate::pipeline::{AckResult, Refusal};
-use crate::reading::{now_ms, BatchError, DeviceId, RejectReason};
+use crate::reading::{now_ms, BatchError, DeviceId, ParsedBatch, RejectReason};
 use crate::telemetry::metrics::Transport;
 
-/// Longest envelope `id` (SPEC §4).
-const MAX_ID_LEN: usize = 64;
 /// At shutdown, frames already on their way are still read and answered until the socket has
 /// been quiet this long...
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
@@ -147,8 +145,8 @@ enum Outgoing {
         permit: OwnedSemaphorePermit,
         /// When the frame was read.
         received: Instant,
-        /// The JSON answer.
-        body: String,
+        /// The answer, encoded as the frame was (JSON text or CBOR binary).
+        body: Message,
     },
     /// Waiting for its commit.
     Pending {
@@ -164,9 +162,47 @@ enum Outgoing {
         rejected: Vec<RejectedItem>,
         /// Completed by the store writer.
         ack: oneshot::Receiver<AckResult>,
+        /// How the answer is encoded: as the frame was.
+        encoding: Encoding,
     },
     /// Close after everything before it was sent.
-    Close(u16, &'static str),
+    Close(u16, Cow<'static, str>),
+}
+
+/// How a data frame and its answer are encoded (SPEC §4, §10): a text frame is JSON and is
+/// answered in JSON text; a binary frame is CBOR and is answered in a CBOR binary frame with
+/// the same fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// Text frames, JSON.
+    Json,
+    /// Binary frames, CBOR (RFC 8949).
+    Cbor,
+}
+
+impl Encoding {
+    /// `value` as a frame of this encoding.
+    fn frame<T: Serialize>(self, value: &T) -> Message {
+        match self {
+            Encoding::Json => {
+                Message::Text(serde_json::to_string(value).unwrap_or_default().into())
+            }
+            Encoding::Cbor => Message::Binary(crate::codec::cbor::to_vec(value).into()),
+        }
+    }
+}
+
+/// The longest close reason a close frame can carry (RFC 6455 §5.5: 125-byte control payload,
+/// 2 of them the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes at a character boundary.
+fn close_reason(reason: &str) -> Cow<'static, str> {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(reason[..end].to_owned())
 }
 
 #[derive(Serialize)]
@@ -196,19 +232,19 @@ struct ErrorBody<'a> {
 }
 
 fn error_ack(
+    encoding: Encoding,
     n: u64,
     id: Option<&str>,
     code: &'static str,
     detail: &str,
     retry: Option<Duration>,
-) -> String {
-    serde_json::to_string(&ErrorAck {
+) -> Message {
+    encoding.frame(&ErrorAck {
         ack: n,
         id,
         error: ErrorBody { code, detail },
         retry_after_ms: retry.map(|d| d.as_millis() as u64),
     })
-    .unwrap_or_default()
 }
 
 /// Counts a connection in `sluice_ws_connections` for as long as it lives.
@@ -319,16 +355,18 @@ async fn read_loop(
             Some(Err(e)) => {
                 let (code, why) = classify_error(&e);
                 tracing::debug!(error = %e, code, "websocket read error");
-                Outgoing::Close(code, why)
+                Outgoing::Close(code, Cow::Borrowed(why))
             }
             Some(Ok(Message::Text(text))) => {
                 n += 1;
-                handle_frame(state, bound.as_ref(), n, Bytes::from(text), permit).await
+                let frame = Bytes::from(text);
+                handle_frame(state, bound.as_ref(), n, frame, Encoding::Json, permit).await
             }
-            Some(Ok(Message::Binary(_))) => {
-                Outgoing::Close(1003, "binary frames are not supported; send JSON text")
+            Some(Ok(Message::Binary(frame))) => {
+                n += 1;
+                handle_frame(state, bound.as_ref(), n, frame, Encoding::Cbor, permit).await
             }
-            Some(Ok(Message::Close(_))) => Outgoing::Close(1000, ""),
+            Some(Ok(Message::Close(_))) => Outgoing::Close(1000, Cow::Borrowed("")),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
         };
         let closing = matches!(item, Outgoing::Close(..));
@@ -340,8 +378,8 @@ async fn read_loop(
 
 fn timeout_close(drain_until: Option<tokio::time::Instant>) -> Outgoing {
     match drain_until {
-        Some(_) => Outgoing::Close(1001, "server shutting down"),
-        None => Outgoing::Close(1001, "idle timeout"),
+        Some(_) => Outgoing::Close(1001, Cow::Borrowed("server shutting down")),
+        None => Outgoing::Close(1001, Cow::Borrowed("idle timeout")),
     }
 }
 
@@ -356,25 +394,17 @@ fn classify_error(e: &axum::Error) -> (u16, &'static str) {
     }
 }
 
-/// The envelope `{"id": ..., "readings": [...]}`; other fields are ignored when probing.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    readings: Option<&'a RawValue>,
-}
-
 /// Parses and submits one frame; the answer is either known now or after the commit.
 async fn handle_frame(
     state: &AppState,
     bound: Option<&DeviceId>,
     n: u64,
     frame: Bytes,
+    encoding: Encoding,
     permit: OwnedSemaphorePermit,
 ) -> Outgoing {
     let received = Instant::now();
-    match frame_answer(state, bound, n, frame).await {
+    match frame_answer(state, bound, n, frame, encoding).await {
         FrameAnswer::Ready(body) => Outgoing::Ready {
             permit,
             received,
@@ -387,17 +417,91 @@ async fn handle_frame(
             id,
             rejected,
             ack,
+            encoding,
         },
+        FrameAnswer::Close(code, reason) => Outgoing::Close(code, reason),
     }
 }
 
 enum FrameAnswer {
-    Ready(String),
+    Ready(Message),
     Pending {
         id: Option<String>,
         rejected: Vec<RejectedItem>,
         ack: oneshot::Receiver<AckResult>,
     },
+    /// A binary frame that is not CBOR at all (SPEC §4: 1003).
+    Close(u16, Cow<'static, str>),
+}
+
+/// Why a frame's readings could not be taken at all.
+enum FrameError {
+    /// The batch as a whole: answered with an error ack (echoing the id when it was read).
+    Batch {
+        id: Option<String>,
+        error: BatchError,
+    },
+    /// Bytes that are not one well-formed CBOR item: the connection closes with 1003.
+    NotCbor(String),
+}
+
+/// The envelope id (if any) and the readings of a text frame: JSON, one reading, an array, or
+/// an envelope `{"id": ..., "readings": [...]}` (SPEC §4).
+async fn json_frame(
+    state: &AppState,
+    bound: Option<&DeviceId>,
+    frame: Bytes,
+) -> Result<(Option<String>, ParsedBatch), FrameError> {
+    // An envelope? Only objects with a `readings` field are. One leading byte-order mark is
+    // ignored (SPEC §1); without an envelope the whole frame, mark included, goes to the batch
+    // parser, which ignores it there.
+    let text = std::str::from_utf8(&frame).unwrap_or_default();
+    let (id, payload) = match envelope::split(text) {
+        Ok(Some(env)) => (env.id, frame.slice(env.readings)),
+        Ok(None) => (None, frame),
+        Err(error) => return Err(FrameError::Batch { id: None, error }),
+    };
+    match parse_readings(
+        &state.settings,
+        payload,
+        Format::Json,
+        bound.cloned(),
+        now_ms(),
+    )
+    .await
+    {
+        Ok(parsed) => Ok((id, parsed)),
+        Err(error) => Err(FrameError::Batch { id, error }),
+    }
+}
+
+/// The envelope id (if any) and the readings of a binary frame: the JSON shapes in CBOR
+/// (SPEC §10).
+async fn cbor_frame(
+    state: &AppState,
+    bound: Option<&DeviceId>,
+    frame: Bytes,
+) -> Result<(Option<String>, ParsedBatch), FrameError> {
+    let bytes = frame.clone();
+    let parsed = parse_off_loop(
+        &state.settings,
+        frame.len(),
+        bound.cloned(),
+        now_ms(),
+        move |ctx| Ok(cbor::parse_cbor(&bytes, ctx)),
+    )
+    .await;
+    match parsed {
+        Ok(Ok(body)) => Ok((body.id, body.batch)),
+        Ok(Err(e)) if !cbor::is_well_formed(&frame) => {
+            Err(FrameError::NotCbor(e.error.to_string()))
+        }
+        Ok(Err(e)) => Err(FrameError::Batch {
+            id: e.id,
+            error: e.error,
+        }),
+        Err(error) => Err(FrameError::Batch { id: None, error }),
+    }
 }
 
 async fn frame_answer(
@@ -405,56 +509,42 @@ async fn frame_answer(
     bound: Option<&DeviceId>,
     n: u64,
     frame: Bytes,
+    encoding: Encoding,
 ) -> FrameAnswer {
     let t = Transport::Ws;
     let retry = state.settings.pipeline.retry_after;
     let ready = FrameAnswer::Ready;
-    // An envelope? Only objects with a `readings` field are.
-    let text = std::str::from_utf8(&frame).unwrap_or_default();
-    let mut id: Option<String> = None;
-    let mut payload = frame.clone();
-    // One leading byte-order mark is ignored (SPEC §1). Without an envelope the whole frame,
-    // mark included, goes to the batch parser, which ignores it there.
-    let body = crate::codec::strip_bom(text);
-    if body.trim_start().starts_with('{') {
-        if let Ok(env) = serde_json::from_str::<Envelope>(body) {
-            if let Some(readings) = env.readings {
-                if let Some(i) = &env.id {
-                    if i.chars().count() > MAX_ID_LEN {
-                        count_request(state, RejectReason::Malformed, 1);
-                        return ready(error_ack(
-                            n,
-                            None,
-                            "malformed",
-                            &format!("id: longer than {MAX_ID_LEN} characters"),
-                            None,
-                        ));
-                    }
-                }
-                id = env.id.map(Cow::into_owned);
-                let raw = readings.get();
-                let start = raw.as_ptr() as usize - text.as_ptr() as usize;
-                payload = frame.slice(start..start + raw.len());
-            }
-        }
-    }
-    let parsed = parse_readings(
-        &state.settings,
-        payload,
-        Format::Json,
-        bound.cloned(),
-        now_ms(),
-    )
-    .await;
-    let parsed = match parsed {
-        Ok(p) => p,
-        Err(BatchError::Malformed(detail)) => {
+    let decoded = match encoding {
+        Encoding::Json => json_frame(state, bound, frame).await,
+        Encoding::Cbor => cbor_frame(state, bound, frame).await,
+    };
+    let (id, parsed) = match decoded {
+        Ok(v) => v,
+        Err(FrameError::NotCbor(detail)) => {
             count_request(state, RejectReason::Malformed, 1);
-            return ready(error_ack(n, id.as_deref(), "malformed", &detail, None));
+            return FrameAnswer::Close(1003, close_reason(&detail));
         }
-        Err(e @ BatchError::TooMany { count, .. }) => {
+        Err(FrameError::Batch {
+            id,
+            error: BatchError::Malformed(detail),
+        }) => {
+            count_request(state, RejectReason::Malformed, 1);
+            return ready(error_ack(
+                encoding,
+                n,
+                id.as_deref(),
+                "malformed",
+                &detail,
+                None,
+            ));
+        }
+        Err(FrameError::Batch {
+            id,
+            error: e @ BatchError::TooMany { count, .. },
+        }) => {
             count_request(state, RejectReason::TooManyReadings, count);
             return ready(error_ack(
+                encoding,
                 n,
                 id.as_deref(),
                 "too_many_readings",
@@ -466,7 +556,7 @@ async fn frame_answer(
     count_parsed(state, t, &parsed);
     let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
     if parsed.readings.is_empty() {
-        return ready(ack_frame(n, id.as_deref(), 0, 0, &rejected));
+        return ready(ack_frame(encoding, n, id.as_deref(), 0, 0, &rejected));
     }
     match state.admission.submit(t, parsed.readings) {
         Ok(ack) => FrameAnswer::Pending { id, rejected, ack },
@@ -476,6 +566,7 @@ async fn frame_answer(
                 Refusal::Unavailable | Refusal::ShuttingDown => "unavailable",
             };
             ready(error_ack(
+                encoding,
                 n,
                 id.as_deref(),
                 code,
@@ -493,20 +584,20 @@ fn count_request(state: &AppState, reason: RejectReason, n: usize) {
 }
 
 fn ack_frame(
+    encoding: Encoding,
     n: u64,
     id: Option<&str>,
     accepted: usize,
     duplicates: usize,
     rejected: &[RejectedItem],
-) -> String {
-    serde_json::to_string(&AckFrame {
+) -> Message {
+    encoding.frame(&AckFrame {
         ack: n,
         id,
         accepted,
         duplicates,
         rejected,
     })
-    .unwrap_or_default()
 }
 
 /// Sends answers in order, and pings. Every send is bounded by `ws.idle_timeout`, so a peer
@@ -553,7 +644,7 @@ async fn write_loop(
                 received,
                 body,
             }) => {
-                send!(Message::Text(body.into()));
+                send!(body);
                 latency.observe(received.elapsed().as_secs_f64());
                 drop(permit);
             }
@@ -564,6 +655,7 @@ async fn write_loop(
                 id,
                 rejected,
                 mut ack,
+                encoding,
             }) => {
                 let result = loop {
                     tokio::select! {
@@ -572,11 +664,24 @@ async fn write_loop(
                     }
                 };
                 let body = match result {
-                    Ok(Ok(a)) => ack_frame(n, id.as_deref(), a.accepted, a.duplicates, &rejected),
-                    Ok(Err(e)) => {
-                        error_ack(n, id.as_deref(), "unavailable", &e.to_string(), Some(retry))
-                    }
+                    Ok(Ok(a)) => ack_frame(
+                        encoding,
+                        n,
+                        id.as_deref(),
+                        a.accepted,
+                        a.duplicates,
+                        &rejected,
+                    ),
+                    Ok(Err(e)) => error_ack(
+                        encoding,
+                        n,
+                        id.as_deref(),
+                        "unavailable",
+                        &e.to_string(),
+                        Some(retry),
+                    ),
                     Err(_) => error_ack(
+                        encoding,
                         n,
                         id.as_deref(),
                         "unavailable",
@@ -584,7 +689,7 @@ async fn write_loop(
                         Some(retry),
                     ),
                 };
-                send!(Message::Text(body.into()));
+                send!(body);
                 latency.observe(received.elapsed().as_secs_f64());
                 drop(permit);
             }
@@ -593,7 +698,10 @@ async fn write_loop(
                     send_timeout,
                     sink.send(Message::Close(Some(CloseFrame {
                         code,
-                        reason: Utf8Bytes::from_static(reason),
+                        reason: match reason {
+                            Cow::Borrowed(r) => Utf8Bytes::from_static(r),
+                            Cow::Owned(r) => Utf8Bytes::from(r),
+                        },
                     }))),
                 )
                 .await;

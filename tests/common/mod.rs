@@ -398,3 +398,37 @@ pub fn venv_python(var: &str, venv: &str, what: &str) -> PathBuf {
     );
     python
 }
+
+/// Runs `tests/clients/<script>` with the clients venv's Python (libraries this team did not
+/// write, from `tests/clients/requirements.txt`) and `args`; its stdout is JSON. Panics with
+/// the script's stderr when it fails.
+pub fn run_client_script(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let python = venv_python(
+        "SLUICE_CLIENTS_PYTHON",
+        "venv-clients",
+        "the client libraries of tests/clients/requirements.txt",
+    );
+    let out = std::process::Command::new(python)
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from the client script")
+}
+
+/// The bytes of a hex string a client script printed.
+pub fn unhex(v: &serde_json::Value) -> Vec<u8> {
+    let s = v.as_str().expect("hex");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}

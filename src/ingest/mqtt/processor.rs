@@ -209,9 +209,9 @@ pub enum Verdict {
 }
 
 /// Decides what a message on `topic` with `payload`, received at `received_ms`, comes to:
-/// the device from topic level `device_level`, then the size limit, then the shared edge parser
-/// (one reading or an array, `device_id` bound to the topic, one leading byte-order mark
-/// ignored). Pure and synchronous; [`answer`] runs it on a blocking thread for large payloads.
+/// the device from topic level `device_level`, then the size limit, then the format's parser
+/// ([`Format::of_mqtt`]: Sluice's JSON, one reading or an array, or a SenML pack; the device
+/// bound to the topic, one leading byte-order mark ignored). Pure and synchronous; [`answer`] runs it on a blocking thread for large payloads.
 pub fn decide(
     topic: &str,
     payload: &[u8],
@@ -249,8 +249,7 @@ pub fn decide(
         max_readings: limits.max_readings_per_request,
         bound_device: Some(&device),
     };
-    let parsed = crate::codec::decode_utf8(payload)
-        .and_then(|text| crate::codec::json::parse_json_batch(text, &ctx));
+    let parsed = Format::of_mqtt(topic, payload).parse(payload, &ctx);
     match parsed {
         Ok(parsed) => Verdict::Parsed { device, parsed },
         Err(BatchError::Malformed(detail)) => Verdict::Refused {
@@ -325,17 +324,18 @@ impl Verdict {
     }
 }
 
-/// Parses a payload bound to `device` with the shared edge parser (for a resubmission).
+/// Parses a payload bound to `device` in its format (for a resubmission).
 async fn parse(
     settings: &Arc<Settings>,
     device: &DeviceId,
+    topic: &str,
     payload: &Bytes,
     received_ms: i64,
 ) -> Result<ParsedBatch, BatchError> {
     parse_readings(
         settings,
         payload.clone(),
-        Format::Json,
+        Format::of_mqtt(topic, payload),
         Some(device.clone()),
         received_ms,
     )
@@ -421,7 +421,15 @@ async fn commit(ctx: &Ctx, t: &Taken, device: &DeviceId, readings: Vec<reading::
             Some(r) => r,
             // `submit` consumed them. The same payload and receive time parse to the same
             // readings, so a retry stores exactly what the first attempt would have.
-            None => match parse(&ctx.settings, device, &t.publish.payload, t.received_ms).await {
+            None => match parse(
+                &ctx.settings,
+                device,
+                &t.publish.topic,
+                &t.publish.payload,
+                t.received_ms,
+            )
+            .await
+            {
                 Ok(p) => p.readings,
                 Err(_) => return false,
             },
