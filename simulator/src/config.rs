@@ -12,6 +12,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+pub use crate::encode::Format;
 use crate::fleet::{FleetProfile, FleetSpec};
 
 /// Simulates a fleet of IoT devices streaming readings to Sluice over HTTP, WebSocket or MQTT,
@@ -87,6 +88,12 @@ pub struct RunArgs {
     /// http, ws or mqtt.
     #[arg(long, value_enum, default_value_t = Transport::Http)]
     pub transport: Transport,
+    /// Wire format. http: json, cbor, senml-json, senml-cbor (POST /v1/readings with
+    /// application/json, application/cbor, application/senml+json, application/senml+cbor) or
+    /// line (InfluxDB line protocol to POST /api/v2/write, precision ms); ws: json (text
+    /// frames) or cbor (binary frames); mqtt: json or senml-json.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
     /// MQTT broker, `mqtt://host:port` (with --transport mqtt).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
@@ -196,6 +203,8 @@ pub struct RunConfig {
     pub target: String,
     /// The transport.
     pub transport: Transport,
+    /// The wire format.
+    pub format: Format,
     /// MQTT broker host.
     #[serde(skip)]
     pub broker: (String, u16),
@@ -279,6 +288,7 @@ impl RunConfig {
             seed: self.seed,
             seq_start: self.seq_start,
             bad_ratio: self.bad_ratio,
+            distinct_ts: self.format.needs_distinct_ts(),
         }
     }
 
@@ -289,6 +299,15 @@ impl RunConfig {
             _ if self.idle => None,
             _ => Some(self.rate * f64::from(self.devices)),
         }
+    }
+}
+
+/// `http`, `ws` or `mqtt`.
+pub fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Http => "http",
+        Transport::Ws => "ws",
+        Transport::Mqtt => "mqtt",
     }
 }
 
@@ -356,6 +375,20 @@ impl RunArgs {
         if !(0.0..=1.0).contains(&self.bad_ratio) {
             bail!("--bad-ratio must be between 0 and 1");
         }
+        if !self.format.applies_to(self.transport) {
+            bail!(
+                "--format {} does not apply to --transport {}; valid pairs: {}",
+                self.format.name(),
+                transport_name(self.transport),
+                Format::valid_pairs()
+            );
+        }
+        if self.bad_ratio > 0.0 && !self.format.carries_faults() {
+            bail!(
+                "--bad-ratio needs --format json or cbor (the injected faults are JSON-shaped readings; {} has no such shapes)",
+                self.format.name()
+            );
+        }
         if self.mode == Mode::Ramp && (self.ramp_factor.is_nan() || self.ramp_factor <= 1.0) {
             bail!("--ramp-factor must be above 1");
         }
@@ -391,6 +424,7 @@ impl RunArgs {
         Ok(RunConfig {
             target,
             transport: self.transport,
+            format: self.format,
             broker,
             devices: self.devices,
             rate: self.rate,
@@ -490,6 +524,46 @@ mod tests {
         assert!(parse(&["--transport", "mqtt", "--broker", "mqtts://x:8883"]).is_err());
         assert!(parse(&["--qos", "2"]).is_err());
         assert!(parse(&["--transport", "ws", "--device-mix", "random"]).is_err());
+    }
+
+    #[test]
+    fn formats_go_with_their_transports() {
+        assert_eq!(parse(&[]).unwrap().format, Format::Json);
+        for (transport, format) in [
+            ("http", "json"),
+            ("http", "cbor"),
+            ("http", "senml-json"),
+            ("http", "senml-cbor"),
+            ("http", "line"),
+            ("ws", "json"),
+            ("ws", "cbor"),
+            ("mqtt", "json"),
+            ("mqtt", "senml-json"),
+        ] {
+            let c = parse(&["--transport", transport, "--format", format]).unwrap();
+            assert_eq!(c.format.name(), format);
+            assert_eq!(c.fleet().distinct_ts, format.starts_with("senml"));
+        }
+        for (transport, format) in [
+            ("ws", "senml-json"),
+            ("ws", "senml-cbor"),
+            ("ws", "line"),
+            ("mqtt", "cbor"),
+            ("mqtt", "senml-cbor"),
+            ("mqtt", "line"),
+        ] {
+            let e = parse(&["--transport", transport, "--format", format]).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("valid pairs: http: json, cbor"), "{e}");
+            assert!(
+                e.contains(&format!("--format {format} does not apply")),
+                "{e}"
+            );
+        }
+        assert!(parse(&["--format", "senml"]).is_err(), "exact value names");
+        assert!(parse(&["--format", "line", "--bad-ratio", "0.1"]).is_err());
+        assert!(parse(&["--format", "senml-json", "--bad-ratio", "0.1"]).is_err());
+        assert!(parse(&["--format", "cbor", "--bad-ratio", "0.1"]).is_ok());
     }
 
     #[test]

@@ -13,8 +13,11 @@
 //!   `heading` and `battery`.
 //!
 //! `--metrics N` cuts the profile's list to N, or pads it with `aux_<k>` random walks.
+//!
+//! A device makes a [`Reading`] (or an injected [`Fault`]) with [`Device::next`]; the encoders
+//! of [`crate::encode`] turn it into the bytes of the chosen `--format`.
 
-use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -58,6 +61,9 @@ pub struct FleetSpec {
     pub seq_start: u64,
     /// Share of readings replaced by a malformed one (`--bad-ratio`).
     pub bad_ratio: f64,
+    /// Keep each device's readings at least 1 ms apart (SenML groups the records of one device
+    /// and time into one reading).
+    pub distinct_ts: bool,
 }
 
 impl FleetSpec {
@@ -70,6 +76,34 @@ impl FleetSpec {
 /// The id of device `n`.
 pub fn device_id(prefix: &str, n: u32) -> String {
     format!("{prefix}-{n}")
+}
+
+/// Whether device `n` of a `profile` fleet is a tracker.
+fn is_tracker(profile: FleetProfile, n: u32) -> bool {
+    match profile {
+        FleetProfile::Sensor => false,
+        FleetProfile::Tracker => true,
+        FleetProfile::Mixed => n % 5 == 4,
+    }
+}
+
+/// The metric names of device `n`'s readings, in the order they are written.
+pub fn metric_names(profile: FleetProfile, n: u32, metrics: usize) -> Vec<&'static str> {
+    let own = if is_tracker(profile, n) {
+        TRACKER_METRICS
+    } else {
+        SENSOR_METRICS
+    };
+    let cut = own.len().min(metrics);
+    let mut names = own[..cut].to_vec();
+    names.extend((0..metrics.saturating_sub(own.len())).map(aux_name));
+    names
+}
+
+/// `aux_<k + 1>`, for the padding metrics (at most 256 per reading).
+fn aux_name(k: usize) -> &'static str {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| (1..=256).map(|i| format!("aux_{i}")).collect())[k].as_str()
 }
 
 /// SplitMix64: turns (seed, device number) into well-spread, independent seeds.
@@ -112,6 +146,8 @@ pub struct Device {
     last_ts: Option<i64>,
     /// Share of readings replaced by a fault.
     bad_ratio: f64,
+    /// Keep readings at least 1 ms apart.
+    distinct_ts: bool,
 }
 
 #[derive(Debug)]
@@ -156,10 +192,63 @@ struct Values {
     values: [Value; 6],
 }
 
+/// A metric value.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Value {
+pub enum Value {
+    /// A finite number.
     Num(f64),
+    /// A boolean.
     Bool(bool),
+}
+
+/// One valid reading, as the device generated it; [`crate::encode`] writes it in a format.
+#[derive(Debug)]
+pub struct Reading<'a> {
+    /// The device's id.
+    pub device_id: &'a str,
+    /// Its `seq`.
+    pub seq: u64,
+    /// Its time, Unix epoch milliseconds.
+    pub ts_ms: i64,
+    names: &'static [&'static str],
+    values: [Value; 6],
+    /// How many of `names` are used.
+    own: usize,
+    aux: &'a [f64],
+}
+
+impl Reading<'_> {
+    /// `(name, value)` of every metric, in order.
+    pub fn metrics(&self) -> impl Iterator<Item = (&'static str, Value)> + '_ {
+        let own = self.names[..self.own].iter().copied().zip(self.values);
+        let aux = self
+            .aux
+            .iter()
+            .enumerate()
+            .map(|(k, a)| (aux_name(k), Value::Num(round(*a, 3))));
+        own.chain(aux)
+    }
+
+    /// Number of metrics.
+    pub fn metric_count(&self) -> usize {
+        self.own + self.aux.len()
+    }
+}
+
+/// What a device sends next: a valid reading or an injected fault.
+#[derive(Debug)]
+pub enum Next<'a> {
+    /// A valid reading.
+    Reading(Reading<'a>),
+    /// A malformed reading for `device_id` at `ts_ms` (`--bad-ratio`).
+    Fault {
+        /// The kind.
+        fault: Fault,
+        /// The device's id.
+        device_id: &'a str,
+        /// The time, epoch ms.
+        ts_ms: i64,
+    },
 }
 
 const SENSOR_METRICS: &[&str] = &["temperature", "humidity", "battery", "door_open"];
@@ -181,12 +270,7 @@ impl Device {
     /// Device `n` of the fleet described by `spec`.
     pub fn new(spec: &FleetSpec, n: u32) -> Self {
         let mut rng = SmallRng::seed_from_u64(mix(spec.seed ^ mix(u64::from(n))));
-        let tracker = match spec.profile {
-            FleetProfile::Sensor => false,
-            FleetProfile::Tracker => true,
-            FleetProfile::Mixed => n % 5 == 4,
-        };
-        let signals = if tracker {
+        let signals = if is_tracker(spec.profile, n) {
             Signals::Tracker(Tracker {
                 lat: rng.random_range(40.0..60.0),
                 lon: rng.random_range(-10.0..30.0),
@@ -222,6 +306,7 @@ impl Device {
             metrics: spec.metrics,
             last_ts: None,
             bad_ratio: spec.bad_ratio,
+            distinct_ts: spec.distinct_ts,
         }
     }
 
@@ -293,63 +378,58 @@ impl Device {
         }
     }
 
-    /// Appends the next reading's JSON object to `out` and says what it is.
+    /// The next reading at `ts_ms` (later with `distinct_ts`, if the device already sent one
+    /// at or after it), and what it is.
     ///
-    /// With `with_id` false the reading omits `device_id` (the transport binds it). With
-    /// probability `bad_ratio` the reading is replaced by an injected fault; a fault uses no
-    /// `seq`, so the valid readings of a device keep consecutive numbers.
-    pub fn write_reading(&mut self, ts_ms: i64, with_id: bool, out: &mut String) -> Item {
+    /// With probability `bad_ratio` the reading is replaced by an injected fault; a fault uses
+    /// no `seq`, so the valid readings of a device keep consecutive numbers.
+    pub fn next(&mut self, ts_ms: i64) -> (Item, Next<'_>) {
         if self.bad_ratio > 0.0 && self.rng.random::<f64>() < self.bad_ratio {
             let fault = Fault::ALL[self.rng.random_range(0..Fault::ALL.len())];
-            fault.write(&self.id, ts_ms, out);
-            return Item {
+            let item = Item {
                 device: self.index,
                 seq: None,
                 fault: Some(fault),
             };
+            let next = Next::Fault {
+                fault,
+                device_id: &self.id,
+                ts_ms,
+            };
+            return (item, next);
         }
+        let ts_ms = match self.last_ts {
+            Some(prev) if self.distinct_ts && ts_ms <= prev => prev + 1,
+            _ => ts_ms,
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let values = self.step(ts_ms);
-        out.push('{');
-        if with_id {
-            out.push_str("\"device_id\":\"");
-            out.push_str(&self.id);
-            out.push_str("\",");
-        }
-        let mut ib = itoa::Buffer::new();
-        out.push_str("\"seq\":");
-        out.push_str(ib.format(seq));
-        out.push_str(",\"ts\":");
-        out.push_str(ib.format(ts_ms));
-        out.push_str(",\"metrics\":{");
-        let own = values.names.len().min(self.metrics);
-        let mut fb = ryu::Buffer::new();
-        for i in 0..own {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push('"');
-            out.push_str(values.names[i]);
-            out.push_str("\":");
-            match values.values[i] {
-                Value::Num(x) => out.push_str(fb.format_finite(x)),
-                Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
-            }
-        }
-        for (k, a) in self.aux.iter().enumerate() {
-            if own + k > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "\"aux_{}\":", k + 1);
-            out.push_str(fb.format_finite(round(*a, 3)));
-        }
-        out.push_str("}}");
-        Item {
+        let item = Item {
             device: self.index,
             seq: Some(seq),
             fault: None,
-        }
+        };
+        let reading = Reading {
+            device_id: &self.id,
+            seq,
+            ts_ms,
+            names: values.names,
+            values: values.values,
+            own: values.names.len().min(self.metrics),
+            aux: &self.aux,
+        };
+        (item, Next::Reading(reading))
+    }
+
+    /// Appends the next reading as a JSON object to `out` (without `device_id` when `with_id`
+    /// is false: the transport binds it) and says what it is.
+    pub fn write_reading(&mut self, ts_ms: i64, with_id: bool, out: &mut String) -> Item {
+        let mut buf = Vec::with_capacity(192);
+        let (item, next) = self.next(ts_ms);
+        crate::encode::json::write(&next, with_id, &mut buf);
+        out.push_str(std::str::from_utf8(&buf).expect("JSON is UTF-8"));
+        item
     }
 
     /// The `seq` the next valid reading will get.
@@ -377,6 +457,7 @@ mod tests {
             seed,
             seq_start: 1,
             bad_ratio: 0.0,
+            distinct_ts: false,
         }
     }
 
@@ -469,6 +550,55 @@ mod tests {
                 assert!(r.get("device_id").is_none());
             }
         }
+    }
+
+    /// `metric_names` (what --verify expects) is what the devices write.
+    #[test]
+    fn metric_names_are_the_names_written() {
+        for metrics in [1, 4, 5, 9] {
+            for mut dev in spec(FleetProfile::Mixed, metrics, 1).build() {
+                let (_, next) = dev.next(1_795_000_000_000);
+                let Next::Reading(r) = next else { panic!() };
+                let names: Vec<&str> = r.metrics().map(|(n, _)| n).collect();
+                assert_eq!(
+                    names,
+                    metric_names(FleetProfile::Mixed, dev_index(&r), metrics)
+                );
+            }
+        }
+    }
+
+    fn dev_index(r: &Reading<'_>) -> u32 {
+        r.device_id.rsplit_once('-').unwrap().1.parse().unwrap()
+    }
+
+    #[test]
+    fn distinct_ts_keeps_a_device_s_readings_apart() {
+        let mut s = spec(FleetProfile::Sensor, 2, 1);
+        s.distinct_ts = true;
+        let mut dev = s.build().remove(0);
+        let t0 = 1_795_000_000_000;
+        let ts: Vec<i64> = [t0, t0, t0, t0 + 10, t0 + 5]
+            .iter()
+            .map(|t| match dev.next(*t).1 {
+                Next::Reading(r) => r.ts_ms,
+                Next::Fault { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(ts, [t0, t0 + 1, t0 + 2, t0 + 10, t0 + 11]);
+        // Without it, the clock's time as given.
+        let mut dev = spec(FleetProfile::Sensor, 2, 1).build().remove(0);
+        let (_, a) = dev.next(t0);
+        let a = match a {
+            Next::Reading(r) => r.ts_ms,
+            _ => unreachable!(),
+        };
+        let (_, b) = dev.next(t0);
+        let b = match b {
+            Next::Reading(r) => r.ts_ms,
+            _ => unreachable!(),
+        };
+        assert_eq!((a, b), (t0, t0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! config (CLI → RunConfig) ─▶ fleet (devices, signals, faults) ─▶ rate (pacing)
+//!   ─▶ encode (--format: json, cbor, senml-json, senml-cbor, line)
 //!   ─▶ transport::{http, ws, mqtt} (lanes: send, retry with the same seq, settle answers)
 //!   ─▶ stats (counters, HDR latency) ─▶ summary (table, --json) ─▶ verify (read back)
 //! ```
@@ -12,6 +13,7 @@
 //! binary does; tests call [`run()`] with a [`RunConfig`] built from the same command line.
 
 pub mod config;
+pub mod encode;
 pub mod faults;
 pub mod fleet;
 pub mod null_sink;

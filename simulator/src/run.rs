@@ -79,6 +79,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
     let s = &ctx.stats;
     let mut summary = Summary {
         transport: ctx.cfg.transport,
+        format: ctx.cfg.format,
         mode: ctx.cfg.mode,
         target: match ctx.cfg.transport {
             Transport::Mqtt => format!("mqtt://{}:{}", ctx.cfg.broker.0, ctx.cfg.broker.1),
@@ -110,6 +111,8 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         behind_schedule: s.behind.get(),
         readings_per_s: s.acked.get() as f64 / s.active_secs().max(1e-3),
         sent_per_s: s.sent.get() as f64 / duration.as_secs_f64().max(1e-9),
+        wire_bytes: s.wire_bytes.get(),
+        bytes_per_reading: s.bytes_per_reading(),
         connects: s.connects.get(),
         connect_errors: s.connect_errors.get(),
         connections_peak: s.connections_peak.get(),
@@ -128,11 +131,13 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
             if ctx.cfg.progress {
                 eprintln!("verifying: reading every acknowledged reading back …");
             }
+            let names = verify::MetricNames::of(&ctx.cfg);
             let report = verify::verify(
                 &ctx.cfg.target,
                 &ctx.cfg.device_prefix,
                 log.snapshot(),
                 ctx.cfg.verify_wait,
+                &names,
             )
             .await?;
             summary.verify = Some(report);

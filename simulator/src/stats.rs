@@ -111,6 +111,11 @@ pub struct Stats {
     pub connect_errors: Counter,
     /// Readings that were due but not yet sent when generation stopped (open-loop modes).
     pub behind: Counter,
+    /// Bytes on the wire: request bodies, WebSocket frame payloads, MQTT payloads (every
+    /// write, resends included).
+    pub wire_bytes: Counter,
+    /// Readings in those writes (resends included).
+    pub wire_readings: Counter,
     /// First write of the run, µs after `origin`.
     first_write_us: AtomicU64,
     /// Latest acknowledgement, µs after `origin`.
@@ -198,6 +203,8 @@ impl Stats {
             connects: Counter::default(),
             connect_errors: Counter::default(),
             behind: Counter::default(),
+            wire_bytes: Counter::default(),
+            wire_readings: Counter::default(),
             first_write_us: AtomicU64::new(u64::MAX),
             last_ack_us: AtomicU64::new(0),
             origin: std::time::Instant::now(),
@@ -329,7 +336,18 @@ impl Stats {
         self.record_latency(latency, items.len() as u64);
     }
 
-    /// Every valid reading in `items` acknowledged (MQTT PUBACK): no per-reading answer exists.
+    /// Bytes on the wire per reading written (0 before any write).
+    pub fn bytes_per_reading(&self) -> f64 {
+        let n = self.wire_readings.get();
+        if n == 0 {
+            0.0
+        } else {
+            self.wire_bytes.get() as f64 / n as f64
+        }
+    }
+
+    /// Every valid reading in `items` acknowledged (MQTT PUBACK, a line-protocol 204): no
+    /// per-reading answer exists.
     pub fn settle_all(&self, items: &[Item], latency: Duration) {
         let mut acked = 0;
         for item in items {
@@ -344,8 +362,10 @@ impl Stats {
         self.record_latency(latency, items.len() as u64);
     }
 
-    /// Counts readings as sent (first time) or resent.
-    pub fn wrote(&self, items: &[Item], first: bool) {
+    /// Counts readings as sent (first time) or resent, in a body, frame or payload of `bytes`.
+    pub fn wrote(&self, items: &[Item], first: bool, bytes: usize) {
+        self.wire_bytes.add(bytes as u64);
+        self.wire_readings.add(items.len() as u64);
         self.first_write_us
             .fetch_min(self.origin.elapsed().as_micros() as u64, Relaxed);
         let n = items.len() as u64;

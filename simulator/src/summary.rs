@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::{Mode, RunConfig, Transport};
+use crate::config::{Format, Mode, RunConfig, Transport};
 use crate::stats::Percentiles;
 use crate::verify::VerifyReport;
 
@@ -47,6 +47,8 @@ pub struct RampReport {
 pub struct Summary {
     /// `http`, `ws` or `mqtt`.
     pub transport: Transport,
+    /// `json`, `cbor`, `senml-json`, `senml-cbor` or `line`.
+    pub format: Format,
     /// `rate`, `max` or `ramp`.
     pub mode: Mode,
     /// Sluice base URL (or the broker, for MQTT).
@@ -104,6 +106,11 @@ pub struct Summary {
     pub readings_per_s: f64,
     /// Readings sent (first time) per second over `duration_s`.
     pub sent_per_s: f64,
+    /// Bytes on the wire: HTTP request bodies, WebSocket frame payloads, MQTT payloads (every
+    /// write, resends included).
+    pub wire_bytes: u64,
+    /// `wire_bytes` / readings in those writes.
+    pub bytes_per_reading: f64,
     /// Successful connects (reconnects included).
     pub connects: u64,
     /// Failed connects.
@@ -137,6 +144,7 @@ impl Summary {
     /// The top-level JSON fields, as documented in simulator/README.md.
     pub const FIELDS: &'static [&'static str] = &[
         "transport",
+        "format",
         "mode",
         "target",
         "devices",
@@ -165,6 +173,8 @@ impl Summary {
         "behind_schedule",
         "readings_per_s",
         "sent_per_s",
+        "wire_bytes",
+        "bytes_per_reading",
         "connects",
         "connect_errors",
         "connections_peak",
@@ -244,8 +254,9 @@ impl Summary {
         };
         let _ = writeln!(
             t,
-            "\nsluice-sim: {} {} against {} — {rate}, {:.1} s (+{:.1} s drain), seed {}, prefix {}",
+            "\nsluice-sim: {} {} {} against {} — {rate}, {:.1} s (+{:.1} s drain), seed {}, prefix {}",
             name(&self.transport),
+            self.format.name(),
             name(&self.mode),
             self.target,
             self.duration_s,
@@ -257,9 +268,27 @@ impl Summary {
             let _ = writeln!(t, "  {k:<16} {v}");
         };
         row("sent", format!("{}  (+{} resent)", self.sent, self.resent));
+        row(
+            "on the wire",
+            format!(
+                "{:.1} bytes per reading ({} {}, {} bytes in all)",
+                self.bytes_per_reading,
+                self.format.name(),
+                match self.transport {
+                    Transport::Http => "request bodies",
+                    Transport::Ws => "frame payloads",
+                    Transport::Mqtt => "payloads",
+                },
+                self.wire_bytes
+            ),
+        );
         let ack_note = match (cfg.transport, cfg.qos) {
             (Transport::Mqtt, 1) => "  (PUBACKs from the broker)".to_string(),
             (Transport::Mqtt, _) => "  (QoS 0: nothing is acknowledged)".to_string(),
+            _ if self.format == Format::Line => format!(
+                "  (stored or duplicates {}: a line-protocol 204 has no counts)",
+                self.accepted
+            ),
             _ => format!(
                 "  (accepted {}, duplicates {})",
                 self.accepted, self.duplicates
@@ -368,8 +397,8 @@ impl Summary {
             row(
                 "verify",
                 format!(
-                    "acked {}, stored {}, lost {}, duplicated {}  ({} devices; {} stored but not acked)",
-                    v.acked, v.stored, v.lost, v.duplicated, v.devices, v.extra
+                    "acked {}, stored {}, lost {}, duplicated {}, wrong metric names {}  ({} devices; {} stored but not acked)",
+                    v.acked, v.stored, v.lost, v.duplicated, v.wrong_metrics, v.devices, v.extra
                 ),
             );
             for e in &v.examples {

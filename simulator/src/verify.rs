@@ -6,9 +6,14 @@
 //! - **lost**: acknowledged, not stored — the one thing Sluice must never do;
 //! - **duplicated**: a `seq` stored more than once;
 //! - **extra**: stored but never acknowledged to us (sent, committed, and the answer lost with
-//!   a connection, or a reading of an earlier run with the same device prefix). Not an error.
+//!   a connection, or a reading of an earlier run with the same device prefix). Not an error;
+//! - **wrong metric names**: a stored reading whose metric names are not the ones the device
+//!   sent, under the names its `--format` gives them ([`MetricNames`]: line protocol stores
+//!   field `f` of measurement `m` as `m.f`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,7 +21,8 @@ use anyhow::{bail, Context};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::device_id;
+use crate::config::{Format, RunConfig};
+use crate::fleet::{device_id, metric_names, FleetProfile};
 
 /// Rows asked for per page (the server's maximum).
 const PAGE: usize = 10_000;
@@ -138,14 +144,16 @@ pub struct VerifyReport {
     pub duplicated: u64,
     /// Stored but never acknowledged to the simulator.
     pub extra: u64,
+    /// Stored readings whose metric names are not the ones sent (in the format's naming).
+    pub wrong_metrics: u64,
     /// A few lost or duplicated `device_id/seq`, for a first look.
     pub examples: Vec<String>,
 }
 
 impl VerifyReport {
-    /// Nothing lost, nothing stored twice.
+    /// Nothing lost, nothing stored twice, every metric under the name it was sent as.
     pub fn ok(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0
+        self.lost == 0 && self.duplicated == 0 && self.wrong_metrics == 0
     }
 
     fn add(&mut self, id: &str, t: &Tally) {
@@ -155,9 +163,15 @@ impl VerifyReport {
         self.lost += t.lost;
         self.duplicated += t.duplicated;
         self.extra += t.extra;
+        self.wrong_metrics += t.wrong_metrics;
         for (what, seq) in &t.examples {
             if self.examples.len() < 10 {
                 self.examples.push(format!("{what} {id}/{seq}"));
+            }
+        }
+        if let Some(m) = &t.metrics_example {
+            if self.examples.len() < 10 {
+                self.examples.push(format!("wrong metric names {id}/{m}"));
             }
         }
     }
@@ -171,7 +185,52 @@ struct Tally {
     lost: u64,
     duplicated: u64,
     extra: u64,
+    wrong_metrics: u64,
     examples: Vec<(&'static str, u64)>,
+    /// `<seq>: stored [..], sent [..]` of the first reading with wrong metric names.
+    metrics_example: Option<String>,
+}
+
+/// The metric names each device's readings are stored under.
+#[derive(Debug, Clone)]
+pub struct MetricNames {
+    /// Sensors, trackers or both.
+    pub profile: FleetProfile,
+    /// Metrics per reading.
+    pub metrics: usize,
+    /// The format they were sent in.
+    pub format: Format,
+}
+
+impl MetricNames {
+    /// The names of the run `cfg`.
+    pub fn of(cfg: &RunConfig) -> Self {
+        Self {
+            profile: cfg.profile,
+            metrics: cfg.metrics,
+            format: cfg.format,
+        }
+    }
+
+    /// Device `n`'s stored metric names, sorted.
+    pub fn expected(&self, n: u32) -> Vec<String> {
+        let mut v: Vec<String> = metric_names(self.profile, n, self.metrics)
+            .into_iter()
+            .map(|m| self.format.stored_name(m))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A stored reading's metric names, sorted, compared with the expected ones; `None` if they
+/// match.
+fn metrics_mismatch(stored: &mut [Cow<'_, str>], expected: &[String]) -> Option<String> {
+    stored.sort_unstable();
+    if stored.len() == expected.len() && stored.iter().zip(expected).all(|(a, b)| a == b) {
+        return None;
+    }
+    Some(format!("stored {stored:?}, sent {expected:?}"))
 }
 
 /// Compares the acknowledged `seq`s (sorted, distinct) with those read back.
@@ -210,17 +269,48 @@ fn tally(acked: &[u64], stored: &[u64]) -> Tally {
 }
 
 #[derive(Deserialize)]
-struct Page {
-    readings: Vec<Row>,
+struct Page<'a> {
+    #[serde(borrow)]
+    readings: Vec<Row<'a>>,
     /// The cursor of the next page, present when more readings match.
     #[serde(default)]
     next: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct Row {
+struct Row<'a> {
     #[serde(default)]
     seq: Option<u64>,
+    #[serde(borrow, default)]
+    metrics: MetricKeys<'a>,
+}
+
+/// The names of a stored reading's `metrics` object (values skipped).
+#[derive(Default)]
+struct MetricKeys<'a>(Vec<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for MetricKeys<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Keys<'a> {
+            type Value = MetricKeys<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a metrics object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(MetricKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys(std::marker::PhantomData))
+    }
 }
 
 /// Every stored `seq` of `device`, in store order.
@@ -229,8 +319,20 @@ pub async fn stored_seqs(
     base: &str,
     device: &str,
 ) -> anyhow::Result<Vec<u64>> {
-    let url = format!("{base}/v1/devices/{device}/readings");
     let mut out = Vec::new();
+    read_back(client, base, device, |seq, _| out.extend(seq)).await?;
+    Ok(out)
+}
+
+/// Reads every stored reading of `device`, in store order, handing `on_row` its `seq` and
+/// metric names.
+async fn read_back(
+    client: &reqwest::Client,
+    base: &str,
+    device: &str,
+    mut on_row: impl FnMut(Option<u64>, &mut [Cow<'_, str>]),
+) -> anyhow::Result<()> {
+    let url = format!("{base}/v1/devices/{device}/readings");
     let mut cursor: Option<String> = None;
     loop {
         let mut query: Vec<(&str, String)> =
@@ -251,17 +353,20 @@ pub async fn stored_seqs(
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
         };
         if res.status() == 404 {
-            return Ok(out); // no reading of this device was ever stored
+            return Ok(()); // no reading of this device was ever stored
         }
         if !res.status().is_success() {
             bail!("GET {url}: {}", res.status());
         }
-        let page: Page = serde_json::from_slice(&res.bytes().await?)
-            .with_context(|| format!("GET {url}: unexpected body"))?;
-        out.extend(page.readings.iter().filter_map(|r| r.seq));
+        let body = res.bytes().await?;
+        let page: Page<'_> =
+            serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))?;
+        for mut r in page.readings {
+            on_row(r.seq, &mut r.metrics.0);
+        }
         match page.next {
             Some(next) => cursor = Some(next),
-            None => return Ok(out),
+            None => return Ok(()),
         }
     }
 }
@@ -274,27 +379,44 @@ pub async fn verify(
     prefix: &str,
     acked: Vec<Runs>,
     wait: Duration,
+    names: &MetricNames,
 ) -> anyhow::Result<VerifyReport> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .context("HTTP client")?;
     let deadline = tokio::time::Instant::now() + wait;
-    let work: Vec<(String, Runs)> = acked
+    let work: Vec<(u32, Runs)> = acked
         .into_iter()
         .enumerate()
         .filter(|(_, runs)| !runs.is_empty())
-        .map(|(n, runs)| (device_id(prefix, n as u32), runs))
+        .map(|(n, runs)| (n as u32, runs))
         .collect();
     let results: Vec<anyhow::Result<(String, Tally)>> = stream::iter(work)
-        .map(|(id, runs)| {
+        .map(|(n, runs)| {
             let client = &client;
+            let id = device_id(prefix, n);
+            let expected = names.expected(n);
             async move {
                 // Expanded only while this device is being compared.
                 let seqs = runs.to_vec();
                 loop {
-                    let stored = stored_seqs(client, base, &id).await?;
-                    let t = tally(&seqs, &stored);
+                    let mut stored = Vec::new();
+                    let (mut wrong, mut example) = (0, None);
+                    read_back(client, base, &id, |seq, metrics| {
+                        stored.extend(seq);
+                        if let Some(m) = metrics_mismatch(metrics, &expected) {
+                            wrong += 1;
+                            if example.is_none() {
+                                let seq = seq.map_or("-".to_string(), |s| s.to_string());
+                                example = Some(format!("{seq}: {m}"));
+                            }
+                        }
+                    })
+                    .await?;
+                    let mut t = tally(&seqs, &stored);
+                    t.wrong_metrics = wrong;
+                    t.metrics_example = example;
                     if t.lost == 0 || tokio::time::Instant::now() >= deadline {
                         return Ok((id, t));
                     }
@@ -331,6 +453,51 @@ mod tests {
         assert_eq!(t.extra, 1);
         assert!(t.examples.contains(&("lost", 3)));
         assert!(t.examples.contains(&("duplicated", 2)));
+    }
+
+    #[test]
+    fn metric_names_follow_the_format() {
+        let names = |format| MetricNames {
+            profile: FleetProfile::Mixed,
+            metrics: 5,
+            format,
+        };
+        assert_eq!(
+            names(Format::Json).expected(0),
+            ["aux_1", "battery", "door_open", "humidity", "temperature"]
+        );
+        assert_eq!(
+            names(Format::Line).expected(4),
+            ["m.battery", "m.heading", "m.lat", "m.lon", "m.speed"]
+        );
+        let want = names(Format::Line).expected(0);
+        let mut stored: Vec<Cow<'_, str>> = [
+            "m.temperature",
+            "m.humidity",
+            "m.battery",
+            "m.door_open",
+            "m.aux_1",
+        ]
+        .into_iter()
+        .map(Cow::Borrowed)
+        .collect();
+        assert_eq!(metrics_mismatch(&mut stored, &want), None);
+        let mut plain: Vec<Cow<'_, str>> = vec!["temperature".into()];
+        assert!(metrics_mismatch(&mut plain, &want)
+            .unwrap()
+            .contains("stored [\"temperature\"]"));
+    }
+
+    #[test]
+    fn a_page_gives_seqs_and_metric_names() {
+        let body = br#"{"device_id":"d","readings":[{"ts":"x","seq":3,"metrics":{"a":1,"b\u0020c":true},"tags":{}},
+            {"ts":"y","seq":null,"metrics":{}}],"next":"c1"}"#;
+        let page: Page<'_> = serde_json::from_slice(body).unwrap();
+        assert_eq!(page.next.as_deref(), Some("c1"));
+        assert_eq!(page.readings[0].seq, Some(3));
+        assert_eq!(page.readings[0].metrics.0, ["a", "b c"]);
+        assert_eq!(page.readings[1].seq, None);
+        assert!(page.readings[1].metrics.0.is_empty());
     }
 
     #[test]

@@ -667,3 +667,413 @@ async fn a_run_with_nothing_acknowledged_fails_and_an_unverified_one_says_so() {
     assert!(s.ok && s.acked > 0, "{:?}", s.problems);
     assert!(s.verdict().contains("NOT VERIFIED"), "{}", s.verdict());
 }
+
+/// Every `--format` on every transport that carries it, against the null sink: each request,
+/// frame or payload is answered for every reading, and the summary records the format and the
+/// bytes on the wire (CBOR smaller than JSON for the same readings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_reaches_the_null_sink() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sink = tokio::spawn(sluice_sim::null_sink::serve(listener));
+    let mut bytes = BTreeMap::new();
+    for (transport, format) in [
+        ("http", "json"),
+        ("http", "cbor"),
+        ("http", "senml-json"),
+        ("http", "senml-cbor"),
+        ("http", "line"),
+        ("ws", "json"),
+        ("ws", "cbor"),
+    ] {
+        let s = sim(&[
+            "--target",
+            &url,
+            "--transport",
+            transport,
+            "--format",
+            format,
+            "--mode",
+            "max",
+            "--devices",
+            "8",
+            "--batch",
+            "50",
+            "--frame-readings",
+            "20",
+            "--seed",
+            "3",
+            "--duration",
+            "500ms",
+        ])
+        .await;
+        let what = format!("{transport} {format}");
+        assert!(s.acked > 200, "{what}: {}", s.acked);
+        assert_eq!((s.acked, s.accepted), (s.sent, s.sent), "{what}");
+        assert_eq!((s.errors, s.unacked), (0, 0), "{what}: {:?}", s.problems);
+        assert_eq!(s.format.name(), format);
+        assert!(
+            s.bytes_per_reading > 20.0,
+            "{what}: {}",
+            s.bytes_per_reading
+        );
+        assert!(s.wire_bytes >= s.sent * 20, "{what}");
+        bytes.insert(what, s.bytes_per_reading);
+    }
+    println!("bytes per reading: {bytes:?}");
+    assert!(bytes["http cbor"] < bytes["http json"], "{bytes:?}");
+    assert!(bytes["ws cbor"] < bytes["ws json"], "{bytes:?}");
+    assert!(
+        bytes["http senml-cbor"] < bytes["http senml-json"],
+        "{bytes:?}"
+    );
+    sink.abort();
+}
+
+/// Line protocol against the real server (`POST /api/v2/write`): every acknowledged reading is
+/// read back, under the metric names `m.<metric>` that --verify expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_protocol_run_stores_every_reading_as_m_dot_metric() {
+    let app = spawn_sluice(|_| {}).await;
+    let url = app.url();
+    let s = sim(&[
+        "--target",
+        &url,
+        "--format",
+        "line",
+        "--mode",
+        "max",
+        "--device-mix",
+        "random",
+        "--devices",
+        "50",
+        "--connections",
+        "4",
+        "--batch",
+        "100",
+        "--metrics",
+        "5",
+        "--duration",
+        "1s",
+        "--device-prefix",
+        "lp",
+        "--verify",
+    ])
+    .await;
+    assert_no_loss(&s);
+    assert_eq!(s.verify.as_ref().unwrap().wrong_metrics, 0);
+    assert_eq!(
+        app.metric("sluice_readings_accepted_total", &[("transport", "http")])
+            .await as u64,
+        s.acked
+    );
+    let body = reqwest::get(format!("{url}/v1/devices/lp-4/readings?limit=1"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let metrics = body["readings"][0]["metrics"].as_object().unwrap();
+    let mut names: Vec<&str> = metrics.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["m.battery", "m.heading", "m.lat", "m.lon", "m.speed"]
+    );
+}
+
+/// --verify compares metric names: a JSON run read back as if it had been sent as line
+/// protocol (names `m.<metric>`) finds every reading under other names and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_fails_on_wrong_metric_names() {
+    let app = spawn_sluice(|_| {}).await;
+    let url = app.url();
+    let s = sim(&[
+        "--target",
+        &url,
+        "--devices",
+        "3",
+        "--rate",
+        "20",
+        "--duration",
+        "500ms",
+        "--device-prefix",
+        "names",
+        "--verify",
+    ])
+    .await;
+    assert_no_loss(&s);
+    let log = (0..3)
+        .map(|_| {
+            let mut r = sluice_sim::verify::Runs::default();
+            r.insert(1);
+            r
+        })
+        .collect();
+    let names = sluice_sim::verify::MetricNames {
+        profile: sluice_sim::fleet::FleetProfile::Mixed,
+        metrics: 4,
+        format: sluice_sim::config::Format::Line,
+    };
+    let v = sluice_sim::verify::verify(&url, "names", log, Duration::ZERO, &names)
+        .await
+        .unwrap();
+    assert_eq!(v.lost, 0);
+    assert_eq!(v.wrong_metrics, s.acked, "{v:?}");
+    assert!(!v.ok());
+    assert!(
+        v.examples.iter().any(|e| e.contains("wrong metric names")),
+        "{:?}",
+        v.examples
+    );
+}
+
+/// Formats that a transport does not carry are refused with the valid pairs (exit code 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_the_transport_does_not_carry_is_a_usage_error() {
+    for (transport, format) in [("ws", "line"), ("mqtt", "cbor"), ("ws", "senml-json")] {
+        let args = [
+            "sluice-sim",
+            "--quiet",
+            "--transport",
+            transport,
+            "--format",
+            format,
+        ];
+        let cli = <sluice_sim::Cli as clap::Parser>::try_parse_from(args).unwrap();
+        let code = sluice_sim::run_cli(cli, CancellationToken::new()).await;
+        assert_eq!(code, sluice_sim::EXIT_USAGE, "{transport} {format}");
+    }
+}
+
+/// SenML JSON over MQTT: each payload is a pack on the device's topic whose records resolve to
+/// `<device>/<metric>`, with the seq record; every publish is PUBACKed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_senml_packs_name_the_device_of_the_topic() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let broker = Mosquitto::start();
+    let mut opts = MqttOptions::new("test-sub-senml", "127.0.0.1", broker.port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    client
+        .subscribe("devices/+/readings", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<Value>)>();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let sub = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = subscribed_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: Vec<Value> = serde_json::from_slice(&p.payload).unwrap();
+                    let _ = tx.send((p.topic.clone(), v));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let s = sim(&[
+        "--transport",
+        "mqtt",
+        "--format",
+        "senml-json",
+        "--broker",
+        &broker_url,
+        "--devices",
+        "4",
+        "--rate",
+        "40",
+        "--duration",
+        "1s",
+        "--frame-readings",
+        "2",
+        "--device-prefix",
+        "sen",
+    ])
+    .await;
+    assert!(s.ok && s.errors == 0, "{:?}", s.problems);
+    assert_eq!(s.acked, s.sent);
+    let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while total < s.sent {
+        let (topic, pack) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("every payload arrives")
+            .unwrap();
+        let device = topic
+            .strip_prefix("devices/")
+            .and_then(|t| t.strip_suffix("/readings"))
+            .unwrap()
+            .to_string();
+        assert_eq!(pack.len(), 2 * 5, "2 readings × (seq + 4 metrics)");
+        let mut times = BTreeSet::new();
+        for rec in &pack {
+            if let Some(bn) = rec.get("bn") {
+                assert_eq!(bn.as_str().unwrap(), format!("{device}/"));
+                times.insert(rec["bt"].as_f64().unwrap().to_bits());
+                assert_eq!(rec["n"], "seq");
+                seqs.entry(device.clone())
+                    .or_default()
+                    .push(rec["v"].as_u64().unwrap());
+                total += 1;
+            }
+        }
+        assert_eq!(
+            times.len(),
+            2,
+            "the two readings of a payload have their own times"
+        );
+    }
+    assert_eq!(seqs.len(), 4);
+    for (d, s) in &seqs {
+        let want: Vec<u64> = (1..=s.len() as u64).collect();
+        assert_eq!(s, &want, "{d}");
+    }
+    sub.abort();
+}
+
+/// CBOR and SenML bodies against the real server, and CBOR binary frames on the WebSocket:
+/// every acknowledged reading is read back once, under the metric names the device sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbor_and_senml_runs_store_every_acknowledged_reading() {
+    let app = spawn_sluice(|_| {}).await;
+    let url = app.url();
+    for (transport, format) in [
+        ("http", "cbor"),
+        ("http", "senml-json"),
+        ("http", "senml-cbor"),
+        ("ws", "cbor"),
+    ] {
+        let prefix = format!("{transport}-{format}");
+        let s = sim(&[
+            "--target",
+            &url,
+            "--transport",
+            transport,
+            "--format",
+            format,
+            "--mode",
+            "max",
+            "--device-mix",
+            if transport == "http" {
+                "random"
+            } else {
+                "gateway"
+            },
+            "--devices",
+            "20",
+            "--connections",
+            "4",
+            "--batch",
+            "100",
+            "--frame-readings",
+            "10",
+            "--metrics",
+            "5",
+            "--duration",
+            "1s",
+            "--device-prefix",
+            &prefix,
+            "--verify",
+        ])
+        .await;
+        assert_no_loss(&s);
+        assert_eq!(s.verify.as_ref().unwrap().wrong_metrics, 0, "{prefix}");
+        assert_eq!(s.accepted, s.acked, "{prefix}: the server's counts");
+        assert_eq!(s.errors, 0, "{prefix}: {:?}", s.problems);
+    }
+}
+
+/// CBOR faults are rejected naming their field, as in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbor_faults_are_rejected_naming_their_field() {
+    let app = spawn_sluice(|_| {}).await;
+    let url = app.url();
+    for transport in ["http", "ws"] {
+        let s = sim(&[
+            "--target",
+            &url,
+            "--transport",
+            transport,
+            "--format",
+            "cbor",
+            "--devices",
+            "10",
+            "--rate",
+            "50",
+            "--frame-readings",
+            "5",
+            "--duration",
+            "1s",
+            "--bad-ratio",
+            "0.2",
+            "--verify",
+        ])
+        .await;
+        assert_no_loss(&s);
+        assert!(s.bad_sent > 20, "{transport}: {}", s.bad_sent);
+        assert_eq!(
+            s.rejected_expected, s.bad_sent,
+            "{transport}: {:?}",
+            s.problems
+        );
+    }
+}
+
+/// SenML JSON over MQTT into Sluice (through a private mosquitto): every PUBACKed reading is
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_senml_run_stores_every_acknowledged_reading() {
+    let broker = Mosquitto::start();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let app = spawn_sluice(|s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = broker_url.clone();
+        s.mqtt.client_id = format!("sim-senml-{}", std::process::id());
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "sluice connected to MQTT",
+        || async { app.metric("sluice_mqtt_connected", &[]).await == 1.0 },
+    )
+    .await;
+    let url = app.url();
+    let s = sim(&[
+        "--target",
+        &url,
+        "--transport",
+        "mqtt",
+        "--format",
+        "senml-json",
+        "--broker",
+        &broker_url,
+        "--devices",
+        "10",
+        "--rate",
+        "20",
+        "--frame-readings",
+        "2",
+        "--duration",
+        "1s",
+        "--verify",
+    ])
+    .await;
+    assert_no_loss(&s);
+    assert_eq!(s.verify.as_ref().unwrap().wrong_metrics, 0);
+}

@@ -3,6 +3,7 @@
 //! There are `--mqtt-clients` lanes (one per device by default), each a rumqttc client with its
 //! own connection, publishing for its devices round-robin. A payload is one reading object or,
 //! with `--frame-readings k`, an array of `k`. Readings carry `device_id` (matching the topic).
+//! With `--format senml-json` the payload is a SenML pack whose base name is `<device_id>/`.
 //!
 //! Acknowledgement: with QoS 1 a reading counts as acknowledged at the broker's PUBACK — for a
 //! device, that is the end of the line (Sluice's own PUBACK to the broker comes after its commit,
@@ -25,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use super::{now_ms, Ctx, Ended};
+use crate::encode::{Encoder, Format};
 use crate::fleet::{Device, Item};
 use crate::rate::Pacer;
 
@@ -215,7 +217,14 @@ async fn publish(
                             let i = next;
                             next = (next + 1) % devices.len();
                             order += 1;
-                            break new_msg(&mut devices[i], topics[i].clone(), k, order);
+                            break new_msg(
+                                &mut devices[i],
+                                topics[i].clone(),
+                                k,
+                                order,
+                                ctx.cfg.format,
+                                ctx.cfg.metrics,
+                            );
                         }
                     }
                 }
@@ -232,7 +241,8 @@ async fn publish(
                 _ = ctx.abort.cancelled() => return Ended::Aborted,
             }
         };
-        ctx.stats.wrote(&msg.items, msg.attempts == 0);
+        ctx.stats
+            .wrote(&msg.items, msg.attempts == 0, msg.payload.len());
         let (topic, payload) = (msg.topic.clone(), msg.payload.clone());
         lock(shared).queued.push_back(msg);
         // The window never exceeds the request channel's capacity, so this does not wait.
@@ -246,27 +256,25 @@ async fn publish(
     }
 }
 
-fn new_msg(dev: &mut Device, topic: String, k: usize, order: u64) -> Msg {
+fn new_msg(
+    dev: &mut Device,
+    topic: String,
+    k: usize,
+    order: u64,
+    format: Format,
+    metrics: usize,
+) -> Msg {
     let ts = now_ms();
-    let mut text = String::with_capacity(k * 190 + 2);
-    let mut items = Vec::with_capacity(k);
-    if k == 1 {
-        items.push(dev.write_reading(ts, true, &mut text));
-    } else {
-        text.push('[');
-        for i in 0..k {
-            if i > 0 {
-                text.push(',');
-            }
-            items.push(dev.write_reading(ts, true, &mut text));
-        }
-        text.push(']');
+    let mut enc = Encoder::new(format, true, k > 1, k, metrics);
+    for _ in 0..k {
+        enc.push(dev, ts);
     }
+    let e = enc.finish();
     Msg {
         order,
         topic,
-        payload: Bytes::from(text),
-        items,
+        payload: e.bytes,
+        items: e.items,
         attempts: 0,
         sent_at: Instant::now(),
     }

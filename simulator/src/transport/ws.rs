@@ -7,6 +7,9 @@
 //!   frame in flight and frees its slot. An `overloaded`/`unavailable` error ack puts the frame
 //!   back for `retry_after_ms`.
 //!
+//! Frames are text (JSON) or, with `--format cbor`, binary (CBOR), and the server answers a
+//! binary frame with a CBOR binary ack of the same fields (SPEC §4, §10).
+//!
 //! When the connection breaks, every frame not acknowledged is sent again on the next one,
 //! with the same readings and `seq`s. Readings omit `device_id`: the connection binds it.
 //! A device's schedule starts when it is first connected (at a random phase within one
@@ -28,6 +31,8 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::encode::{Encoder, Format};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{now_ms, Ctx, Ended};
@@ -57,10 +62,12 @@ pub fn ws_url(target: &str, device: &str) -> String {
     format!("ws://{base}/v1/ws?device_id={device}")
 }
 
-/// One frame: its text and what each reading in it is.
+/// One frame: its message (text or binary) and what each reading in it is.
 #[derive(Debug)]
 struct Frame {
-    text: Utf8Bytes,
+    msg: Message,
+    /// Payload bytes.
+    len: usize,
     items: Vec<Item>,
     /// Sends so far.
     attempts: u32,
@@ -70,27 +77,25 @@ struct Frame {
     sent_at: Instant,
 }
 
-/// The next frame of `dev`: one reading object, or an array of `k`.
-fn new_frame(dev: &mut Device, k: usize) -> Frame {
+/// The next frame of `dev`: one reading object, or an array of `k`, in `format`.
+fn new_frame(dev: &mut Device, k: usize, format: Format, metrics: usize) -> Frame {
     let ts = now_ms();
-    let mut text = String::with_capacity(k * 170 + 2);
-    let mut items = Vec::with_capacity(k);
-    if k == 1 {
-        items.push(dev.write_reading(ts, false, &mut text));
-    } else {
-        text.push('[');
-        for i in 0..k {
-            if i > 0 {
-                text.push(',');
-            }
-            items.push(dev.write_reading(ts, false, &mut text));
-        }
-        text.push(']');
+    let mut enc = Encoder::new(format, false, k > 1, k, metrics);
+    for _ in 0..k {
+        enc.push(dev, ts);
     }
+    let e = enc.finish();
+    let len = e.bytes.len();
+    let msg = if format.is_binary() {
+        Message::Binary(e.bytes)
+    } else {
+        Message::Text(Utf8Bytes::try_from(e.bytes).expect("JSON is UTF-8"))
+    };
     let now = Instant::now();
     Frame {
-        text: text.into(),
-        items,
+        msg,
+        len,
+        items: e.items,
         attempts: 0,
         not_before: now,
         sent_at: now,
@@ -314,11 +319,11 @@ async fn write_frames(
             if generating {
                 schedule.sync(ctx);
                 if max {
-                    break new_frame(dev, ctx.cfg.frame_readings);
+                    break new_frame(dev, ctx.cfg.frame_readings, ctx.cfg.format, ctx.cfg.metrics);
                 }
                 if schedule.pacer.available(now) > 0 {
                     schedule.pacer.take(1);
-                    break new_frame(dev, ctx.cfg.frame_readings);
+                    break new_frame(dev, ctx.cfg.frame_readings, ctx.cfg.format, ctx.cfg.metrics);
                 }
             }
             let mut until = retry_at.unwrap_or(now + far);
@@ -332,17 +337,18 @@ async fn write_frames(
                 _ = ctx.abort.cancelled() => return Ended::Aborted,
             }
         };
-        ctx.stats.wrote(&frame.items, frame.attempts == 0);
-        let text = frame.text.clone();
+        ctx.stats
+            .wrote(&frame.items, frame.attempts == 0, frame.len);
+        let msg = frame.msg.clone();
         frame.sent_at = Instant::now();
         lock(shared).pending.push_back(frame);
-        if let Err(e) = sink.send(Message::Text(text)).await {
+        if let Err(e) = sink.send(msg).await {
             return Ended::Lost(format!("send: {e}"));
         }
     }
 }
 
-/// An answer frame: an ack (`accepted`, ...) or an error ack.
+/// An answer frame: an ack (`accepted`, ...) or an error ack, as JSON text or CBOR binary.
 #[derive(Deserialize)]
 struct AckFrame {
     ack: u64,
@@ -374,8 +380,17 @@ async fn read_acks(
             m = stream.next() => m,
             _ = ctx.abort.cancelled() => return Ended::Aborted,
         };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
+        let parsed: Result<AckFrame, String> = match msg {
+            Some(Ok(Message::Text(t))) => {
+                serde_json::from_str(&t).map_err(|e| format!("unreadable ack `{t}`: {e}"))
+            }
+            Some(Ok(Message::Binary(b))) => ciborium::from_reader(&b[..]).map_err(|e| {
+                format!(
+                    "unreadable CBOR ack ({} bytes {:02x?}): {e}",
+                    b.len(),
+                    &b[..b.len().min(32)]
+                )
+            }),
             Some(Ok(Message::Close(c))) => {
                 return Ended::Lost(format!("closed by the server: {c:?}"))
             }
@@ -383,9 +398,9 @@ async fn read_acks(
             Some(Err(e)) => return Ended::Lost(format!("read: {e}")),
             None => return Ended::Lost("connection closed".into()),
         };
-        let ack: AckFrame = match serde_json::from_str(&text) {
+        let ack = match parsed {
             Ok(a) => a,
-            Err(e) => return Ended::Lost(format!("unreadable ack `{text}`: {e}")),
+            Err(e) => return Ended::Lost(e),
         };
         let (frame, n) = {
             let mut s = lock(shared);
