@@ -10,7 +10,9 @@
 //! signal ─▶ not ready ─▶ stop accepting, finish in-flight HTTP requests (their acks still flow)
 //!        └▶ MQTT stops taking messages ─▶ (after HTTP and WebSocket) taken ones commit,
 //!           are PUBACKed, DISCONNECT
-//!        ─▶ close admission ─▶ batcher drains ─▶ writer commits and acks the rest ─▶ exit 0
+//!        ─▶ close admission ─▶ batcher drains ─▶ writer commits and acks the rest
+//!        ─▶ NATS publishes, and the rule engine evaluates what is left and its actions
+//!           deliver, within the rest of the budget ─▶ exit 0
 //! ```
 
 use std::future::Future;
@@ -32,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState, WsHub};
 use crate::config::{Backend, ConfigError, ServerSettings, Settings};
 use crate::ingest::{self, mqtt::MqttSource};
+use crate::outputs::alerts::AlertsOutput;
 use crate::outputs::nats::{CommitNotice, NatsOutput};
 use crate::pipeline::{Health, Pipeline};
 use crate::services::{DeviceState, Live, Services};
@@ -56,6 +59,9 @@ pub struct Application {
     mqtt: Option<MqttSource>,
     /// The NATS output, when `nats.enabled`; publishes what is left after the pipeline drains.
     nats: Option<NatsOutput>,
+    /// The rule engine and its actions, when `[[rules]]` are configured; evaluates what is
+    /// left after the pipeline drains.
+    alerts: Option<AlertsOutput>,
 }
 
 /// The HTTP routes, with their state. Public so tests can drive it without a socket.
@@ -77,6 +83,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/ws", get(ingest::ws::device_ws))
         .route("/v1/live", get(api::live::live_ws))
+        .route("/v1/alerts", get(api::alerts::list_alerts))
+        .route("/v1/rules", get(api::alerts::list_rules))
         .route("/metrics", get(api::ops::metrics))
         .route("/healthz", get(api::ops::healthz))
         .route("/readyz", get(api::ops::readyz))
@@ -98,6 +106,8 @@ impl Application {
         // The store keeps committed readings for the NATS publisher until it has them.
         settings.storage.outbox = settings.nats.enabled;
         settings.storage.replica = crate::outputs::nats::replica_id();
+        // The store keeps the rollups of [rollups] (SPEC §12).
+        settings.storage.rollups = settings.rollups.clone();
         let settings = Arc::new(settings);
         preflight_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
@@ -131,6 +141,29 @@ impl Application {
         if settings.nats.enabled {
             chain.push(Arc::new(CommitNotice(notice.clone())));
         }
+        // Alert rules: the rule engine gets committed readings through the feed (SPEC §12).
+        let rules: Vec<crate::config::rules::Rule> = settings
+            .rules
+            .iter()
+            .map(|r| {
+                r.parse()
+                    .map_err(|e| anyhow::anyhow!("rule `{}`: {e}", r.name))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let board = Arc::new(crate::services::rules::AlertBoard::new(&rules));
+        let rules_feed = if rules.is_empty() {
+            None
+        } else {
+            let (tx, rx) = crate::pipeline::committed_feed(
+                settings.alerts.evaluation_queue_readings,
+                "rules",
+                &metrics,
+            );
+            let metric_names = board.with(|e| e.metrics().to_vec());
+            let feed = Arc::new(crate::services::rules::RulesFeed::new(metric_names, tx));
+            chain.push(feed.clone());
+            Some((feed, rx))
+        };
         let services = Arc::new(Services::new(chain));
         let reader = Arc::new(ReaderSlot::new(settings.storage.backend));
         let pipeline = Pipeline::start(
@@ -161,6 +194,18 @@ impl Application {
         } else {
             None
         };
+        let alerts = match rules_feed {
+            Some((feed, rx)) => Some(AlertsOutput::start(
+                &settings,
+                board.clone(),
+                feed,
+                rx,
+                reader.clone(),
+                live.clone(),
+                metrics.clone(),
+            )?),
+            None => None,
+        };
         let state = AppState {
             settings: settings.clone(),
             admission: pipeline.admission.clone(),
@@ -168,6 +213,7 @@ impl Application {
             health,
             devices,
             reader,
+            alerts: board,
             ws: WsHub {
                 connections: Arc::new(tokio::sync::Semaphore::new(settings.ws.max_connections)),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -183,6 +229,7 @@ impl Application {
             runtime,
             mqtt,
             nats,
+            alerts,
         })
     }
 
@@ -210,6 +257,7 @@ impl Application {
             runtime,
             mqtt,
             nats,
+            alerts,
         } = self;
         let timeout = state.settings.server.shutdown_timeout;
         let ws_tracker = state.ws.tracker.clone();
@@ -282,17 +330,26 @@ impl Application {
             }
             tracing::info!("draining the pipeline");
             pipeline.drain().await;
-            if let Some(nats) = nats {
-                // Whatever is not published in the rest of the budget stays in the outbox.
-                let left = deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .saturating_sub(std::time::Duration::from_millis(250));
-                tracing::info!(
-                    budget_ms = left.as_millis() as u64,
-                    "publishing what is left to NATS"
-                );
-                nats.finish(left).await;
-            }
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(std::time::Duration::from_millis(250));
+            let nats = async {
+                if let Some(nats) = nats {
+                    // Whatever is not published in the rest of the budget stays in the outbox.
+                    tracing::info!(
+                        budget_ms = left.as_millis() as u64,
+                        "publishing what is left to NATS"
+                    );
+                    nats.finish(left).await;
+                }
+            };
+            let alerts = async {
+                if let Some(alerts) = alerts {
+                    // Events not delivered in the rest of the budget are counted as dropped.
+                    alerts.finish(left).await;
+                }
+            };
+            tokio::join!(nats, alerts);
         };
         tokio::time::timeout(timeout, drain).await.map_err(|_| {
             anyhow::anyhow!(

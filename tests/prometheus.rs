@@ -572,6 +572,7 @@ async fn scraped_metrics_pass_promtool_and_carry_no_device_id() {
         "sluice_task_poll_seconds_total",
         "sluice_task_slow_polls_total",
         "process_resident_memory_bytes",
+        "sluice_alert_notifications_total",
         "process_cpu_seconds_total",
         "process_open_fds",
     ] {

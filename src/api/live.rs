@@ -1,5 +1,7 @@
-//! `GET /v1/live?device=<glob>&metric=<glob>`: committed readings, streamed to dashboards and
-//! consumers (SPEC §5). The reverse of ingest: store → live service → **this handler** → client.
+//! `GET /v1/live?device=<glob>&metric=<glob>[&type=reading|alert]`: committed readings (the
+//! default), or with `type=alert` the rule engine's alert events (SPEC §5, §12), streamed to
+//! dashboards and consumers. The reverse of ingest: store → live service → **this handler** →
+//! client.
 //!
 //! The subscriber's buffer lives in the live service and is bounded (`ws.live_buffer`). This
 //! task only forwards. When the service reports missed readings, the client first gets
@@ -27,8 +29,23 @@ const LAG_CHECK: Duration = Duration::from_millis(100);
 pub struct LiveParams {
     /// Glob on device ids (`*`, `?`); all devices if absent.
     device: Option<String>,
-    /// Glob on metric names; a reading matches if any of its metrics does.
+    /// Glob on metric names; a reading matches if any of its metrics does (an alert, if its
+    /// rule's metric does).
     metric: Option<String>,
+    /// `reading` (default) or `alert`.
+    #[serde(rename = "type", default)]
+    kind: LiveKind,
+}
+
+/// What a live stream carries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveKind {
+    /// Committed readings (SPEC §5).
+    #[default]
+    Reading,
+    /// Alert events (SPEC §12).
+    Alert,
 }
 
 /// The upgrade handler.
@@ -45,7 +62,12 @@ pub async fn live_ws(
 async fn run(socket: WebSocket, state: AppState, params: LiveParams) {
     let _gauge = ConnectionGauge::new(&state, "live");
     let ws = &state.settings.ws;
-    let (subscription, mut rx) = state.ws.live.subscribe(
+    let subscribe = match params.kind {
+        LiveKind::Reading => crate::services::Live::subscribe,
+        LiveKind::Alert => crate::services::Live::subscribe_alerts,
+    };
+    let (subscription, mut rx) = subscribe(
+        &state.ws.live,
         params.device.as_deref(),
         params.metric.as_deref(),
         ws.live_buffer,

@@ -9,7 +9,9 @@
 //! - `params`: every endpoint's query string, with unknown parameters refused
 //! - `problem`: RFC 9457 problem documents for every error answer
 //! - `status`: the status page (`GET /`, `/static/…`) and its figures (`GET /v1/status`)
+//! - `alerts`: `GET /v1/alerts` and `GET /v1/rules` (alert rules)
 
+pub mod alerts;
 pub mod live;
 pub mod ops;
 pub mod params;
@@ -60,4 +62,6 @@ pub struct AppState {
     pub reader: Arc<ReaderSlot>,
     /// WebSocket connections.
     pub ws: WsHub,
+    /// The alert rules and their states, for `GET /v1/alerts` and `GET /v1/rules`.
+    pub alerts: Arc<crate::services::rules::AlertBoard>,
 }

@@ -3,7 +3,9 @@
 //! - `GET /v1/devices` and `GET /v1/devices/{id}` answer from the device-state service
 //!   (memory), or, when the store keeps a device table shared by replicas (PostgreSQL), from
 //!   that table on a blocking thread, so every replica answers the same (SPEC §13).
-//! - `GET /v1/devices/{id}/readings` queries the store on a blocking thread.
+//! - `GET /v1/devices/{id}/readings` queries the store on a blocking thread. With `agg` and
+//!   `step` (SPEC §12) it answers aggregates per bucket instead ([`aggregate`]): from a rollup
+//!   level when the step is a multiple of one, else from raw readings (`store::rollup`).
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -16,6 +18,7 @@ use super::problem::Problem;
 use super::AppState;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::services::device_state::{DeviceState, DeviceView};
+use crate::store::rollup::{AggAnswer, AggFn, AggQuery, AggSeries, AggSource};
 use crate::store::{DevicesQuery, Order, ReadingsQuery, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
@@ -162,6 +165,11 @@ pub struct ReadingsParams {
     order: Option<String>,
     /// The `next` of the previous page.
     cursor: Option<String>,
+    /// `avg`, `min`, `max`, `sum`, `count`, `first` or `last`: aggregates per bucket of
+    /// `step` instead of readings (SPEC §12). Needs `step`.
+    agg: Option<String>,
+    /// The bucket width of `agg`, a duration (`7s`, `5m`, `1h`). Needs `agg`.
+    step: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -234,8 +242,13 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
 pub async fn readings(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    Params(params): Params<ReadingsParams>,
+    Params(mut params): Params<ReadingsParams>,
 ) -> Response {
+    if params.agg.is_some() || params.step.is_some() {
+        let agg = params.agg.take();
+        let step = params.step.take();
+        return aggregate(state, path, params, agg, step).await;
+    }
     let result = async {
         let id = device_path(path)?;
         let mut q = readings_query(id, params)?;
@@ -274,4 +287,296 @@ pub async fn readings(
     }
     .await;
     result.unwrap_or_else(|p| p.into_response())
+}
+
+/// `agg=&step=` on `GET /v1/devices/{device_id}/readings` (SPEC §12):
+/// `{"device_id", "agg", "step", "series": [{"ts": <bucket start>, "metrics": {...}}]}`.
+///
+/// - Buckets start at whole multiples of `step` since the Unix epoch (UTC) and are whole: a
+///   `from` or `to` inside a bucket takes all of it. Empty buckets are left out. An open
+///   `from` or `to` is the device's oldest or newest stored data.
+/// - The range may span at most `limit` buckets (default 1000, up to `rollups.max_buckets`);
+///   past it the answer is a 400 `too-many-buckets` that names both numbers. So an answer is
+///   always complete: it has no `next`, and `cursor` is refused.
+/// - `metric` narrows to one metric; `order=desc` gives the newest bucket first.
+/// - `avg` and `sum` are doubles (a boolean counts 1 when true: its sum is the count of true,
+///   its average the fraction true); `count` an integer; `min`, `max`, `first` and `last` the
+///   stored values, first and last by reading time.
+async fn aggregate(
+    state: AppState,
+    path: Result<Path<String>, PathRejection>,
+    p: ReadingsParams,
+    agg: Option<String>,
+    step: Option<String>,
+) -> Response {
+    let result = async {
+        let id = device_path(path)?;
+        let accepted = || {
+            AggFn::ALL
+                .iter()
+                .map(|f| f.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (agg, step) = match (agg, step) {
+            (Some(a), Some(s)) => (a, s),
+            (Some(_), None) => {
+                return Err(Problem::bad_request(
+                    "agg needs step: the bucket width, e.g. step=5m",
+                ))
+            }
+            (None, _) => {
+                return Err(Problem::bad_request(format!(
+                    "step needs agg: one of {}",
+                    accepted()
+                )))
+            }
+        };
+        let func = AggFn::parse(&agg).ok_or_else(|| {
+            Problem::bad_request(format!("agg: `{agg}` must be one of {}", accepted()))
+        })?;
+        let step_ms = match humantime::parse_duration(step.trim()) {
+            Ok(d) if d.as_millis() >= 1 && d.subsec_nanos() % 1_000_000 == 0 => {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            }
+            _ => {
+                return Err(Problem::bad_request(format!(
+                    "step: `{step}` must be a duration of whole milliseconds, at least 1ms (e.g. 7s, 5m, 1h)"
+                )))
+            }
+        };
+        if p.cursor.is_some() {
+            return Err(Problem::bad_request(
+                "cursor: aggregation answers are never paged (a range that does not fit in limit buckets is refused); narrow from and to instead",
+            ));
+        }
+        let max = state.settings.rollups.max_buckets;
+        let limit = match p.limit.as_deref() {
+            None => DEFAULT_LIMIT.min(max),
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => n,
+                _ => {
+                    return Err(Problem::bad_request(format!(
+                        "limit: `{s}` must be an integer from 1 to {max} buckets (rollups.max_buckets)"
+                    )))
+                }
+            },
+        };
+        // The rest of the parameters mean what they mean for readings.
+        let base = readings_query(
+            id,
+            ReadingsParams {
+                limit: None,
+                cursor: None,
+                agg: None,
+                step: None,
+                ..p
+            },
+        )?;
+        let q = AggQuery {
+            device_id: base.device_id,
+            from_ms: (base.from_ms != i64::MIN).then_some(base.from_ms),
+            to_ms: (base.to_ms != i64::MAX).then_some(base.to_ms),
+            metric: base.metric,
+            step_ms,
+            max_buckets: limit as u64,
+        };
+        let reader = state.reader.clone();
+        let retry = state.settings.pipeline.retry_after;
+        let unavailable = |detail: String| {
+            Problem::unavailable("unavailable", "Store unavailable", detail, retry)
+        };
+        let query = q.clone();
+        let answer = tokio::task::spawn_blocking(move || reader.aggregate(&query))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let step_text = humantime::format_duration(std::time::Duration::from_millis(step_ms as u64)).to_string();
+        match answer {
+            None => Err(Problem::not_found(format!(
+                "device `{}` has no stored readings",
+                q.device_id
+            ))),
+            Some(AggAnswer::TooManyBuckets {
+                buckets,
+                from_ms,
+                to_ms,
+            }) => Err(Problem::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "too-many-buckets",
+                "Too many buckets",
+                format!(
+                    "from {} to {} at step {step_text} is {buckets} buckets, more than limit {limit}; \
+                     use a larger step, a shorter range, or a limit up to {max} (rollups.max_buckets)",
+                    crate::reading::format_ts(from_ms),
+                    crate::reading::format_ts(to_ms),
+                ),
+            )),
+            Some(AggAnswer::Series(series)) => {
+                let source = match series.source {
+                    AggSource::Level(_) => "level",
+                    AggSource::Raw => "raw",
+                };
+                state
+                    .metrics
+                    .rollup_queries
+                    .with_label_values(&[source])
+                    .inc();
+                Ok(Json(AggBody {
+                    device_id: &q.device_id,
+                    agg: func,
+                    step: step_text,
+                    series: &series,
+                    desc: base.order == Order::Desc,
+                })
+                .into_response())
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(|p: Problem| p.into_response())
+}
+
+/// The body of an aggregation answer (see [`aggregate`]).
+struct AggBody<'a> {
+    device_id: &'a str,
+    agg: AggFn,
+    step: String,
+    series: &'a AggSeries,
+    /// Newest bucket first.
+    desc: bool,
+}
+
+impl Serialize for AggBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct Buckets<'a>(&'a AggBody<'a>);
+        struct Bucket<'a>(
+            &'a AggBody<'a>,
+            &'a str,
+            &'a (i64, Vec<(u32, crate::store::rollup::Agg)>),
+        );
+        struct Metrics<'a>(&'a AggBody<'a>, &'a [(u32, crate::store::rollup::Agg)]);
+        impl Serialize for Buckets<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let b = &self.0.series.buckets;
+                let mut seq = s.serialize_seq(Some(b.len()))?;
+                let mut ts = TsText::default();
+                let mut one = |x: &(i64, Vec<(u32, crate::store::rollup::Agg)>)| {
+                    seq.serialize_element(&Bucket(self.0, ts.format(x.0), x))
+                };
+                if self.0.desc {
+                    b.iter().rev().try_for_each(&mut one)?;
+                } else {
+                    b.iter().try_for_each(&mut one)?;
+                }
+                seq.end()
+            }
+        }
+        impl Serialize for Bucket<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("ts", self.1)?;
+                m.serialize_entry("metrics", &Metrics(self.0, &self.2 .1))?;
+                m.end()
+            }
+        }
+        impl Serialize for Metrics<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let names = &self.0.series.names;
+                let mut m = s.serialize_map(Some(self.1.len()))?;
+                for (ix, agg) in self.1 {
+                    let name = names.get(*ix as usize).map_or("", String::as_str);
+                    m.serialize_entry(name, &self.0.agg.value(agg))?;
+                }
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("device_id", self.device_id)?;
+        m.serialize_entry("agg", self.agg.as_str())?;
+        m.serialize_entry("step", &self.step)?;
+        m.serialize_entry("series", &Buckets(self))?;
+        m.end()
+    }
+}
+
+/// [`crate::reading::format_ts`] for a run of bucket starts: the date part is formatted once
+/// per day, the time of day by hand (43 200 buckets of a month otherwise spend milliseconds on
+/// calendar arithmetic).
+#[derive(Default)]
+struct TsText {
+    /// The day (since the epoch) `text` holds the date of.
+    day: Option<i64>,
+    /// The last formatted timestamp: `YYYY-MM-DDThh:mm:ss.mmmZ`.
+    text: String,
+}
+
+impl TsText {
+    fn format(&mut self, ms: i64) -> &str {
+        let day = ms.div_euclid(86_400_000);
+        if self.day != Some(day) {
+            self.text = crate::reading::format_ts(ms);
+            if self.text.len() != 24 {
+                // Beyond four-digit years: no fast path.
+                self.day = None;
+                return &self.text;
+            }
+            self.day = Some(day);
+        }
+        let of_day = ms.rem_euclid(86_400_000);
+        let (h, m, s, milli) = (
+            of_day / 3_600_000,
+            of_day / 60_000 % 60,
+            of_day / 1000 % 60,
+            of_day % 1000,
+        );
+        let digits = [
+            (11, h / 10),
+            (12, h % 10),
+            (14, m / 10),
+            (15, m % 10),
+            (17, s / 10),
+            (18, s % 10),
+            (20, milli / 100),
+            (21, milli / 10 % 10),
+            (22, milli % 10),
+        ];
+        // Safe edit of ASCII digits in place: the text is the 24 ASCII bytes of format_ts.
+        let mut bytes = std::mem::take(&mut self.text).into_bytes();
+        for (at, d) in digits {
+            bytes[at] = b'0' + d as u8;
+        }
+        self.text = String::from_utf8(bytes).unwrap_or_else(|_| crate::reading::format_ts(ms));
+        &self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_timestamps_format_as_format_ts() {
+        let mut t = TsText::default();
+        for ms in [
+            0,
+            59_999,
+            86_399_999,
+            86_400_000,
+            1_796_058_000_123,
+            -1,
+            -86_400_001,
+            253_402_300_799_999,
+            253_402_300_800_000,
+        ] {
+            assert_eq!(t.format(ms), crate::reading::format_ts(ms), "{ms}");
+        }
+        let mut ms = 1_796_000_000_000;
+        while ms < 1_796_000_000_000 + 3 * 86_400_000 {
+            assert_eq!(t.format(ms), crate::reading::format_ts(ms));
+            ms += 61_001;
+        }
+    }
 }

@@ -6,8 +6,11 @@
 //! [`Settings::validate`] checks the relations between keys that serde cannot see.
 
 pub mod mqtt;
+pub mod rollups;
+pub mod rules;
 
 pub use mqtt::MqttSettings;
+pub use rules::{AlertsSettings, RuleSettings};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -45,6 +48,12 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// Options of the wire formats other than JSON (SPEC §10).
     pub formats: FormatsSettings,
+    /// `[[rules]]`: alert rules (SPEC §12), checked by [`rules::validate`].
+    pub rules: Vec<RuleSettings>,
+    /// `[alerts]`: where alert events go (webhook, MQTT) and the queues on the way.
+    pub alerts: AlertsSettings,
+    /// `[rollups]`: the aggregate levels the store keeps (SPEC §12), see [`rollups`].
+    pub rollups: rollups::RollupSettings,
 }
 
 /// `[formats]`: options of the other wire formats (SPEC §10).
@@ -265,6 +274,10 @@ pub struct StorageSettings {
     /// shared outbox. Not a configuration key: random per process, set at start.
     #[serde(skip)]
     pub replica: String,
+    /// `[rollups]`, which the store keeps during compaction. Not a `[storage]` key: copied
+    /// from `rollups` at start.
+    #[serde(skip)]
+    pub rollups: rollups::RollupSettings,
 }
 
 impl StorageSettings {
@@ -431,6 +444,7 @@ impl Default for StorageSettings {
             compaction_pause: Duration::ZERO,
             outbox: false,
             replica: String::new(),
+            rollups: rollups::RollupSettings::default(),
         }
     }
 }
@@ -922,6 +936,12 @@ impl Settings {
             );
         }
         if let Err((key, reason)) = mqtt::validate(&self.mqtt, &self.limits) {
+            return invalid(key, reason);
+        }
+        if let Err((key, reason)) = rules::validate(&self.rules, &self.alerts) {
+            return invalid(key, reason);
+        }
+        if let Err((key, reason)) = rollups::validate(&self.rollups) {
             return invalid(key, reason);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -8,15 +8,19 @@
 //! | admission (handlers → batcher) | `pipeline.queue_capacity` readings, held as semaphore permits until commit | refuse: the handler answers 503 / `overloaded` / no PUBACK, and the readings are counted as shed |
 //! | batches (batcher → store writer) | 2 batches | block the batcher; readings pile up in admission, whose bound then sheds |
 //! | acks (writer → one handler) | a oneshot per submission | never full |
+//! | committed feed (writer, after commit → rule engine; [`committed_feed`]) | `alerts.evaluation_queue_readings` readings, as semaphore permits until the engine takes the batch; stage `rules` | drop_newest: the new batch is not queued, its readings are counted in `sluice_rules_skipped_readings_total`; the commit and its acks never wait |
+//! | alert actions (rule engine → webhook, MQTT; `outputs::outbox`) | `alerts.queue_capacity` events per action | drop_newest: the new event is counted as `sluice_alert_notifications_total{result="dropped"}` |
 //!
 //! A submission's permits are released only after its commit, so the admission bound covers
 //! every reading that has been taken but not yet made durable.
 
 mod admission;
 mod batcher;
+mod feed;
 mod writer;
 
 pub use admission::{Admission, Refusal};
+pub use feed::{FeedReceiver, FeedSender};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,6 +122,26 @@ pub struct Pipeline {
     batcher: JoinHandle<()>,
     /// The store writer task; ends after the batcher and the last commit.
     writer: JoinHandle<()>,
+}
+
+/// Creates the feed of committed readings for a service that runs on its own task after
+/// the commit (the rule engine): bounded at `capacity` readings, full-policy `drop_newest`
+/// (see the table above), its depth reported as `sluice_pipeline_queue_depth{stage}`.
+pub fn committed_feed<T>(
+    capacity: usize,
+    stage: &'static str,
+    metrics: &Metrics,
+) -> (FeedSender<T>, FeedReceiver<T>) {
+    metrics
+        .queue_capacity
+        .with_label_values(&[stage])
+        .set(capacity as i64);
+    feed::new(
+        capacity,
+        stage,
+        metrics.queue_depth.with_label_values(&[stage]),
+        metrics.rules_skipped.clone(),
+    )
 }
 
 impl Pipeline {

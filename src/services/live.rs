@@ -5,6 +5,10 @@
 //! `try_send`s: a subscriber whose buffer is full misses the reading, the miss is counted,
 //! and the subscriber is told `{"type":"lagged","missed":n}` when it catches up. A slow
 //! subscriber can therefore never slow ingest or the other subscribers.
+//!
+//! Alert subscribers (`/v1/live?type=alert`, SPEC §12) are kept in the same registry and get
+//! alert events from the rule engine ([`Live::deliver_alert`]) instead of readings, with the
+//! same buffer, filters and `lagged` reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -31,6 +35,8 @@ pub struct Subscriber {
     tx: mpsc::Sender<LiveMessage>,
     /// Readings dropped because the buffer was full, not yet reported.
     missed: AtomicU64,
+    /// Takes alert events (`type=alert`) rather than readings.
+    alerts: bool,
 }
 
 impl Subscriber {
@@ -116,6 +122,39 @@ impl Live {
         metric: Option<&str>,
         buffer: usize,
     ) -> (Subscription, mpsc::Receiver<LiveMessage>) {
+        self.add(device, metric, buffer, false)
+    }
+
+    /// Subscribes to alert events (`/v1/live?type=alert`): `device` filters the device,
+    /// `metric` the metric of the rule (absence rules have none, so a metric filter leaves
+    /// them out).
+    pub fn subscribe_alerts(
+        self: &Arc<Self>,
+        device: Option<&str>,
+        metric: Option<&str>,
+        buffer: usize,
+    ) -> (Subscription, mpsc::Receiver<LiveMessage>) {
+        self.add(device, metric, buffer, true)
+    }
+
+    /// Hands an alert event (already JSON) to the matching alert subscribers; never waits.
+    pub fn deliver_alert(&self, device: &str, metric: Option<&str>, msg: LiveMessage) {
+        let subscribers = self.subscribers.read().expect("live lock");
+        for s in subscribers
+            .iter()
+            .filter(|s| s.alerts && s.matches_parts(device, metric.into_iter()))
+        {
+            s.offer(msg.clone());
+        }
+    }
+
+    fn add(
+        self: &Arc<Self>,
+        device: Option<&str>,
+        metric: Option<&str>,
+        buffer: usize,
+        alerts: bool,
+    ) -> (Subscription, mpsc::Receiver<LiveMessage>) {
         let (tx, rx) = mpsc::channel(buffer);
         let subscriber = Arc::new(Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -123,6 +162,7 @@ impl Live {
             metric: metric.map(WildMatch::new),
             tx,
             missed: AtomicU64::new(0),
+            alerts,
         });
         self.subscribers
             .write()
@@ -159,7 +199,7 @@ impl Live {
         let subscribers = self.subscribers.read().expect("live lock");
         for s in subscribers
             .iter()
-            .filter(|s| s.matches_parts(device, metrics.clone()))
+            .filter(|s| !s.alerts && s.matches_parts(device, metrics.clone()))
         {
             s.offer(msg.clone());
         }
@@ -202,7 +242,7 @@ impl Service for Live {
         }
         for r in stored {
             let mut rendered: Option<LiveMessage> = None;
-            for s in subscribers.iter().filter(|s| s.matches(r)) {
+            for s in subscribers.iter().filter(|s| !s.alerts && s.matches(r)) {
                 s.offer(rendered.get_or_insert_with(|| render(r)).clone());
             }
         }

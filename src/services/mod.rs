@@ -6,10 +6,14 @@
 //! - [`Service::after_commit`] sees the readings that were newly stored (not duplicates), before
 //!   their devices are acknowledged, so state read after an ack already reflects it.
 //!
-//! Services must be quick and must not block: they run inside the commit loop.
+//! Services must be quick and must not block: they run inside the commit loop. Work that is not
+//! quick runs on its own task after the commit, fed through the bounded committed feed of
+//! `pipeline`: [`rules::RulesFeed`] is the service that fills it for the rule engine, whose
+//! evaluation is [`rules::Evaluator`] (no I/O) and whose task is `outputs::alerts`.
 
 pub mod device_state;
 pub mod live;
+pub mod rules;
 
 use std::sync::Arc;
 

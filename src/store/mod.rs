@@ -11,6 +11,7 @@
 //! Every backend must pass the conformance suite in `tests/store_conformance.rs`.
 
 pub mod postgres;
+pub mod rollup;
 pub mod sqlite;
 
 use std::sync::{Arc, RwLock};
@@ -108,6 +109,12 @@ pub trait StoreRead: Send + Sync {
     /// Runs a readings query. `Ok(None)` when the device has never been stored.
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError>;
 
+    /// Runs an aggregation query (SPEC §12, [`rollup`]): the non-empty buckets of the range,
+    /// from a rollup level where the step allows it, else from raw readings; or
+    /// [`rollup::AggAnswer::TooManyBuckets`] before reading anything. `Ok(None)` when the
+    /// device has never been stored.
+    fn aggregate(&self, q: &rollup::AggQuery) -> Result<Option<rollup::AggAnswer>, StoreError>;
+
     /// The device table, for a backend whose device state every replica shares: the devices
     /// `q` selects, sorted by id. `None` when the backend keeps no shared table, and the
     /// device-state service (memory) answers.
@@ -120,6 +127,94 @@ pub trait StoreRead: Send + Sync {
     fn outbox(&self) -> Option<Arc<dyn Outbox>> {
         None
     }
+
+    /// Every persisted alert state: the (rule, device)s that were pending or firing (SPEC §12).
+    /// Read once by the rule engine at start, so that a restart neither announces a firing
+    /// alert again nor forgets a pending one.
+    fn alert_states(&self) -> Result<Vec<AlertRow>, StoreError>;
+
+    /// Applies the rule engine's state changes in one transaction and says, per change,
+    /// whether it took effect: a [`AlertChange::Set`] unless the stored row already has that
+    /// state (or is `firing` and the change is to `pending`), a [`AlertChange::Clear`] if a
+    /// row in state `was` was deleted. With a database shared by replicas, only the replica
+    /// whose change took effect announces the event.
+    fn apply_alert_changes(&self, changes: &[AlertChange]) -> Result<Vec<bool>, StoreError>;
+}
+
+/// A (rule, device) that is not inactive (SPEC §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    /// The condition holds, for less than `for` so far.
+    Pending,
+    /// The rule fired and has not resolved.
+    Firing,
+}
+
+impl AlertState {
+    /// `pending` or `firing`: the `state` label of `sluice_alerts`, and the stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Pending => "pending",
+            AlertState::Firing => "firing",
+        }
+    }
+
+    /// Parses [`AlertState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(AlertState::Pending),
+            "firing" => Some(AlertState::Firing),
+            _ => None,
+        }
+    }
+}
+
+/// One persisted alert state: table `alert_states` (SQLite: created by the first rule engine
+/// that runs; PostgreSQL: migration `V5__alert_states.sql`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRow {
+    /// Rule name.
+    pub rule: String,
+    /// Device id.
+    pub device_id: String,
+    /// Pending or firing.
+    pub state: AlertState,
+    /// Server time (epoch ms) the condition began to hold (absence: the device's last commit).
+    pub since_ms: i64,
+    /// Server time it fired; 0 while pending.
+    pub fired_ms: i64,
+    /// The value that put it in this state (none for absence rules).
+    pub value: Option<MetricValue>,
+    /// That value's reading `ts` (epoch ms): older readings are ignored.
+    pub ts_ms: i64,
+}
+
+/// A change of alert state, as the rule engine asks the store for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlertChange {
+    /// Upsert this row (see [`StoreRead::apply_alert_changes`]).
+    Set(AlertRow),
+    /// Delete the row of (rule, device) if its state is `was`.
+    Clear {
+        /// Rule name.
+        rule: String,
+        /// Device id.
+        device_id: String,
+        /// The state left.
+        was: AlertState,
+    },
+}
+
+/// The stored text of an alert value: its JSON (`31.5`, `true`), or none.
+pub fn alert_value_text(v: &Option<MetricValue>) -> Option<String> {
+    v.as_ref().and_then(|v| serde_json::to_string(v).ok())
+}
+
+/// Parses [`alert_value_text`]; a damaged value reads as none.
+pub fn alert_value_from_text(t: Option<String>) -> Option<MetricValue> {
+    let v = serde_json::from_str::<serde_json::Value>(&t?).ok()?;
+    metric_value_from_json("value", v).ok()
 }
 
 /// The durable outbox (SPEC §13): what the store committed that NATS has not acknowledged.
@@ -280,6 +375,30 @@ impl ReaderSlot {
             .expect("reader slot lock")
             .as_ref()?
             .outbox()
+    }
+
+    /// The open store's persisted alert states ([`StoreRead::alert_states`]).
+    pub fn alert_states(&self) -> Result<Vec<AlertRow>, StoreError> {
+        self.current()?.alert_states()
+    }
+
+    /// Applies alert state changes to the open store ([`StoreRead::apply_alert_changes`]).
+    pub fn apply_alert_changes(&self, changes: &[AlertChange]) -> Result<Vec<bool>, StoreError> {
+        self.current()?.apply_alert_changes(changes)
+    }
+
+    /// The open store's reader, or [`StoreError::NotOpen`].
+    fn current(&self) -> Result<Arc<dyn StoreRead>, StoreError> {
+        self.inner
+            .read()
+            .expect("reader slot lock")
+            .clone()
+            .ok_or(StoreError::NotOpen)
+    }
+
+    /// Runs an aggregation query against the open store ([`StoreRead::aggregate`]).
+    pub fn aggregate(&self, q: &rollup::AggQuery) -> Result<Option<rollup::AggAnswer>, StoreError> {
+        self.current()?.aggregate(q)
     }
 
     /// Runs a readings query against the open store.

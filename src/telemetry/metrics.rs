@@ -121,6 +121,28 @@ pub struct Metrics {
     pub nats_live_received: IntCounter,
     /// Line-protocol string fields ignored (beside numeric fields of the same line).
     pub line_protocol_ignored_fields: IntCounter,
+    /// Pending and firing (rule, device)s, by `rule` and `state` (SPEC §7).
+    pub alerts: IntGaugeVec,
+    /// Alert events announced, by `state` (`firing`, `resolved`).
+    pub alert_events: IntCounterVec,
+    /// Alert events by `action` (webhook, mqtt) and `result`: `sent`, `failed` (an attempt
+    /// that did not deliver; retried), `dropped` (never delivered: queue full, refused by the
+    /// receiver, or left at shutdown).
+    pub alert_notifications: IntCounterVec,
+    /// Alert events waiting for each `action`, against `alert_queue_capacity`.
+    pub alert_queue_depth: IntGaugeVec,
+    /// `alerts.queue_capacity`, per `action`.
+    pub alert_queue_capacity: IntGaugeVec,
+    /// Committed readings the rule engine skipped because its feed was full.
+    pub rules_skipped: IntCounter,
+    /// Alert states that could not be loaded or saved in the store (retried).
+    pub alert_state_errors: IntCounter,
+    /// Rollup rows (one device's bucket of one level) written by compaction (SPEC §12).
+    pub rollup_rows_written: IntCounter,
+    /// Rollup rows deleted because their bucket ended before `rollups.retention`.
+    pub rollup_retention_deleted: IntCounter,
+    /// Aggregation queries by `source`: `level` (served from a rollup level) or `raw`.
+    pub rollup_queries: IntCounterVec,
     /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
     pub tasks: TaskMonitors,
 }
@@ -387,6 +409,40 @@ impl Metrics {
                 registry.register(Box::new(c.clone())).expect("unique metric");
                 c
             },
+            alerts: gauge(
+                "sluice_alerts",
+                "Pending and firing alerts, by rule and state (pending, firing).",
+                &["rule", "state"],
+            ),
+            alert_events: counter(
+                "sluice_alert_events_total",
+                "Alert events announced, by state (firing, resolved).",
+                &["state"],
+            ),
+            alert_notifications: counter(
+                "sluice_alert_notifications_total",
+                "Alert events by action (webhook, mqtt) and result: sent, failed (an attempt that did not deliver; retried), dropped (never delivered).",
+                &["action", "result"],
+            ),
+            alert_queue_depth: gauge(
+                "sluice_alert_queue_depth",
+                "Alert events waiting for an action (webhook, mqtt).",
+                &["action"],
+            ),
+            alert_queue_capacity: gauge(
+                "sluice_alert_queue_capacity",
+                "alerts.queue_capacity: past it, new alert events for that action are dropped.",
+                &["action"],
+            ),
+            rules_skipped: simple_counter(&registry, "sluice_rules_skipped_readings_total", "Committed readings the rule engine never evaluated because its feed was full (drop_newest)."),
+            alert_state_errors: simple_counter(&registry, "sluice_alert_state_errors_total", "Alert states that could not be loaded or saved in the store (retried)."),
+            rollup_rows_written: simple_counter(&registry, "sluice_rollup_rows_written_total", "Rollup rows (one device's bucket of one level, every metric) written by compaction."),
+            rollup_retention_deleted: simple_counter(&registry, "sluice_rollup_retention_deleted_total", "Rollup rows deleted because their bucket ended before rollups.retention."),
+            rollup_queries: counter(
+                "sluice_rollup_queries_total",
+                "Aggregation queries (agg=&step=) by source: level (a rollup level) or raw (raw readings).",
+                &["source"],
+            ),
             registry,
             tasks,
         };
@@ -417,6 +473,18 @@ impl Metrics {
         m.ws_connections.with_label_values(&["device"]);
         m.ws_connections.with_label_values(&["live"]);
         m.store_commit_seconds.with_label_values(&["sqlite"]);
+        for source in ["level", "raw"] {
+            m.rollup_queries.with_label_values(&[source]);
+        }
+        m.alert_events.with_label_values(&["firing"]);
+        m.alert_events.with_label_values(&["resolved"]);
+        for action in ["webhook", "mqtt"] {
+            for result in ["sent", "failed", "dropped"] {
+                m.alert_notifications.with_label_values(&[action, result]);
+            }
+            m.alert_queue_depth.with_label_values(&[action]);
+            m.alert_queue_capacity.with_label_values(&[action]);
+        }
         m
     }
 

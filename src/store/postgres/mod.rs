@@ -74,7 +74,9 @@ const PG_EPOCH_MS: i64 = 946_684_800_000;
 const PG_MIN_MICROS: i64 = -211_813_488_000_000_000;
 const PG_END_MICROS: i64 = 9_223_371_331_200_000_000;
 
+mod alerts;
 mod outbox;
+mod rollups;
 
 mod embedded {
     refinery::embed_migrations!("src/store/postgres/migrations");
@@ -909,10 +911,28 @@ impl StoreRead for PgReader {
         Some(self.load_devices(q))
     }
 
+    fn aggregate(
+        &self,
+        q: &crate::store::rollup::AggQuery,
+    ) -> Result<Option<crate::store::rollup::AggAnswer>, StoreError> {
+        self.aggregate_raw(q)
+    }
+
     fn outbox(&self) -> Option<Arc<dyn crate::store::Outbox>> {
         self.outbox
             .clone()
             .map(|o| o as Arc<dyn crate::store::Outbox>)
+    }
+
+    fn alert_states(&self) -> Result<Vec<crate::store::AlertRow>, StoreError> {
+        self.load_alert_states()
+    }
+
+    fn apply_alert_changes(
+        &self,
+        changes: &[crate::store::AlertChange],
+    ) -> Result<Vec<bool>, StoreError> {
+        self.apply_alerts(changes)
     }
 }
 
@@ -1053,6 +1073,6 @@ mod tests {
 
     #[test]
     fn schema_version_is_the_newest_migration() {
-        assert_eq!(schema_version(), 3);
+        assert_eq!(schema_version(), 5);
     }
 }

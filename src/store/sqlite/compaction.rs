@@ -15,6 +15,11 @@
 //! reading is stored exactly once. `storage.compaction_pause` pauses between the steps, so
 //! tests can kill Sluice inside them.
 //!
+//! Rollups (`rollups.rs`, SPEC §12) are derived in step 1 from the same sorted readings, in the
+//! same transaction, so they commit with the chunks or not at all. Before the first
+//! compaction the thread brings the rollup tables to the configured levels
+//! (`Deriver::reconcile`), retrying until it can: nothing is compacted before that.
+//!
 //! Retention runs here too, every `storage.retention_interval`: it drops whole chunks whose
 //! newest reading is older than `storage.retention`. A dropped reading is no longer stored, so
 //! a late resend of it is taken as new (and dropped again by the next sweep, its `ts` being
@@ -31,6 +36,7 @@ use rusqlite::{params, Connection};
 
 use super::journal::{self, Gen};
 use super::outbox::OutboxState;
+use super::rollups::Deriver;
 use super::schema::{insert_chunks, DeviceRow};
 use super::{Shared, BACKEND};
 use crate::config::StorageSettings;
@@ -70,6 +76,7 @@ impl Compactor {
             metrics,
             outbox,
             stop: stop.clone(),
+            rollups: Deriver::new(&settings.rollups),
         };
         let thread = std::thread::Builder::new()
             .name("sluice-compact".into())
@@ -147,6 +154,8 @@ struct Worker {
     outbox: Option<Arc<OutboxState>>,
     /// Set when the store is dropped.
     stop: Arc<AtomicBool>,
+    /// Derives rollups in each compaction, and sweeps them with retention.
+    rollups: Deriver,
 }
 
 /// Why a compaction did not finish.
@@ -171,6 +180,13 @@ impl From<rusqlite::Error> for Abandoned {
 
 impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Arc<Gen>>) {
+        // Rollups must be complete for every configured level before a generation adds to them.
+        while let Err(e) = self.rollups.reconcile(&mut self.conn) {
+            self.failed("rollups", &e);
+            if self.pause(RETRY) {
+                return;
+            }
+        }
         let mut next_retention = Instant::now();
         loop {
             if Instant::now() >= next_retention {
@@ -235,6 +251,8 @@ impl Worker {
         let mut chunks = 0usize;
         // Per device, the highest seq this generation moves into chunks.
         let mut maxima: Vec<(&String, u64)> = Vec::new();
+        self.rollups.begin();
+        let mut rollup_rows = 0u64;
         for name in names {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(Abandoned::Stopping);
@@ -254,6 +272,7 @@ impl Worker {
                 maxima.push((name, m));
             }
             chunks += insert_chunks(&tx, id, gen.id, &rows)?;
+            rollup_rows += self.rollups.derive(&tx, id, &rows)?;
             state.write(&tx, id)?;
         }
         step(&self.stop, self.settings.compaction_pause)?;
@@ -262,6 +281,8 @@ impl Worker {
             params![gen.id as i64],
         )?;
         tx.commit()?;
+        self.rollups.committed();
+        self.metrics.rollup_rows_written.inc_by(rollup_rows);
         step(&self.stop, self.settings.compaction_pause)?;
         let dir = self.settings.journal_dir();
         let seg = journal::segment_path(&dir, gen.id);
@@ -325,7 +346,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Drops whole chunks older than `storage.retention`. Returns readings dropped.
+    /// Drops whole chunks older than `storage.retention`, and rollup buckets older than
+    /// `rollups.retention`. Returns readings dropped.
     fn retention(&mut self) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.settings.retention.as_millis() as i64);
         let tx = self
@@ -337,7 +359,9 @@ impl Worker {
             |r| r.get(0),
         )?;
         tx.execute("DELETE FROM chunks WHERE t_max < ?1", params![cutoff])?;
+        let rollup_rows = self.rollups.retention(&tx, now_ms())?;
         tx.commit()?;
+        self.metrics.rollup_retention_deleted.inc_by(rollup_rows);
         if dropped > 0 {
             tracing::info!(deleted = dropped, "retention dropped chunks");
         }

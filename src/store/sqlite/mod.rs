@@ -21,11 +21,13 @@
 //! - Queries ([`reader`]) merge the in-memory generations with the chunks.
 //! - The schema is versioned and older files are upgraded at start ([`schema`]).
 
+mod alerts;
 pub mod chunk;
 mod compaction;
 pub mod journal;
 pub mod outbox;
 mod reader;
+mod rollups;
 pub mod schema;
 
 use std::collections::HashMap;

@@ -150,6 +150,39 @@ impl StoreRead for SqliteReader {
         self.outbox.clone().map(|o| o as Arc<dyn Outbox>)
     }
 
+    fn alert_states(&self) -> Result<Vec<crate::store::AlertRow>, StoreError> {
+        self.with_conn(super::alerts::load)
+    }
+
+    fn apply_alert_changes(
+        &self,
+        changes: &[crate::store::AlertChange],
+    ) -> Result<Vec<bool>, StoreError> {
+        self.with_conn(|conn| super::alerts::apply(conn, changes))
+    }
+
+    fn aggregate(
+        &self,
+        q: &crate::store::rollup::AggQuery,
+    ) -> Result<Option<crate::store::rollup::AggAnswer>, StoreError> {
+        // The device's journal rows first (any bucket the answer may widen to), then the
+        // snapshot: see `rollups::aggregate` for why no reading counts twice.
+        let step = q.step_ms.max(1);
+        let (journal, _, known) = self.journal_rows(&ReadingsQuery {
+            device_id: q.device_id.clone(),
+            from_ms: q.from_ms.map_or(i64::MIN, |f| f.saturating_sub(step)),
+            to_ms: q.to_ms.map_or(i64::MAX, |t| t.saturating_add(step)),
+            metric: None,
+            limit: usize::MAX,
+            order: Order::Asc,
+            after: None,
+        })?;
+        let now = crate::reading::now_ms();
+        self.with_conn(|conn| {
+            super::rollups::aggregate(conn, q, journal, known, &self.settings.rollups, now)
+        })
+    }
+
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
         let (journal, in_memory, known) = self.journal_rows(q)?;
         let mut rows = q.finish(journal);

@@ -1,6 +1,11 @@
 //! The SQLite file's schema, its versions, and the upgrade of older files in place at start.
 //!
-//! Version 2 (this build), in `PRAGMA user_version`:
+//! Version 3 (this build), in `PRAGMA user_version`, is version 2 plus the rollups
+//! (`rollups.rs`): `rollups(device, level, bucket, data)`, `metric_names(id, name)` and
+//! `rollup_levels(level)`. A version 2 file gets the tables at start, and its rollups are built
+//! from its chunks (`rollups::reconcile`).
+//!
+//! Version 2, in `PRAGMA user_version`:
 //! - `devices(id, name, max_seq, last_seen, last_ts, latest)`: interned device ids, plus what
 //!   start-up needs without reading any reading: the highest compacted `seq` (as
 //!   [`seq_key`]) and the device state (true `last_seen`, newest `ts`, latest value of every
@@ -24,7 +29,7 @@ use crate::reading::MetricValue;
 use crate::store::{merge_latest, seq_key, StoreError, StoredRow};
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 /// Most rows in one chunk: bounds what one query or duplicate lookup decodes.
 pub const CHUNK_ROWS: usize = 8192;
@@ -54,6 +59,9 @@ CREATE INDEX IF NOT EXISTS chunks_time ON chunks (t_max);
 CREATE INDEX IF NOT EXISTS chunks_device_seq ON chunks (device, seq_max);
 ";
 
+/// What version 3 adds: the rollups (see `rollups.rs`).
+const V3: &str = super::rollups::SCHEMA;
+
 /// Columns version 2 adds to version 1's `devices`.
 const DEVICE_COLUMNS: [&str; 4] = [
     "max_seq INTEGER",
@@ -72,13 +80,15 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         });
     }
     if version == VERSION {
-        // Every statement of V2 is idempotent: a file made by an earlier build of this
+        // Every statement of V2 and V3 is idempotent: a file made by an earlier build of this
         // version gets any index added since.
         conn.execute_batch(V2)?;
+        conn.execute_batch(V3)?;
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(V2)?;
+    tx.execute_batch(V3)?;
     let has_column = |tx: &Transaction<'_>, col: &str| -> Result<bool, StoreError> {
         Ok(tx
             .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = ?1")?
