@@ -283,7 +283,7 @@ impl<'de> Visitor<'de> for WireSeed<'_> {
 }
 
 /// A string that borrows from the input unless it holds escapes.
-struct CowStr<'a>(Cow<'a, str>);
+pub(crate) struct CowStr<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de> serde::Deserialize<'de> for CowStr<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -57,6 +57,7 @@ use serde::de::{
 };
 use serde_json::value::RawValue;
 
+use super::json::CowStr;
 use super::{cbor, strip_bom};
 use crate::reading::{
     format_ts, BatchError, MetricValue, ParseContext, ParsedBatch, Reading, ReadingError,
@@ -748,28 +749,6 @@ impl<'c, 'b> Resolver<'c, 'b> {
     }
 }
 
-/// A string that borrows from the input unless it holds escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 /// A JSON record: its labels and their values, in order (repeats kept, so they are refused).
 struct JsonRecord<'a>(Vec<(Key<'a>, Field<'a>)>);
 
@@ -783,7 +762,7 @@ impl<'de> serde::Deserialize<'de> for JsonRecord<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
-                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
                     let raw = map.next_value::<&'de RawValue>()?;
                     out.push((Key::text(key), json_field(raw.get())));
                 }
@@ -809,8 +788,8 @@ fn json_kind(text: &str) -> &'static str {
 /// The value of a field, from its JSON text (already checked to be a JSON value).
 fn json_field(text: &str) -> Field<'_> {
     match text.as_bytes().first() {
-        Some(b'"') => match serde_json::from_str::<Text>(text) {
-            Ok(Text(t)) => Field::Text(t),
+        Some(b'"') => match serde_json::from_str::<CowStr>(text) {
+            Ok(CowStr(t)) => Field::Text(t),
             Err(_) => Field::Other("a string"),
         },
         Some(b't') => Field::Bool(true),
@@ -846,7 +825,7 @@ impl<'de> serde::Deserialize<'de> for FirstRecord {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let (mut senml, mut reading) = (false, false);
-                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
                     map.next_value::<IgnoredAny>()?;
                     match &*key {
                         "device_id" | "metrics" => reading = true,
