@@ -2,9 +2,11 @@
 //! from the venv `scripts/test` makes), posted as `application/cbor` and sent as binary
 //! WebSocket frames to a real Sluice, then read back through `/v1/devices/{id}/readings` and
 //! compared exactly, as sets: the integer extremes, floats, booleans, tags and every form of
-//! `ts`. Bodies that are not CBOR (cut short, nested 10 000 deep, an indefinite-length map
-//! with no end) get their specific answer and are counted as malformed; readings refused one
-//! by one leave their neighbours stored.
+//! `ts`. Bodies that are not CBOR (cut short, an indefinite-length map with no end) and CBOR
+//! the decoder refuses (nested 10 000 deep, an unassigned simple value) get their specific
+//! answer and are counted as malformed; readings refused one by one (a negative bignum beyond
+//! 128 bits among them) leave their neighbours stored; a body of more readings than
+//! `limits.max_readings_per_request` is a 413 whatever their size.
 
 mod common;
 
@@ -228,11 +230,23 @@ async fn cbor2_frames_over_websocket_get_cbor_acks() {
     );
     check_stored(&app, &[&ws_case["expected"]]).await;
 
+    // Valid CBOR this decoder refuses (nested 10 000 deep): an error ack, the socket stays
+    // open and goes on taking frames.
+    ws.send(Message::Binary(frames[3].clone().into()))
+        .await
+        .unwrap();
+    let ack = next_answer(&mut ws).await.unwrap();
+    assert_eq!(ack["ack"], 4, "{ack}");
+    assert_eq!(ack["error"]["code"], "malformed", "{ack}");
+    assert_eq!(
+        ack["error"]["detail"], "CBOR nested deeper than 16 levels",
+        "{ack}"
+    );
+
     // Not CBOR: the connection closes with 1003, saying why.
     let before = malformed_count(&app, "ws").await;
     for (i, reason) in [
         (2, "truncated CBOR: the body ends inside an item"),
-        (3, "CBOR nested deeper than 16 levels"),
         (4, "truncated CBOR: the body ends inside an item"),
     ] {
         let mut ws = connect(&app, device).await;
@@ -243,7 +257,92 @@ async fn cbor2_frames_over_websocket_get_cbor_acks() {
         assert_eq!(code, 1003, "frame {i}: {got}");
         assert!(got.starts_with(reason), "frame {i}: {got}");
     }
-    assert_eq!(malformed_count(&app, "ws").await - before, 3.0);
+    assert_eq!(malformed_count(&app, "ws").await - before, 2.0);
     // Nothing of those frames was stored.
     check_stored(&app, &[&ws_case["expected"]]).await;
+}
+
+/// A CBOR head (RFC 8949 §3) with a 4-byte argument, for hand-built bodies.
+fn head(major: u8, n: u32) -> Vec<u8> {
+    let mut out = vec![(major << 5) | 26];
+    out.extend_from_slice(&n.to_be_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_cbor_is_refused_by_count_or_by_reading() {
+    let app = spawn_app().await;
+    let now = sluice::reading::now_ms();
+
+    // 10 001 empty maps (one byte each): a 413 from the heads alone, before anything is built.
+    let mut many = head(4, 10_001);
+    many.extend(std::iter::repeat_n(0xa0, 10_001));
+    let (status, body) = post_cbor(&app, many.clone()).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        body["detail"], "10001 readings exceed the limit of 10000 per request",
+        "{body}"
+    );
+    // The same inside an envelope.
+    let mut envelope = vec![0xa1, 0x68];
+    envelope.extend_from_slice(b"readings");
+    envelope.extend_from_slice(&many);
+    let (status, body) = post_cbor(&app, envelope).await;
+    assert_eq!(status, 413, "{body}");
+
+    // A negative bignum below -2^127 (tag 3 on sixteen 0xff bytes) refuses its own reading;
+    // its neighbour is stored.
+    let reading = |seq: u64, value: &[u8]| {
+        let mut out = vec![0xa4];
+        for (k, v) in [("device_id", &b"\x68cbor-big"[..]), ("ts", &[][..])] {
+            out.push(0x60 | k.len() as u8);
+            out.extend_from_slice(k.as_bytes());
+            if k == "ts" {
+                out.push(0x1b);
+                out.extend_from_slice(&(now as u64).to_be_bytes());
+            } else {
+                out.extend_from_slice(v);
+            }
+        }
+        out.extend_from_slice(&[0x63, b's', b'e', b'q', 0x18, seq as u8]);
+        out.extend_from_slice(&[0x67]);
+        out.extend_from_slice(b"metrics");
+        out.extend_from_slice(&[0xa1, 0x61, b'v']);
+        out.extend_from_slice(value);
+        out
+    };
+    let mut bignum = vec![0xc3, 0x50];
+    bignum.extend_from_slice(&[0xff; 16]);
+    let mut body = vec![0x82];
+    body.extend(reading(1, &bignum));
+    body.extend(reading(2, &[0x18, 42]));
+    let (status, answer) = post_cbor(&app, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(answer["rejected"][0]["index"], 0, "{answer}");
+    assert_eq!(
+        answer["rejected"][0]["reason"], "invalid_metrics",
+        "{answer}"
+    );
+    let error = answer["rejected"][0]["error"].as_str().unwrap();
+    assert!(error.starts_with("metrics.v: integer"), "{answer}");
+    assert!(error.contains("outside"), "{answer}");
+    assert_eq!(app.stored_seqs("cbor-big").await, BTreeSet::from([2]));
+
+    // An unassigned simple value (simple 16) is valid CBOR the decoder cannot hold: the
+    // body is refused with a 400 naming it; over WebSocket an error ack, not a 1003.
+    let (status, answer) = post_cbor(&app, vec![0xf0]).await;
+    assert_eq!(status, 400, "{answer}");
+    let mut ws = connect(&app, "cbor-simple").await;
+    ws.send(Message::Binary(vec![0xf0].into())).await.unwrap();
+    let ack = next_answer(&mut ws).await.unwrap();
+    assert_eq!(ack["ack"], 1, "{ack}");
+    assert_eq!(ack["error"]["code"], "malformed", "{ack}");
+    // A text string that is not UTF-8 is not valid CBOR (RFC 8949 §5.3.1): 1003.
+    ws.send(Message::Binary(vec![0x62, 0xff, 0xfe].into()))
+        .await
+        .unwrap();
+    let (code, reason) = next_answer(&mut ws).await.unwrap_err();
+    assert_eq!(code, 1003, "{reason}");
+    assert!(reason.contains("not UTF-8"), "{reason}");
 }

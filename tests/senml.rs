@@ -372,3 +372,61 @@ async fn rfc_8428_examples_verbatim_over_mqtt() {
     })
     .await;
 }
+
+/// An MQTT array whose first element has a SenML label is read as a SenML pack; a JSON
+/// reading after it (`device_id`, `metrics`) and a record of unknown labels only are rejected
+/// by index and dead-lettered with their errors, never acknowledged and dropped unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_reading_inside_a_pack_is_rejected_not_dropped() {
+    let broker = Mosquitto::start(false, "");
+    let url = broker.url();
+    let app = spawn_rfc_app(|s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = url;
+        s.mqtt.client_id = client_id("sluice");
+        s.mqtt.keep_alive = Duration::from_secs(5);
+        s.mqtt.dead_letter_topic = "dead".into();
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "sluice subscribed", || async {
+        app.metric("sluice_mqtt_connected", &[]).await == 1.0
+    })
+    .await;
+    let mut watcher = TestClient::connect(broker.port, &client_id("watch")).await;
+    watcher.subscribe("dead/#").await;
+    let mut client = TestClient::connect(broker.port, &client_id("mixed-pub")).await;
+    let payload = br#"[{"n":"temp","v":21.5},
+        {"device_id":"mqtt-mixed","seq":7,"metrics":{"a":1}},
+        {"foo":1}]"#;
+    assert!(
+        client
+            .publish_acked("devices/mqtt-mixed/readings", payload.to_vec())
+            .await
+    );
+    let letters = watcher.messages(1, Duration::from_secs(10)).await;
+    let letter: Value = serde_json::from_slice(&letters["dead/mqtt-mixed"][0]).unwrap();
+    assert_eq!(letter["taken"], 1, "{letter}");
+    let rejected = letter["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2, "{letter}");
+    assert_eq!(rejected[0]["index"], 1, "{letter}");
+    assert!(
+        rejected[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("pack[1].device_id: a field of Sluice's JSON readings"),
+        "{letter}"
+    );
+    assert_eq!(rejected[1]["index"], 2, "{letter}");
+    assert_eq!(
+        rejected[1]["error"], "pack[2]: no value: expected `v` or `vb`",
+        "{letter}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the SenML record stored",
+        || async { stored(&app, "mqtt-mixed").await.len() == 1 },
+    )
+    .await;
+    let readings = stored(&app, "mqtt-mixed").await;
+    assert_eq!(readings.values().next().unwrap(), &json!({"temp": 21.5}));
+}

@@ -49,7 +49,6 @@
 //! integers. One leading byte-order mark is ignored (SPEC §1).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{
@@ -61,7 +60,7 @@ use super::json::CowStr;
 use super::{cbor, strip_bom};
 use crate::reading::{
     format_ts, BatchError, MetricValue, ParseContext, ParsedBatch, Reading, ReadingError,
-    ReadingParts, RejectReason, Rejection,
+    ReadingParts, RejectReason, Rejection, MAX_METRICS,
 };
 
 /// The SenML version Sluice understands (RFC 8428 §4.4); packs with a higher `bver` are
@@ -100,17 +99,29 @@ pub fn parse_senml_json(text: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatc
 /// [`super::cbor::parse_cbor`] refuses it), is not an array, breaks a pack-level rule, or
 /// makes more than `limits.max_readings_per_request` readings and refusals.
 pub fn parse_senml_cbor(bytes: &[u8], ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
-    let CborPack(records) = cbor::decode(bytes)?;
-    let records = records.map_err(|kind| {
-        BatchError::Malformed(format!(
+    let bytes = cbor::strip_bom(bytes);
+    // Records are decoded one at a time, straight into the resolver, so a pack of a million
+    // tiny records never exists as a million decoded records.
+    let Some(elements) = cbor::array_elements(bytes)? else {
+        let CborPack(kind) = cbor::decode(bytes)?;
+        return Err(BatchError::Malformed(format!(
             "expected a SenML pack: an array of records, not {kind}"
-        ))
-    })?;
+        )));
+    };
     let mut pack = Resolver::new(ctx);
-    for (index, record) in records.iter().enumerate() {
-        match record {
-            Ok(fields) => pack.record(index, fields)?,
-            Err(kind) => pack.not_a_record(index, kind),
+    for (index, element) in elements.enumerate() {
+        let (start, end) = element.map_err(|e| BatchError::Malformed(e.to_string()))?;
+        match cbor::decode_checked::<CborRecordDe>(&bytes[start..end]) {
+            Ok(CborRecordDe(Ok(fields))) => pack.record(index, &fields)?,
+            Ok(CborRecordDe(Err(kind))) => pack.not_a_record(index, kind),
+            // Valid CBOR the decoder refuses (nested too deep, an unassigned simple value):
+            // this record only.
+            Err(e) => pack.reject(
+                index,
+                format!("pack[{index}]"),
+                e.to_string(),
+                RejectReason::Malformed,
+            ),
         }
     }
     pack.finish()
@@ -198,6 +209,9 @@ enum Key<'a> {
     Known(Label),
     /// A label ending in `_`: must be understood, and is not.
     MustUnderstand(Cow<'a, str>),
+    /// `device_id` or `metrics`: a field of Sluice's JSON readings, which has no place in a
+    /// SenML record (a reading mixed into a pack is refused, not ignored).
+    ReadingField(&'static str),
     /// Any other label: ignored.
     Ignored,
 }
@@ -206,6 +220,10 @@ impl<'a> Key<'a> {
     fn text(s: Cow<'a, str>) -> Self {
         if let Some((l, _, _)) = Label::ALL.iter().find(|(_, name, _)| *name == s) {
             Key::Known(*l)
+        } else if s == "device_id" {
+            Key::ReadingField("device_id")
+        } else if s == "metrics" {
+            Key::ReadingField("metrics")
         } else if s.ends_with('_') {
             Key::MustUnderstand(s)
         } else {
@@ -320,9 +338,13 @@ struct Resolver<'c, 'b> {
     /// The pack's `bver` and the record that first gave it.
     version: Option<(i128, usize)>,
     groups: Vec<Group>,
-    /// Groups by time, then searched by device (few devices share a millisecond).
-    by_time: HashMap<i64, Vec<usize>>,
+    /// Groups by time and device.
+    by_key: foldhash::HashMap<(i64, Option<String>), usize>,
     rejected: Vec<Rejection>,
+    /// Refusals still to come from readings over [`MAX_METRICS`] metrics (each of their
+    /// records will be refused), beyond the one the group already counts: part of the lower
+    /// bound of the pack's total that is checked after every record.
+    overfull: usize,
 }
 
 impl<'c, 'b> Resolver<'c, 'b> {
@@ -334,8 +356,9 @@ impl<'c, 'b> Resolver<'c, 'b> {
             base_value: None,
             version: None,
             groups: Vec::new(),
-            by_time: HashMap::new(),
+            by_key: Default::default(),
             rejected: Vec::new(),
+            overfull: 0,
         }
     }
 
@@ -361,9 +384,25 @@ impl<'c, 'b> Resolver<'c, 'b> {
         );
     }
 
-    /// Takes one record. `Err` refuses the whole pack.
+    /// Takes one record. `Err` refuses the whole pack: a pack-level rule is broken, or the
+    /// pack already makes more readings and refusals than `limits.max_readings_per_request`
+    /// (checked after every record, so work and memory stop at the limit; the count given is
+    /// how many were made when it was passed).
     fn record(&mut self, index: usize, fields: &[(Key<'_>, Field<'_>)]) -> Result<(), BatchError> {
+        self.resolve(index, fields)?;
+        let at_least = self.groups.len() + self.rejected.len() + self.overfull;
+        if at_least > self.ctx.max_readings {
+            return Err(BatchError::TooMany {
+                count: at_least,
+                limit: self.ctx.max_readings,
+            });
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, index: usize, fields: &[(Key<'_>, Field<'_>)]) -> Result<(), BatchError> {
         let mut seen = 0u16;
+        let mut reading_field = None;
         let mut repeated = None;
         let mut own: [Option<&Field<'_>>; 15] = Default::default();
         // Base fields first: they apply to this record too.
@@ -377,6 +416,10 @@ impl<'c, 'b> Resolver<'c, 'b> {
                         "a must-understand label (ending in `_`) that Sluice does not know, so \
                          the pack cannot be used (RFC 8428 §4.4)",
                     )),
+                    Key::ReadingField(name) => {
+                        reading_field.get_or_insert(*name);
+                        continue;
+                    }
                     Key::Ignored => continue,
                 };
             if seen & label.bit() != 0 {
@@ -447,6 +490,16 @@ impl<'c, 'b> Resolver<'c, 'b> {
         }
         let get = |l: Label| own[l as usize];
         use RejectReason::*;
+        if let Some(name) = reading_field {
+            self.reject(
+                index,
+                at(index, name),
+                "a field of Sluice's JSON readings in a SenML pack: send readings as JSON \
+                 (`device_id`, `metrics`) or records as SenML (`n`, `v`), not both in one array",
+                Malformed,
+            );
+            return Ok(());
+        }
         if let Some(label) = repeated {
             self.reject(
                 index,
@@ -492,7 +545,14 @@ impl<'c, 'b> Resolver<'c, 'b> {
                         "a sum without a value cannot be stored: Sluice keeps `v` and `vb`",
                         UnsupportedValue,
                     );
-                } else if get(Label::N).is_some() || get(Label::T).is_some() {
+                } else if get(Label::N).is_some()
+                    || get(Label::T).is_some()
+                    || !fields
+                        .iter()
+                        .any(|(k, _)| matches!(k, Key::Known(l) if l.is_base()))
+                {
+                    // A record with no value and no base field (even no known label at all)
+                    // cannot be a base-field record: it is refused, never dropped unseen.
                     self.reject(
                         index,
                         format!("pack[{index}]"),
@@ -580,11 +640,16 @@ impl<'c, 'b> Resolver<'c, 'b> {
             }
             return Ok(());
         }
-        if let Some(first) = group
-            .metrics
-            .iter()
-            .find(|e| e.metric() == &name[metric_at..])
-        {
+        // Past MAX_METRICS metrics the reading is refused whole, so its names need no more
+        // comparing (which keeps this search bounded).
+        let duplicate = match group.metrics.len() {
+            n if n > MAX_METRICS => None,
+            _ => group
+                .metrics
+                .iter()
+                .find(|e| e.metric() == &name[metric_at..]),
+        };
+        if let Some(first) = duplicate {
             let reason = format!(
                 "`{}` at {} is already given by pack[{}] (units are not kept, so records that \
                  differ only by `u` collide)",
@@ -601,6 +666,12 @@ impl<'c, 'b> Resolver<'c, 'b> {
             value,
             index,
         });
+        // Every record of a reading over MAX_METRICS is refused in the end.
+        match group.metrics.len() {
+            n if n == MAX_METRICS + 1 => self.overfull += MAX_METRICS,
+            n if n > MAX_METRICS + 1 => self.overfull += 1,
+            _ => {}
+        }
         Ok(())
     }
 
@@ -665,18 +736,21 @@ impl<'c, 'b> Resolver<'c, 'b> {
 
     /// The group of `device` at `ts_ms`, made if new.
     fn group(&mut self, device: Option<String>, ts_ms: i64) -> usize {
-        let at_time = self.by_time.entry(ts_ms).or_default();
-        if let Some(&g) = at_time.iter().find(|&&g| self.groups[g].device == device) {
-            return g;
+        let next = self.groups.len();
+        match self.by_key.entry((ts_ms, device)) {
+            std::collections::hash_map::Entry::Occupied(g) => *g.get(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let device = slot.key().1.clone();
+                slot.insert(next);
+                self.groups.push(Group {
+                    device,
+                    ts_ms,
+                    seq: None,
+                    metrics: Vec::new(),
+                });
+                next
+            }
         }
-        at_time.push(self.groups.len());
-        self.groups.push(Group {
-            device,
-            ts_ms,
-            seq: None,
-            metrics: Vec::new(),
-        });
-        self.groups.len() - 1
     }
 
     fn finish(mut self) -> Result<ParsedBatch, BatchError> {
@@ -839,8 +913,9 @@ impl<'de> serde::Deserialize<'de> for FirstRecord {
     }
 }
 
-/// A CBOR pack: its records, or what the body was instead of an array.
-struct CborPack(Result<Vec<CborRecord>, &'static str>);
+/// What a CBOR body that is not an array is instead, for the error (arrays are read one
+/// record at a time by [`parse_senml_cbor`]).
+struct CborPack(&'static str);
 
 /// A CBOR record's labels and values, or what the element was instead of a map.
 type CborRecord = Result<Vec<(Key<'static>, Field<'static>)>, &'static str>;
@@ -931,20 +1006,17 @@ impl<'de> serde::Deserialize<'de> for CborPack {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a SenML pack")
             }
-            other_scalars!(|k| CborPack(Err(k)); visit_bool, visit_i64, visit_i128, visit_u64, visit_u128, visit_f64, visit_str, visit_bytes, visit_none, visit_unit);
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CborPack, A::Error> {
-                let mut records = Vec::new();
-                while let Some(CborRecordDe(r)) = seq.next_element()? {
-                    records.push(r);
-                }
-                Ok(CborPack(Ok(records)))
+            other_scalars!(CborPack; visit_bool, visit_i64, visit_i128, visit_u64, visit_u128, visit_f64, visit_str, visit_bytes, visit_none, visit_unit);
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<CborPack, A::Error> {
+                skip_seq(seq)?;
+                Ok(CborPack("an array"))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<CborPack, A::Error> {
                 skip_map(map)?;
-                Ok(CborPack(Err("a map")))
+                Ok(CborPack("a map"))
             }
             fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<CborPack, A::Error> {
-                tagged(data, |_| CborPack(Err("a tagged item")))
+                tagged(data, |_| CborPack("a tagged item"))
             }
         }
         d.deserialize_any(V)
@@ -1753,6 +1825,90 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_stops_work_early_and_big_packs_stay_linear() {
+        let c = ParseContext {
+            max_readings: 100,
+            ..ctx()
+        };
+        // 200 000 records, each a new device at one time: refused once 101 readings exist,
+        // without resolving the rest (the count given is where it stopped).
+        let records: Vec<String> = (0..200_000)
+            .map(|i| format!(r#"{{"n":"d{i}/a","bt":1.7e9,"v":1}}"#))
+            .collect();
+        let text = format!("[{}]", records.join(","));
+        assert_eq!(
+            parse_senml_json(&text, &c).unwrap_err(),
+            BatchError::TooMany {
+                count: 101,
+                limit: 100
+            }
+        );
+        assert_eq!(
+            parse_senml_cbor(&to_cbor(&text), &c).unwrap_err(),
+            BatchError::TooMany {
+                count: 101,
+                limit: 100
+            }
+        );
+        // One reading of 20 000 distinct metrics: every record will be refused, so the
+        // bound counts them and stops at the limit, without comparing every pair of names.
+        let records: Vec<String> = (0..20_000)
+            .map(|i| format!(r#"{{"n":"d/m{i}","v":1}}"#))
+            .collect();
+        let text = format!("[{}]", records.join(","));
+        assert_eq!(
+            parse_senml_json(&text, &ctx()).unwrap_err(),
+            BatchError::TooMany {
+                count: 10_001,
+                limit: 10_000
+            }
+        );
+        // Under the limit, a reading over MAX_METRICS refuses each of its records.
+        let records: Vec<String> = (0..300)
+            .map(|i| format!(r#"{{"n":"d/m{i}","v":1}}"#))
+            .collect();
+        let b = json(&format!("[{}]", records.join(",")), &ctx());
+        assert!(b.readings.is_empty());
+        assert_eq!(b.rejected.len(), 300);
+    }
+
+    #[test]
+    fn records_without_a_value_are_refused_never_dropped() {
+        // A JSON reading mixed into a pack (the first record made it SenML), a record of
+        // unknown labels only, and an empty record: each refused by index; the SenML record
+        // is taken. Base-field-only records still make nothing (RFC 8428 §5.1.7).
+        let text = r#"[{"n":"d/a","v":1},
+            {"device_id":"d","seq":1,"metrics":{"a":1}},
+            {"foo":1},
+            {},
+            {"bn":"e/"},
+            {"n":"b","v":2}]"#;
+        let b = json(text, &ctx());
+        assert_eq!(readings(&b).len(), 2);
+        let r = rejections(&b);
+        assert_eq!(r.len(), 3, "{r:?}");
+        assert_eq!(r[0].0, 1);
+        assert!(
+            r[0].2
+                .starts_with("pack[1].device_id: a field of Sluice's JSON readings"),
+            "{r:?}"
+        );
+        assert_eq!(
+            (r[1].0, r[1].1, r[1].2.as_str()),
+            (
+                2,
+                RejectReason::Malformed,
+                "pack[2]: no value: expected `v` or `vb`"
+            )
+        );
+        assert_eq!(r[2].0, 3);
+        assert_eq!(
+            rejections(&parse_senml_cbor(&to_cbor(text), &ctx()).unwrap()),
+            r
+        );
+    }
+
+    #[test]
     fn cbor_specifics() {
         // Text labels in CBOR, a tag 55799 around the pack, bignums, floats of every width.
         let pack = Value::Tag(
@@ -1814,9 +1970,18 @@ mod tests {
         let err = |b: &[u8]| parse_senml_cbor(b, &ctx()).unwrap_err().to_string();
         assert!(err(&half[..6]).starts_with("truncated CBOR"));
         assert!(err(&[half.as_slice(), &[0]].concat()).starts_with("1 bytes after the end"));
+        // Valid CBOR nested too deep for the decoder: that record is refused, not the pack.
+        let deep = [vec![0x81u8; 10_000], vec![0x00]].concat();
         assert_eq!(
-            err(&[0x81u8; 10_000]),
-            format!("CBOR nested deeper than {} levels", cbor::MAX_DEPTH)
+            rejections(&parse_senml_cbor(&deep, &ctx()).unwrap()),
+            vec![(
+                0,
+                RejectReason::Malformed,
+                format!(
+                    "pack[0]: CBOR nested deeper than {} levels",
+                    cbor::MAX_DEPTH
+                )
+            )]
         );
         assert_eq!(
             err(&[0xa0]),

@@ -38,6 +38,10 @@ use serde::de::{
 };
 use serde::Serialize;
 
+mod scan;
+
+pub use scan::ScanError;
+
 use super::envelope::MAX_ID_LEN;
 use super::json::parse_reading;
 use crate::reading::{
@@ -101,7 +105,28 @@ impl From<CborError> for BatchError {
 /// that is not a text of at most [`MAX_ID_LEN`] characters, or holds more than
 /// `limits.max_readings_per_request` readings.
 pub fn parse_cbor(bytes: &[u8], ctx: &ParseContext<'_>) -> Result<CborBatch, CborError> {
-    let Body(body) = decode(bytes).map_err(|error| CborError { id: None, error })?;
+    let bytes = strip_bom(bytes);
+    scan::check(bytes).map_err(|e| CborError {
+        id: None,
+        error: BatchError::Malformed(e.to_string()),
+    })?;
+    // Each reading takes at least one byte, so only a body longer than the limit can hold too
+    // many; those are counted from the heads before anything is built (memory stays bounded
+    // by the limit, not by the body's item count).
+    if bytes.len() > ctx.max_readings {
+        if let Ok(Some(shape)) = scan::shape(bytes) {
+            if shape.readings > ctx.max_readings {
+                return Err(CborError {
+                    id: shape.id.filter(|id| id.chars().count() <= MAX_ID_LEN),
+                    error: BatchError::TooMany {
+                        count: shape.readings,
+                        limit: ctx.max_readings,
+                    },
+                });
+            }
+        }
+    }
+    let Body(body) = decode_checked(bytes).map_err(|error| CborError { id: None, error })?;
     let malformed = |id, detail: String| CborError {
         id,
         error: BatchError::Malformed(detail),
@@ -166,13 +191,13 @@ pub fn parse_cbor(bytes: &[u8], ctx: &ParseContext<'_>) -> Result<CborBatch, Cbo
     Ok(CborBatch { id, batch })
 }
 
-/// Whether `bytes` are one CBOR item and nothing more, nested at most [`MAX_DEPTH`] deep, with
-/// UTF-8 text strings and no simple value ciborium cannot hold: whether [`parse_cbor`]'s
-/// refusal (if any) is about the CBOR itself rather than the shape it carries. The WebSocket
-/// closes with 1003 for a binary frame that is not CBOR (SPEC §4) and answers an error ack
-/// for the rest. One leading byte-order mark is ignored, as everywhere.
+/// Whether `bytes` are valid CBOR (RFC 8949): one well-formed item and nothing more, with
+/// UTF-8 text strings (§5.3.1). The WebSocket closes with 1003 for a binary frame that is not
+/// (SPEC §4) and answers an error ack for the rest, including CBOR this decoder refuses
+/// (nesting deeper than [`MAX_DEPTH`], unassigned simple values). One leading byte-order mark
+/// is ignored, as everywhere.
 pub fn is_well_formed(bytes: &[u8]) -> bool {
-    decode::<IgnoredAny>(bytes).is_ok()
+    scan::check(strip_bom(bytes)).is_ok()
 }
 
 /// Encodes `value` as CBOR, for the acks of binary WebSocket frames: the same fields as the
@@ -190,18 +215,42 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 /// the nesting limit, describing every failure for the device's developer. Shared with the
 /// SenML-CBOR codec.
 pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BatchError> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let bytes = strip_bom(bytes);
+    scan::check(bytes).map_err(|e| BatchError::Malformed(e.to_string()))?;
+    decode_checked(bytes)
+}
+
+/// [`decode`] for bytes that passed the validity scan: what can still fail is what ciborium
+/// refuses in valid CBOR (depth, unassigned simple values). A negative bignum below
+/// `i128::MIN`, which ciborium refuses for the whole input, is first given a leading zero
+/// byte so that it reaches the decoder as a tag and is refused for its reading only.
+pub(super) fn decode_checked<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BatchError> {
     let mut rest = bytes;
-    let value = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
-        .map_err(|e| BatchError::Malformed(describe(e, bytes.len())))?;
-    if !rest.is_empty() {
-        return Err(BatchError::Malformed(format!(
-            "{} bytes after the end of the CBOR item (at byte {}); a body holds one item",
-            rest.len(),
-            bytes.len() - rest.len()
-        )));
+    match ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH) {
+        Ok(value) => Ok(value),
+        Err(first) => match scan::widen_negative_bignums(bytes) {
+            Some(widened) => {
+                ciborium::de::from_reader_with_recursion_limit(widened.as_slice(), MAX_DEPTH)
+                    .map_err(|e| BatchError::Malformed(describe(e, widened.len())))
+            }
+            None => Err(BatchError::Malformed(describe(first, bytes.len()))),
+        },
     }
-    Ok(value)
+}
+
+/// One leading UTF-8 byte-order mark removed (SPEC §1); it cannot start a CBOR item.
+pub(super) fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// The elements of a top-level array (after any tags 55799) as byte ranges, one at a time;
+/// `Ok(None)` for another item; or why the bytes are not valid CBOR. For decoding a large
+/// array one element at a time (SenML-CBOR packs) with [`decode_checked`]. The bytes must not
+/// start with a byte-order mark (see [`strip_bom`]).
+pub(super) fn array_elements(bytes: &[u8]) -> Result<Option<scan::Elements<'_>>, BatchError> {
+    let malformed = |e: ScanError| BatchError::Malformed(e.to_string());
+    scan::check(bytes).map_err(malformed)?;
+    scan::array_elements(bytes).map_err(malformed)
 }
 
 fn describe(e: ciborium::de::Error<io::Error>, len: usize) -> String {
@@ -729,7 +778,7 @@ impl<'de> Visitor<'de> for Tagged<'_> {
                 }
                 if TAG_BIGNUMS.contains(&tag) {
                     w.refuse(format!(
-                        "integer (a CBOR bignum over 128 bits) is outside {}..{}, the range \
+                        "integer (a CBOR bignum) is outside {}..{}, the range \
                          kept exactly",
                         i64::MIN,
                         u64::MAX
@@ -1125,7 +1174,7 @@ mod tests {
         assert!(
             errs[1]
                 .2
-                .starts_with("metrics.v: integer (a CBOR bignum over 128 bits)"),
+                .starts_with("metrics.v: integer (a CBOR bignum) is outside"),
             "{errs:?}"
         );
         // seq up to u64::MAX.
@@ -1370,11 +1419,9 @@ mod tests {
             malformed(&deep),
             format!("CBOR nested deeper than {MAX_DEPTH} levels")
         );
+        // 10 000 open indefinite arrays never closed: cut short.
         let deep_indef = vec![0x9fu8; 10_000];
-        assert_eq!(
-            malformed(&deep_indef),
-            format!("CBOR nested deeper than {MAX_DEPTH} levels")
-        );
+        assert!(malformed(&deep_indef).starts_with("truncated CBOR"));
         // An indefinite-length map with no end.
         let mut open = vec![0xbf];
         open.extend(enc(&text("device_id")));
@@ -1540,13 +1587,13 @@ mod tests {
         ] {
             assert!(is_well_formed(&enc(&v)), "{v:?}");
         }
-        assert!(is_well_formed(&[0xc1, 0xfb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0])); // tag 1 (NaN)
-                                                                              // Not CBOR: cut short, trailing bytes, too deep, a never-ended indefinite map.
+        // Tag 1 on a NaN.
+        assert!(is_well_formed(&[0xc1, 0xfb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0]));
+        // Not CBOR: cut short, trailing bytes, a never-ended indefinite map.
         assert!(!is_well_formed(&good[..good.len() - 1]));
         assert!(!is_well_formed(&[good.as_slice(), &[0]].concat()));
-        assert!(!is_well_formed(
-            &[vec![0x81u8; 10_000], vec![0x00]].concat()
-        ));
+        // Nesting 10 000 deep is valid CBOR (the decoder refuses it, with an error ack).
+        assert!(is_well_formed(&[vec![0x81u8; 10_000], vec![0x00]].concat()));
         assert!(!is_well_formed(&[0xbf, 0x61, b'a', 0x01]));
         assert!(!is_well_formed(&[]));
     }
