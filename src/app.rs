@@ -4,7 +4,8 @@
 //! HTTP connections are served by hyper's HTTP/1 builder ([`serve_http`]) rather than
 //! `axum::serve`, for the limits it does not set: at most `server.max_connections` open
 //! connections, hyper's header-read timer (`server.request_timeout`, and the keep-alive idle
-//! time), and WebSocket upgrades as before.
+//! time), WebSocket upgrades as before, and TLS (`server.tls.*`, see [`crate::tls`]) in each
+//! connection's task.
 //!
 //! ```text
 //! signal ─▶ not ready ─▶ stop accepting, finish in-flight HTTP requests (their acks still flow)
@@ -18,6 +19,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::{get, post};
@@ -42,6 +44,7 @@ use crate::store::ReaderSlot;
 use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::runtime::{RuntimeTelemetry, TaskMonitors};
+use crate::tls::ServerTls;
 
 /// A built, not yet running, Sluice.
 pub struct Application {
@@ -49,6 +52,9 @@ pub struct Application {
     listener: TcpListener,
     /// The address it is bound to (the real port when 0 was asked).
     addr: SocketAddr,
+    /// `server.tls.*`: the listener serves HTTPS and WSS with this certificate, reloaded
+    /// while it runs. `None`: plain HTTP.
+    tls: Option<ServerTls>,
     /// Handler state, shared by the router.
     state: AppState,
     /// The pipeline tasks, drained on shutdown.
@@ -85,6 +91,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/live", get(api::live::live_ws))
         .route("/v1/alerts", get(api::alerts::list_alerts))
         .route("/v1/rules", get(api::alerts::list_rules))
+        .route(
+            "/v1/admin/tokens",
+            post(api::admin::create).get(api::admin::list),
+        )
+        .route(
+            "/v1/admin/tokens/{id}",
+            axum::routing::delete(api::admin::revoke),
+        )
         .route("/metrics", get(api::ops::metrics))
         .route("/healthz", get(api::ops::healthz))
         .route("/readyz", get(api::ops::readyz))
@@ -92,6 +106,11 @@ pub fn router(state: AppState) -> Router {
         // After every route: it applies to the routes registered before it.
         .method_not_allowed_fallback(api::problem::wrong_method)
         .fallback(api::problem::no_route)
+        // Tokens (SPEC §11): inside the request counter, so refusals are counted by route.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::access::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::ops::track,
@@ -124,6 +143,8 @@ impl Application {
             &settings.telemetry,
         )));
         metrics.mqtt_enabled.set(i64::from(settings.mqtt.enabled));
+        // Unreadable or unusable certificate files stop the start (exit 2, naming the key).
+        let tls = ServerTls::load(&settings.server, &metrics).await?;
         let runtime = if settings.telemetry.runtime {
             let handle = tokio::runtime::Handle::current();
             Some(
@@ -173,11 +194,18 @@ impl Application {
             services,
             reader.clone(),
         );
+        // Tokens and rate limits (SPEC §11); MQTT shares the per-device limiter.
+        let access = Arc::new(crate::access::Access::new(
+            &settings,
+            reader.clone(),
+            metrics.clone(),
+        ));
         let mqtt = if settings.mqtt.enabled {
             Some(MqttSource::start(
                 settings.clone(),
                 pipeline.admission.clone(),
                 metrics.clone(),
+                access.limiter.clone(),
             )?)
         } else {
             None
@@ -209,6 +237,7 @@ impl Application {
         let state = AppState {
             settings: settings.clone(),
             admission: pipeline.admission.clone(),
+            access,
             metrics,
             health,
             devices,
@@ -224,6 +253,7 @@ impl Application {
         Ok(Self {
             listener,
             addr,
+            tls,
             state,
             pipeline,
             runtime,
@@ -252,6 +282,7 @@ impl Application {
         let Application {
             listener,
             addr,
+            tls,
             state,
             pipeline,
             runtime,
@@ -274,7 +305,7 @@ impl Application {
         };
         let settings = &state.settings;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "sluice starting");
-        tracing::info!(%addr, "sluice listening");
+        tracing::info!(%addr, tls = tls.is_some(), "sluice listening");
         match settings.storage.backend {
             Backend::Sqlite => tracing::info!(
                 backend = "sqlite",
@@ -303,13 +334,37 @@ impl Application {
             mqtt_url = %if settings.mqtt.enabled { settings.mqtt.url.as_str() } else { "-" },
             "transports"
         );
-        tracing::info!(
-            "auth: none: any client that reaches this port may write and read any device"
-        );
+        match settings.auth.mode {
+            crate::config::access::AuthMode::Token => tracing::info!(
+                mode = "token",
+                rate_limit = %if settings.rate_limit.per_device.is_empty() { "off" } else { settings.rate_limit.per_device.as_str() },
+                "auth: every ingest and query request needs a token"
+            ),
+            // Exactly one warning, and only where it matters: a port others can reach.
+            crate::config::access::AuthMode::None if !addr.ip().is_loopback() => tracing::warn!(
+                %addr,
+                "auth.mode is \"none\": anyone who can reach this port can write and read any device; set auth.mode = \"token\" (README, \"Tokens\")"
+            ),
+            crate::config::access::AuthMode::None => {
+                tracing::info!("auth: none (listening on loopback only)")
+            }
+        }
+        // Revocations from other replicas, last-use times and the rate limiter's sweep.
+        let upkeep_stop = CancellationToken::new();
+        let upkeep = state
+            .access
+            .start_upkeep(settings.rate_limit.sweep_interval, upkeep_stop.clone());
         let server_settings = state.settings.server.clone();
         let open = state.metrics.http_connections.clone();
         let app = router(state);
-        let server = tokio::spawn(serve_http(listener, app, server_settings, open, signal));
+        let server = tokio::spawn(serve_http(
+            listener,
+            app,
+            server_settings,
+            open,
+            tls,
+            signal,
+        ));
         // Wait for the signal first, then bound everything that follows by the timeout.
         let _ = stop_rx.await;
         if let Some(mqtt) = &mqtt {
@@ -324,6 +379,10 @@ impl Application {
             ws_tracker.close();
             ws_tracker.wait().await;
             tracing::info!("WebSocket connections closed");
+            // The last token uses are written; bounded, so a store that is down cannot hold
+            // the shutdown.
+            upkeep_stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), upkeep).await;
             if let Some(mqtt) = mqtt {
                 tracing::info!("answering taken MQTT messages");
                 mqtt.finish().await;
@@ -374,11 +433,15 @@ impl Application {
 ///   (The body's bound is the ingest handler's: 408.)
 /// - the `sluice_http_connections` gauge (`open`). An upgraded WebSocket leaves it, and its
 ///   slot, once hyper hands the socket over; `ws.max_connections` bounds those.
+/// - **TLS** (`tls`): the handshake runs in the connection's task, bounded by
+///   `server.request_timeout`, holding the connection's slot; the accept loop never waits on
+///   it. The certificate files are watched for as long as the listener runs.
 async fn serve_http(
     listener: TcpListener,
     app: Router,
     settings: ServerSettings,
     open: IntGauge,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
@@ -386,10 +449,16 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout())
         .keep_alive(true);
+    let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     // Tells every connection to finish its request and close; the tracker waits for them.
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
+    let handshake = tls.as_ref().map(ServerTls::handshake);
+    // Reloads the certificate until the listener stops (after the loop, with `stop`).
+    if let Some(tls) = tls {
+        tokio::spawn(tls.watch(stop.clone()));
+    }
     // Out of file descriptors lasts: one line, then at most one per 30 s with a count.
     let accept_failing = LogLimit::new();
     tokio::pin!(shutdown);
@@ -425,34 +494,23 @@ async fn serve_http(
             () = &mut shutdown => break,
         };
         let guard = OpenConnection::new(slot, open.clone());
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()))
-            .with_upgrades();
-        let stop = stop.clone();
+        let (builder, app, stop) = (builder.clone(), app.clone(), stop.clone());
+        let handshake = handshake.clone();
         let drain = settings.shutdown_timeout / 2;
         connections.spawn(async move {
             let _guard = guard;
-            tokio::pin!(conn);
-            let served = tokio::select! {
-                served = conn.as_mut() => served,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    // hyper waits for a connection still receiving a request (its headers or
-                    // body) until `server.request_timeout`, which may outlast the shutdown.
-                    // Half the shutdown budget is its limit: such a request has not been
-                    // admitted, so dropping it loses nothing acknowledged.
-                    match tokio::time::timeout(drain, conn).await {
-                        Ok(served) => served,
-                        Err(_) => {
-                            tracing::info!("closed an HTTP connection still receiving a request at shutdown");
-                            Ok(())
-                        }
+            match handshake {
+                None => serve_connection(&builder, TokioIo::new(stream), app, &stop, drain).await,
+                Some(handshake) => {
+                    let tls = tokio::select! {
+                        tls = handshake.accept(stream) => tls,
+                        // Not a request yet: nothing to finish.
+                        () = stop.cancelled() => None,
+                    };
+                    if let Some(tls) = tls {
+                        serve_connection(&builder, TokioIo::new(tls), app, &stop, drain).await;
                     }
                 }
-            };
-            // Timeouts and clients that go away are routine; nothing to alarm anyone with.
-            if let Err(e) = served {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
     }
@@ -460,6 +518,44 @@ async fn serve_http(
     stop.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection's requests until it closes or, once `stop` is cancelled, until its
+/// in-flight request is answered (at most `drain` for one still being received).
+async fn serve_connection<I>(
+    builder: &http1::Builder,
+    io: I,
+    app: Router,
+    stop: &CancellationToken,
+    drain: Duration,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = builder
+        .serve_connection(io, TowerToHyperService::new(app))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            // hyper waits for a connection still receiving a request (its headers or
+            // body) until `server.request_timeout`, which may outlast the shutdown.
+            // Half the shutdown budget is its limit: such a request has not been
+            // admitted, so dropping it loses nothing acknowledged.
+            match tokio::time::timeout(drain, conn).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::info!("closed an HTTP connection still receiving a request at shutdown");
+                    Ok(())
+                }
+            }
+        }
+    };
+    // Timeouts and clients that go away are routine; nothing to alarm anyone with.
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
 }
 
 /// One open HTTP connection: holds its `server.max_connections` slot and counts in the gauge

@@ -3,7 +3,8 @@
 //! The flow, and the modules that implement it:
 //!
 //! ```text
-//! device ─▶ ingest (parse at the edge: codec → reading) ─▶ pipeline::Admission (bounded, in readings)
+//! device ─▶ access (token) ─▶ ingest (parse at the edge: codec → reading) ─▶ access (devices,
+//!        rate limit) ─▶ pipeline::Admission (bounded, in readings)
 //!        ─▶ pipeline batcher ─▶ services (before commit) ─▶ store (one transaction per batch)
 //!        ─▶ services (after commit: device state) ─▶ ack to each request
 //! ```
@@ -11,6 +12,7 @@
 //! [`app::Application`] wires it together; `main.rs` only parses the command line.
 //! See ARCHITECTURE.md for the invariants.
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod codec;
@@ -22,6 +24,7 @@ pub mod reading;
 pub mod services;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::Application;
 pub use config::Settings;

@@ -130,10 +130,13 @@ impl<V: Serialize> Serialize for PairsAsMap<'_, V> {
     }
 }
 
-/// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC.
+/// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC; a time beyond
+/// the years 0000..=9999 is written as `<ms> ms since the epoch`.
 pub fn format_ts(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) else {
+        // Beyond the years ±9999 that RFC 3339 can write: the number itself, never a wrong date.
+        return format!("{ms} ms since the epoch");
+    };
     let (y, mo, d) = (t.year(), t.month() as u8, t.day());
     format!(
         "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -190,11 +193,15 @@ pub enum RejectReason {
     UnknownField,
     /// A value kind the readings model cannot hold (SenML `vs`, `vd`, or a sum alone; SPEC §10).
     UnsupportedValue,
+    /// A device the request's token may not write (SPEC §11).
+    Forbidden,
+    /// Over the device's `rate_limit.per_device` (SPEC §11).
+    RateLimited,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::TooManyReadings,
@@ -207,6 +214,8 @@ impl RejectReason {
         RejectReason::InvalidTags,
         RejectReason::UnknownField,
         RejectReason::UnsupportedValue,
+        RejectReason::Forbidden,
+        RejectReason::RateLimited,
     ];
 
     /// The metric label value.
@@ -224,6 +233,8 @@ impl RejectReason {
             RejectReason::InvalidTags => "invalid_tags",
             RejectReason::UnknownField => "unknown_field",
             RejectReason::UnsupportedValue => "unsupported_value",
+            RejectReason::Forbidden => "forbidden",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }

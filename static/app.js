@@ -258,13 +258,40 @@
     $("recent-empty").hidden = s.devices.recent.length > 0;
   }
 
+  // ---- token (auth.mode = "token": the page asks for a read token) -----------------------
+
+  /** A read token, kept for this tab only (sessionStorage), or "" with auth off. */
+  function token() {
+    return sessionStorage.getItem("sluice-token") || "";
+  }
+
+  /** Whether the operator already declined to give a token: asked once per page load. */
+  let tokenDeclined = false;
+
+  /** Asks for a read token after a 401; false when the operator gave none. */
+  function askToken() {
+    if (tokenDeclined) return false;
+    const t = window.prompt("This Sluice needs a read token (auth.mode = \"token\"):", "");
+    if (!t) {
+      tokenDeclined = true;
+      return false;
+    }
+    sessionStorage.setItem("sluice-token", t.trim());
+    return true;
+  }
+
   // ---- polling ------------------------------------------------------------------------
 
   async function poll() {
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), POLL_TIMEOUT_MS);
     try {
-      const res = await fetch("/v1/status", { cache: "no-store", signal: ctrl.signal });
+      const headers = token() ? { Authorization: "Bearer " + token() } : {};
+      const res = await fetch("/v1/status", { cache: "no-store", signal: ctrl.signal, headers });
+      if (res.status === 401 || res.status === 403) {
+        sessionStorage.removeItem("sluice-token");
+        if (askToken()) openTail();
+      }
       if (!res.ok) throw new Error("GET /v1/status answered " + res.status);
       const s = await res.json();
       setConnected(true);
@@ -307,7 +334,10 @@
   function openTail() {
     closeTail();
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = tailFilter ? "?device=" + encodeURIComponent(tailFilter) : "";
+    const params = [];
+    if (tailFilter) params.push("device=" + encodeURIComponent(tailFilter));
+    if (token()) params.push("token=" + encodeURIComponent(token()));
+    const query = params.length ? "?" + params.join("&") : "";
     const ws = new WebSocket(proto + "//" + location.host + "/v1/live" + query);
     tailWs = ws;
     tailState("connecting", "connecting…");

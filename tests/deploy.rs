@@ -27,6 +27,11 @@
 //!   Sluice started below runs on a fresh database (`common/pg.rs`) given through that variable,
 //!   creates its tables there and writes nothing to `storage.data_dir`;
 //! - with MQTT on, each pod takes its client id from its own name;
+//! - `auth.mode = "token"` (SPEC §11), with the admin token from a required Secret key into
+//!   `SLUICE__AUTH__ADMIN_TOKEN`: no literal admin token in the ConfigMap, the env or any file
+//!   of the overlay, no Secret object in it (the user creates the Secret), `--check-config`
+//!   does not print it; on the Sluice started below ingest without a token is 401, the admin API
+//!   takes the Secret's value, and the probes and the scrape need no token;
 //! - the pod runs hardened, as the uid the image declares.
 
 use std::collections::BTreeMap;
@@ -194,6 +199,14 @@ fn resolve_port(container: &Value, port: &Value, what: &str) -> u16 {
     number(found, "/containerPort", what) as u16
 }
 
+/// The variable of `auth.admin_token`.
+const ADMIN_TOKEN_VAR: &str = "SLUICE__AUTH__ADMIN_TOKEN";
+
+/// The admin token a pod gets from its Secret, in these tests (64 hex digits, as
+/// `openssl rand -hex 32` makes).
+const ADMIN_TOKEN_PLACEHOLDER: &str =
+    "5d1e0c9a7b3f48e2a6c4d8f0b2e4a6c85d1e0c9a7b3f48e2a6c4d8f0b2e4a6c8";
+
 /// The PostgreSQL port: the port of a CloudNativePG `uri` and of most managed services.
 const POSTGRES_PORT: u16 = 5432;
 
@@ -204,6 +217,9 @@ const POSTGRES_PORT: u16 = 5432;
 fn placeholder(var_name: &str, value_from: &Value, db: &mut Option<TestDb>) -> String {
     if var_name == "SLUICE__STORAGE__POSTGRES__URL" {
         db.get_or_insert_with(TestDb::new).url()
+    } else if var_name == ADMIN_TOKEN_VAR {
+        // What `openssl rand -hex 32` gives (deploy/README.md).
+        ADMIN_TOKEN_PLACEHOLDER.to_owned()
     } else if var_name == "SLUICE__NATS__URL" {
         // Not connected to at start: a URL of the shape the Secret holds.
         "nats://sluice:secret@nats:4222".to_owned()
@@ -545,6 +561,7 @@ async fn check_overlay(name: &str) -> Backend {
         );
     }
     let env = [always, optional].concat();
+    check_auth(name, &dir, &objects, container, toml_text, &toml_path, &env);
     let settings = effective(&toml_path, &env);
     let port = settings.server.listen.port();
 
@@ -757,8 +774,39 @@ async fn check_overlay(name: &str) -> Backend {
     wait_for_200(&client, &running, &ready_path).await;
     for path in [&live_path, &ready_path, &scrape_path] {
         let res = client.get(running.url(path)).send().await.unwrap();
-        assert_eq!(res.status(), 200, "{name}: GET {path}");
+        assert_eq!(res.status(), 200, "{name}: GET {path} (without a token)");
     }
+    // Token mode is on: ingest without a token is refused, and the admin API takes the token
+    // the pod got from its Secret.
+    let res = client
+        .post(running.url("/v1/readings"))
+        .header("content-type", "application/json")
+        .body(r#"{"device_id": "deploy-check", "metrics": {"t": 1}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "{name}: ingest without a token");
+    let res = client
+        .get(running.url("/v1/admin/tokens"))
+        .bearer_auth(ADMIN_TOKEN_PLACEHOLDER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{name}: GET /v1/admin/tokens with the Secret's admin token: {}",
+        res.text().await.unwrap_or_default()
+    );
+    assert!(
+        !running
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(ADMIN_TOKEN_PLACEHOLDER)),
+        "{name}: the log shows the admin token"
+    );
     let status = running.terminate(settings.server.shutdown_timeout);
     assert!(
         status.success(),
@@ -851,6 +899,112 @@ fn check_postgres_url(name: &str, container: &Value, toml_text: &str) {
     );
 }
 
+/// Token mode (SPEC §11, issue 12 part 9): `auth.mode = "token"` in the ConfigMap, the admin
+/// token from a required Secret key and nowhere in the overlay.
+fn check_auth(
+    name: &str,
+    dir: &Path,
+    objects: &[Value],
+    container: &Value,
+    toml_text: &str,
+    toml_path: &Path,
+    env: &[(String, String)],
+) {
+    let toml: toml::Value = toml::from_str(toml_text).expect("the ConfigMap's TOML parses");
+    let auth = toml.get("auth");
+    assert_eq!(
+        auth.and_then(|a| a.get("mode")),
+        Some(&toml::Value::from("token")),
+        "{name}: sluice.toml must say auth.mode = \"token\" (anyone reaching the Service could \
+         otherwise write any device)"
+    );
+    assert!(
+        auth.and_then(|a| a.get("admin_token")).is_none(),
+        "{name}: auth.admin_token is in the ConfigMap; it is a secret, put it in the Secret"
+    );
+    // The effective configuration says so too, and does not show the admin token.
+    let out = check_config(toml_path, env);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let effective: toml::Value = toml::from_str(&printed)
+        .unwrap_or_else(|e| panic!("{name}: --check-config printed bad TOML: {e}"));
+    assert_eq!(
+        effective.get("auth").and_then(|a| a.get("mode")),
+        Some(&toml::Value::from("token")),
+        "{name}: effective auth.mode"
+    );
+    for stream in [&out.stdout, &out.stderr] {
+        assert!(
+            !String::from_utf8_lossy(stream).contains(ADMIN_TOKEN_PLACEHOLDER),
+            "{name}: sluice --check-config shows the admin token"
+        );
+    }
+
+    // From a Secret key that must exist: a pod without it does not start, rather than start
+    // without its admin token (Sluice exits 2) or with a literal one.
+    let var = list(container, "/env")
+        .iter()
+        .find(|v| v["name"] == ADMIN_TOKEN_VAR)
+        .unwrap_or_else(|| {
+            panic!("{name}: auth.mode = \"token\" but no {ADMIN_TOKEN_VAR} in the pod")
+        });
+    assert!(
+        var.get("value").is_none(),
+        "{name}: {ADMIN_TOKEN_VAR} has a literal value; take it from a Secret"
+    );
+    let secret = var
+        .pointer("/valueFrom/secretKeyRef")
+        .unwrap_or_else(|| panic!("{name}: {ADMIN_TOKEN_VAR} is not from a Secret"));
+    text(secret, "/name", "the admin token's Secret");
+    text(secret, "/key", "the admin token's Secret key");
+    assert!(
+        !optional_var(var),
+        "{name}: the admin token's Secret key is optional; token mode cannot start without it"
+    );
+
+    // The Secret is the user's (deploy/README.md): no overlay ships one, so none holds a
+    // committed admin token, and no file of the overlay names a literal one.
+    let secrets = of_kind(objects, "Secret");
+    assert!(
+        secrets.is_empty(),
+        "{name}: the overlay renders a Secret ({:?}); secrets are created by the user, not committed",
+        secrets
+            .iter()
+            .map(|s| &s["metadata"]["name"])
+            .collect::<Vec<_>>()
+    );
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf(), repo().join("deploy/k8s/base")];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
+        let text = read(&path);
+        for (i, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with('#') {
+                continue;
+            }
+            let literal = (code.starts_with("admin_token") && code.contains('='))
+                || code.contains("admin-token:")
+                || code.contains("slc_");
+            assert!(
+                !literal,
+                "{}:{}: looks like a literal admin or device token; secrets go in the Secret \
+                 `sluice-admin` that the user creates",
+                path.display(),
+                i + 1
+            );
+        }
+    }
+}
+
 /// PostgreSQL: some NetworkPolicy of the pods allows egress to the database's port (a rule
 /// without ports allows every port). A named port would be the database pod's, unknown here.
 fn check_postgres_egress(name: &str, objects: &[Value], labels: &Value) {
@@ -917,7 +1071,13 @@ fn cloudnativepg_cluster_fits_the_fleet_overlay() {
     std::fs::write(toml.path(), config_file("fleet", &objects, deployment).1).unwrap();
     let password = "Zq8example0NotAReal0Secret";
     let uri = cloudnativepg_uri(&cluster, "sluice", password);
-    let env = [("SLUICE__STORAGE__POSTGRES__URL".to_owned(), uri)];
+    let env = [
+        ("SLUICE__STORAGE__POSTGRES__URL".to_owned(), uri),
+        (
+            ADMIN_TOKEN_VAR.to_owned(),
+            ADMIN_TOKEN_PLACEHOLDER.to_owned(),
+        ),
+    ];
     let printed = String::from_utf8(check_config(toml.path(), &env).stdout).unwrap();
     assert!(
         !printed.contains(password),

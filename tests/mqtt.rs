@@ -535,5 +535,9 @@ fn check_config_redacts_the_mqtt_password() {
         .expect("run sluice");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mqtt.url") && err.contains("TLS"), "{err}");
+    // TLS needs the CAs to trust (tests/tls.rs connects to a TLS broker).
+    assert!(
+        err.contains("mqtt.ca_file") && err.contains("mqtts://broker:8883"),
+        "{err}"
+    );
 }

@@ -109,9 +109,10 @@ async fn status_agrees_with_metrics_at_the_same_moment() {
         between("sluice_readings_duplicate_total", &l, &total["duplicate"]);
         between("sluice_readings_rejected_total", &l, &total["rejected"]);
         between("sluice_readings_shed_total", &l, &total["shed"]);
-        assert!(
-            total["rate_limited"].is_null(),
-            "no rate limiting exported yet"
+        between(
+            "sluice_readings_rate_limited_total",
+            &l,
+            &total["rate_limited"],
         );
     }
     let http = &s["transports"]["http"];

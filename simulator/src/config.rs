@@ -12,6 +12,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use crate::auth::{Auth, Secret};
 pub use crate::encode::Format;
 use crate::fleet::{FleetProfile, FleetSpec};
 
@@ -38,6 +39,44 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+    /// Mint write tokens through Sluice's admin API (`auth.mode = "token"`) and write a
+    /// --tokens-file for runs: one token per device `<prefix>-0 … <prefix>-<N-1>` (each may
+    /// write, and read back, only its own device), or with --gateway one token whose glob
+    /// `<prefix>-*` covers them all. The file holds secrets: it is written readable by its owner
+    /// only, and no token is printed.
+    ///
+    /// Example: sluice-sim tokens --admin-token "$ADMIN" --devices 1000 --device-prefix bench
+    /// --out tokens.txt; then sluice-sim --device-prefix bench --devices 1000 --tokens-file
+    /// tokens.txt --verify
+    Tokens(TokensArgs),
+}
+
+/// Options of `sluice-sim tokens`.
+#[derive(Args, Debug, Clone)]
+pub struct TokensArgs {
+    /// Base URL of Sluice.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub target: String,
+    /// Sluice's `auth.admin_token` (its SLUICE__AUTH__ADMIN_TOKEN). Prefer the environment
+    /// variable: a command line is visible to other users of the machine.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Secret,
+    /// Devices to mint tokens for.
+    #[arg(long, default_value_t = 100)]
+    pub devices: u32,
+    /// Device ids are `<prefix>-<n>`: pass the same --device-prefix to the runs.
+    #[arg(long)]
+    pub device_prefix: String,
+    /// One token for the whole fleet (devices glob `<prefix>-*`, like a gateway) instead of
+    /// one per device.
+    #[arg(long)]
+    pub gateway: bool,
+    /// The tokens file to write (replaced whole; mode 0600).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Admin requests at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
 }
 
 /// How readings travel.
@@ -85,6 +124,22 @@ pub struct RunArgs {
     /// Base URL of Sluice (HTTP and WebSocket ingest, and reads for --verify).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub target: String,
+    /// A token for Sluice's `auth.mode = "token"` (SPEC §11), sent as `Authorization: Bearer`
+    /// on every HTTP request, WebSocket upgrade and --verify read: e.g. a write token whose
+    /// devices glob covers the fleet. With --tokens-file, the token of devices the file does
+    /// not name. Never printed; prefer the environment variable to the command line.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// Per-device tokens: lines `<device_id> <token>` (or `<glob> <token>`, `*` and `?`, for a
+    /// token covering several devices; `#` comments). An exact id wins over a glob; globs are
+    /// tried in file order. `sluice-sim tokens` writes such a file. Each device sends its own
+    /// token, and --verify reads each device back with it (a write token may read its own
+    /// devices). With more than one token, an HTTP request carries one device's readings:
+    /// each request is a batch of one device (gateway mix: the sender's devices in turn;
+    /// random mix: a device drawn at random per request). MQTT ignores tokens (the broker
+    /// authenticates) except for --verify.
+    #[arg(long, env = "SLUICE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// http, ws or mqtt.
     #[arg(long, value_enum, default_value_t = Transport::Http)]
     pub transport: Transport,
@@ -275,6 +330,9 @@ pub struct RunConfig {
     /// Show progress.
     #[serde(skip)]
     pub progress: bool,
+    /// The token each device sends (never serialized).
+    #[serde(skip)]
+    pub auth: std::sync::Arc<Auth>,
 }
 
 impl RunConfig {
@@ -408,6 +466,12 @@ impl RunArgs {
         {
             bail!("--device-prefix: `{device_prefix}` must make valid device ids (A-Z a-z 0-9 _ : -, starting with a letter or digit, at most 128 characters)");
         }
+        let auth = Auth::resolve(
+            self.token.as_ref(),
+            self.tokens_file.as_deref(),
+            &device_prefix,
+            self.devices,
+        )?;
         let broker = if self.transport == Transport::Mqtt {
             parse_broker(&self.broker)?
         } else {
@@ -455,6 +519,7 @@ impl RunArgs {
             request_timeout: self.request_timeout,
             connect_concurrency: self.connect_concurrency.max(1),
             progress: !self.quiet,
+            auth: std::sync::Arc::new(auth),
         })
     }
 }

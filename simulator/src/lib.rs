@@ -9,9 +9,12 @@
 //!   ─▶ stats (counters, HDR latency) ─▶ summary (table, --json) ─▶ verify (read back)
 //! ```
 //!
-//! [`null_sink`] is the other end for measuring the simulator alone. [`run_cli`] is what the
+//! [`auth`] gives each device its token (`--token`, `--tokens-file`) for the transports and the
+//! verifier, and mints tokens (`sluice-sim tokens`). [`null_sink`] is the other end for
+//! measuring the simulator alone. [`run_cli`] is what the
 //! binary does; tests call [`run()`] with a [`RunConfig`] built from the same command line.
 
+pub mod auth;
 pub mod config;
 pub mod encode;
 pub mod faults;
@@ -39,6 +42,42 @@ pub const EXIT_USAGE: i32 = 2;
 /// Runs what the command line asks and returns the process exit code: 0 when every check
 /// passed, [`EXIT_FAILED`] when one failed, [`EXIT_USAGE`] for bad options.
 pub async fn run_cli(cli: Cli, interrupt: CancellationToken) -> i32 {
+    if let Some(Command::Tokens(t)) = &cli.command {
+        let args = auth::MintArgs {
+            target: t.target.clone(),
+            admin_token: t.admin_token.clone(),
+            devices: t.devices,
+            prefix: t.device_prefix.clone(),
+            gateway: t.gateway,
+            out: t.out.clone(),
+            concurrency: t.concurrency,
+        };
+        if t.devices == 0 {
+            eprintln!("sluice-sim tokens: --devices must be at least 1");
+            return EXIT_USAGE;
+        }
+        return tokio::select! {
+            r = auth::mint(&args) => match r {
+                Ok(n) => {
+                    println!(
+                        "sluice-sim tokens: wrote {n} write token{} for {} devices {}-0 … {}-{} to {}",
+                        if n == 1 { "" } else { "s" },
+                        if t.gateway { "the glob of" } else { "the" },
+                        t.device_prefix,
+                        t.device_prefix,
+                        t.devices - 1,
+                        t.out.display()
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("sluice-sim tokens: {e:#}");
+                    EXIT_FAILED
+                }
+            },
+            _ = interrupt.cancelled() => EXIT_FAILED,
+        };
+    }
     if let Some(Command::NullSink { listen }) = cli.command {
         return match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => {

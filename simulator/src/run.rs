@@ -38,14 +38,22 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         .progress
         .then(|| tokio::spawn(progress(ctx.clone(), progress_done.clone())));
     let timeline = tokio::spawn(timeline(ctx.clone(), progress_done.clone()));
+    // Ends generation early: Ctrl-C, or every answer refusing the credentials.
+    let halt = CancellationToken::new();
+    let guard = tokio::spawn(auth_guard(
+        ctx.clone(),
+        interrupt.clone(),
+        halt.clone(),
+        progress_done.clone(),
+    ));
 
     let end = ctx.start + ctx.cfg.duration;
     let ramp = match ctx.cfg.mode {
-        Mode::Ramp => Some(ramp(&ctx, end, &interrupt).await),
+        Mode::Ramp => Some(ramp(&ctx, end, &halt).await),
         _ => {
             tokio::select! {
                 _ = sleep_until(end) => {}
-                _ = interrupt.cancelled() => {}
+                _ = halt.cancelled() => {}
             }
             None
         }
@@ -75,6 +83,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         let _ = p.await;
     }
     let acked_per_s = timeline.await.unwrap_or_default();
+    let fatal = guard.await.ok().flatten();
 
     let s = &ctx.stats;
     let mut summary = Summary {
@@ -106,6 +115,9 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         bad_sent: s.bad_sent.get(),
         bad_accepted: s.bad_accepted.get(),
         shed: s.shed.get(),
+        rate_limited: s.rate_limited.get(),
+        auth_failures: s.auth_failures.get(),
+        auth: ctx.cfg.auth.describe.clone(),
         errors: s.errors.get(),
         unacked: s.unacked.get(),
         behind_schedule: s.behind.get(),
@@ -121,7 +133,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
         warmup_s: ctx.cfg.warmup.as_secs_f64(),
         ramp,
         verify: None,
-        problems: s.samples(),
+        problems: fatal.into_iter().chain(s.samples()).collect(),
         sim_cpu_s: sys::cpu_seconds() - cpu0,
         sim_peak_rss_mb: sys::peak_rss_mb(),
         ok: false,
@@ -138,6 +150,7 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
                 log.snapshot(),
                 ctx.cfg.verify_wait,
                 &names,
+                &ctx.cfg.auth,
             )
             .await?;
             summary.verify = Some(report);
@@ -145,6 +158,45 @@ pub async fn run(cfg: RunConfig, interrupt: CancellationToken) -> anyhow::Result
     }
     summary.judge();
     Ok(summary)
+}
+
+/// Answers refusing the credentials before any reading was acknowledged: this many end the
+/// run at once (a missing or wrong token would only repeat them).
+const AUTH_FAILURES_TO_STOP: u64 = 5;
+
+/// Until `done`: cancels `halt` on `interrupt`, or when the first [`AUTH_FAILURES_TO_STOP`]
+/// answers all refused the credentials (then it also aborts what is in flight, and returns why).
+async fn auth_guard(
+    ctx: Arc<Ctx>,
+    interrupt: CancellationToken,
+    halt: CancellationToken,
+    done: CancellationToken,
+) -> Option<String> {
+    let s = &ctx.stats;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = interrupt.cancelled() => {
+                halt.cancel();
+                return None;
+            }
+            _ = done.cancelled() => return None,
+        }
+        let answered = s.acked.get() + s.accepted.get() + s.duplicates.get() + s.rejected.get();
+        if s.auth_failures.get() >= AUTH_FAILURES_TO_STOP && answered == 0 {
+            let why = format!(
+                "stopped: the first {} answers all refused the credentials (HTTP 401/403 or WebSocket 1008) and nothing was acknowledged; tokens sent: {}. See the problems below.",
+                s.auth_failures.get(),
+                ctx.cfg.auth.describe
+            );
+            eprintln!("sluice-sim: {why}");
+            halt.cancel();
+            ctx.stop_generating();
+            ctx.abort.cancel();
+            return Some(why);
+        }
+    }
 }
 
 /// Raises the rate every `--ramp-step` until a step misses the p99 bound or 90 % of its

@@ -67,6 +67,16 @@ pub struct Rejected {
     pub index: usize,
     /// `field: reason`.
     pub error: String,
+    /// The server's `reason` label (`invalid_ts`, `rate_limited`, …), when it gives one.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Rejected {
+    /// Refused for the device's rate limit (SPEC §11): to be sent again later, not a failure.
+    pub fn is_rate_limited(&self) -> bool {
+        self.reason.as_deref() == Some("rate_limited") || self.error.contains("rate_limited")
+    }
 }
 
 /// All counters of a run. Counts are of readings unless the name says otherwise.
@@ -94,8 +104,14 @@ pub struct Stats {
     pub bad_sent: Counter,
     /// Injected faults the server took as valid.
     pub bad_accepted: Counter,
-    /// Answers that refused for load (HTTP 503/429, WebSocket `overloaded`/`unavailable`).
+    /// Answers that refused for load (HTTP 503, WebSocket `overloaded`/`unavailable`).
     pub shed: Counter,
+    /// Readings refused for their device's rate limit (HTTP 429 or a `rate_limited`
+    /// rejection, a WebSocket `rate_limited` error ack): each is sent again after the wait.
+    pub rate_limited: Counter,
+    /// Answers refusing the credentials: HTTP 401/403, a WebSocket upgrade refused with
+    /// 401/403, a WebSocket closed with 1008 (policy).
+    pub auth_failures: Counter,
     /// Transport errors: failed connects, lost connections, unexpected statuses and frames.
     pub errors: Counter,
     /// Readings given up on: refused as a whole for their content, or still unanswered when
@@ -196,6 +212,8 @@ impl Stats {
             bad_sent: Counter::default(),
             bad_accepted: Counter::default(),
             shed: Counter::default(),
+            rate_limited: Counter::default(),
+            auth_failures: Counter::default(),
             errors: Counter::default(),
             unacked: Counter::default(),
             connections: Counter::default(),
@@ -261,19 +279,29 @@ impl Stats {
 
     /// Checks one answer against what was sent: `items[i]` is the i-th reading of the request
     /// or frame. Acknowledged valid readings go to the ack log; injected faults must be rejected
-    /// naming their field.
-    pub fn settle(&self, items: &[Item], answer: &Answer, latency: Duration) {
+    /// naming their field. Returns the indexes refused for their device's rate limit (counted
+    /// in `rate_limited`, not in `rejected`): the caller sends them again later.
+    #[must_use = "rate-limited readings are to be sent again"]
+    pub fn settle(&self, items: &[Item], answer: &Answer, latency: Duration) -> Vec<usize> {
         self.accepted.add(answer.accepted);
         self.duplicates.add(answer.duplicates);
-        self.rejected.add(answer.rejected.len() as u64);
         let mut rejected = vec![false; items.len()];
+        let mut limited = Vec::new();
         for r in &answer.rejected {
             let Some(item) = items.get(r.index) else {
                 self.errors.inc();
                 self.problem(|| format!("rejected index {} out of range: {}", r.index, r.error));
                 continue;
             };
+            if rejected[r.index] {
+                continue;
+            }
             rejected[r.index] = true;
+            if r.is_rate_limited() && item.fault.is_none() {
+                limited.push(r.index);
+                continue;
+            }
+            self.rejected.inc();
             let reason = match item.fault {
                 Some(f) if f.check(&r.error) => {
                     self.rejected_expected.inc();
@@ -333,7 +361,10 @@ impl Stats {
                 )
             });
         }
-        self.record_latency(latency, items.len() as u64);
+        self.rate_limited.add(limited.len() as u64);
+        self.record_latency(latency, (items.len() - limited.len()) as u64);
+        limited.sort_unstable();
+        limited
     }
 
     /// Bytes on the wire per reading written (0 before any write).
@@ -451,18 +482,23 @@ mod tests {
                 Rejected {
                     index: 1,
                     error: "ts: far in the future".into(),
+                    reason: None,
                 },
                 Rejected {
                     index: 3,
                     error: "metrics.x: wrong".into(),
+                    reason: None,
                 },
                 Rejected {
                     index: 4,
                     error: "metrics: what".into(),
+                    reason: None,
                 },
             ],
         };
-        s.settle(&items, &answer, Duration::from_millis(3));
+        assert!(s
+            .settle(&items, &answer, Duration::from_millis(3))
+            .is_empty());
         assert_eq!(s.acked.get(), 2, "seq 1 and 7; seq 2 was rejected");
         assert_eq!(s.rejected.get(), 3);
         assert_eq!(s.rejected_expected.get(), 1);
@@ -492,8 +528,39 @@ mod tests {
             accepted: 5,
             ..Answer::default()
         };
-        s.settle(&items, &answer, Duration::from_millis(1));
+        let _ = s.settle(&items, &answer, Duration::from_millis(1));
         assert_eq!(s.errors.get(), 1);
         assert_eq!(s.samples().len(), 1);
+    }
+
+    /// Readings refused for their device's rate limit are neither acked nor rejected: they
+    /// come back to be sent again, and count in `rate_limited`.
+    #[test]
+    fn rate_limited_readings_come_back_to_be_resent() {
+        let s = Stats::new(2, true, Duration::ZERO);
+        let items = [
+            item(0, Some(1), None),
+            item(1, Some(1), None),
+            item(1, Some(2), None),
+        ];
+        let limited = |index: usize, reason: Option<&str>, error: &str| Rejected {
+            index,
+            error: error.into(),
+            reason: reason.map(str::to_string),
+        };
+        let answer = Answer {
+            accepted: 1,
+            duplicates: 0,
+            rejected: vec![
+                limited(2, Some("rate_limited"), "device_id: over 50/s"),
+                limited(1, None, "rate_limited: over 50/s"),
+            ],
+        };
+        let again = s.settle(&items, &answer, Duration::from_millis(2));
+        assert_eq!(again, [1, 2]);
+        assert_eq!((s.acked.get(), s.rate_limited.get()), (1, 2));
+        assert_eq!((s.rejected.get(), s.rejected_unexpected.get()), (0, 0));
+        assert_eq!(s.errors.get(), 0);
+        assert_eq!(s.latency().count, 1);
     }
 }

@@ -93,8 +93,16 @@ pub struct Summary {
     pub bad_sent: u64,
     /// Injected faults accepted as valid.
     pub bad_accepted: u64,
-    /// Answers refusing for load (HTTP 503/429, WebSocket overloaded/unavailable).
+    /// Answers refusing for load (HTTP 503, WebSocket overloaded/unavailable).
     pub shed: u64,
+    /// Readings refused for their device's rate limit (HTTP 429 or a `rate_limited`
+    /// rejection, a WebSocket `rate_limited` error ack), each sent again after the wait.
+    pub rate_limited: u64,
+    /// Answers refusing the credentials: HTTP 401/403, WebSocket upgrades refused with
+    /// 401/403, WebSocket closes with 1008. Any fails the run.
+    pub auth_failures: u64,
+    /// Which tokens were sent: `none`, `--token …`, `--tokens-file FILE (…)`.
+    pub auth: String,
     /// Transport errors (failed requests, lost connections, unexpected answers).
     pub errors: u64,
     /// Valid readings never acknowledged (refused as a whole, or unanswered at the drain timeout).
@@ -168,6 +176,9 @@ impl Summary {
         "bad_sent",
         "bad_accepted",
         "shed",
+        "rate_limited",
+        "auth_failures",
+        "auth",
         "errors",
         "unacked",
         "behind_schedule",
@@ -201,7 +212,14 @@ impl Summary {
                 self.sent, self.errors
             ));
         }
+        if self.auth_failures > 0 {
+            self.problems.push(format!(
+                "{} answers refused the credentials (HTTP 401/403, WebSocket 1008; tokens: {})",
+                self.auth_failures, self.auth
+            ));
+        }
         self.ok = self.rejected_wrong_field == 0
+            && self.auth_failures == 0
             && self.rejected_unexpected == 0
             && self.bad_accepted == 0
             && !nothing_acked
@@ -328,6 +346,15 @@ impl Summary {
                 self.shed, self.errors, self.unacked
             ),
         );
+        if self.auth != "none" || self.auth_failures > 0 || self.rate_limited > 0 {
+            row(
+                "auth / limits",
+                format!(
+                    "tokens: {}; {} auth failures; {} readings rate-limited (sent again)",
+                    self.auth, self.auth_failures, self.rate_limited
+                ),
+            );
+        }
         row(
             "connections",
             format!(

@@ -10,6 +10,9 @@
 //! - **wrong metric names**: a stored reading whose metric names are not the ones the device
 //!   sent, under the names its `--format` gives them ([`MetricNames`]: line protocol stores
 //!   field `f` of measurement `m` as `m.f`).
+//!
+//! With tokens (SPEC §11), each device is read with its own token (`--tokens-file`; a write
+//! token may read its own devices) or `--token`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,6 +24,9 @@ use anyhow::{bail, Context};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use reqwest::header::{HeaderValue, AUTHORIZATION};
+
+use crate::auth::Auth;
 use crate::config::{Format, RunConfig};
 use crate::fleet::{device_id, metric_names, FleetProfile};
 
@@ -320,7 +326,7 @@ pub async fn stored_seqs(
     device: &str,
 ) -> anyhow::Result<Vec<u64>> {
     let mut out = Vec::new();
-    read_back(client, base, device, |seq, _| out.extend(seq)).await?;
+    read_back(client, base, device, None, |seq, _| out.extend(seq)).await?;
     Ok(out)
 }
 
@@ -330,6 +336,7 @@ async fn read_back(
     client: &reqwest::Client,
     base: &str,
     device: &str,
+    token: Option<&HeaderValue>,
     mut on_row: impl FnMut(Option<u64>, &mut [Cow<'_, str>]),
 ) -> anyhow::Result<()> {
     let url = format!("{base}/v1/devices/{device}/readings");
@@ -343,9 +350,13 @@ async fn read_back(
         let mut attempt = 0;
         let res = loop {
             attempt += 1;
-            let res = client.get(&url).query(&query).send().await;
+            let mut req = client.get(&url).query(&query);
+            if let Some(t) = token {
+                req = req.header(AUTHORIZATION, t.clone());
+            }
+            let res = req.send().await;
             match res {
-                Ok(r) if r.status() == 503 && attempt < 10 => {}
+                Ok(r) if matches!(r.status().as_u16(), 503 | 429) && attempt < 10 => {}
                 Ok(r) => break r,
                 Err(_) if attempt < 10 => {}
                 Err(e) => return Err(e).with_context(|| format!("GET {url}")),
@@ -354,6 +365,14 @@ async fn read_back(
         };
         if res.status() == 404 {
             return Ok(()); // no reading of this device was ever stored
+        }
+        let status = res.status().as_u16();
+        if matches!(status, 401 | 403) {
+            bail!(
+                "GET {url}: {}: {} (--verify reads each device with its token: a write token may read its own devices, a read token all)",
+                res.status(),
+                crate::transport::http::auth_hint(status, token.is_some())
+            );
         }
         if !res.status().is_success() {
             bail!("GET {url}: {}", res.status());
@@ -380,6 +399,7 @@ pub async fn verify(
     acked: Vec<Runs>,
     wait: Duration,
     names: &MetricNames,
+    auth: &Auth,
 ) -> anyhow::Result<VerifyReport> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -403,7 +423,7 @@ pub async fn verify(
                 loop {
                     let mut stored = Vec::new();
                     let (mut wrong, mut example) = (0, None);
-                    read_back(client, base, &id, |seq, metrics| {
+                    read_back(client, base, &id, auth.for_device(n), |seq, metrics| {
                         stored.extend(seq);
                         if let Some(m) = metrics_mismatch(metrics, &expected) {
                             wrong += 1;

@@ -816,9 +816,16 @@ async fn verify_fails_on_wrong_metric_names() {
         metrics: 4,
         format: sluice_sim::config::Format::Line,
     };
-    let v = sluice_sim::verify::verify(&url, "names", log, Duration::ZERO, &names)
-        .await
-        .unwrap();
+    let v = sluice_sim::verify::verify(
+        &url,
+        "names",
+        log,
+        Duration::ZERO,
+        &names,
+        &sluice_sim::auth::Auth::none(),
+    )
+    .await
+    .unwrap();
     assert_eq!(v.lost, 0);
     assert_eq!(v.wrong_metrics, s.acked, "{v:?}");
     assert!(!v.ok());

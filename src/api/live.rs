@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use super::params::Params;
 use super::AppState;
+use crate::access::Caller;
 use crate::ingest::ws::{finish_close, upgrade, ConnectionGauge};
 
 /// How often a subscriber is checked for missed readings when nothing else is sent.
@@ -35,6 +36,10 @@ pub struct LiveParams {
     /// `reading` (default) or `alert`.
     #[serde(rename = "type", default)]
     kind: LiveKind,
+    /// The token, for browsers, which cannot set `Authorization` on an upgrade; read by
+    /// `access::guard`. Never logged.
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
 /// What a live stream carries.
@@ -51,15 +56,34 @@ pub enum LiveKind {
 /// The upgrade handler.
 pub async fn live_ws(
     State(state): State<AppState>,
-    Params(params): Params<LiveParams>,
+    caller: Caller,
+    Params(mut params): Params<LiveParams>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // A write token streams only its own devices: no `device` filter means its glob; a filter
+    // must be that glob or one device it matches (SPEC §11).
+    if let Some(glob) = caller.read_glob() {
+        match params.device.as_deref() {
+            None => params.device = Some(glob.to_owned()),
+            Some(d) if d == glob || (!d.contains(['*', '?']) && caller.may_read(d)) => {}
+            Some(d) => {
+                return crate::access::forbidden(
+                    &state.access,
+                    crate::telemetry::metrics::Transport::Ws,
+                    format!(
+                        "device: `{d}` is not within this token's devices (`{glob}`); use `{glob}` or one device id it matches"
+                    ),
+                )
+            }
+        }
+    }
     upgrade(ws, state, move |socket, state, _slot| {
-        run(socket, state, params)
+        run(socket, state, params, caller)
     })
 }
 
-async fn run(socket: WebSocket, state: AppState, params: LiveParams) {
+async fn run(socket: WebSocket, state: AppState, params: LiveParams, caller: Caller) {
+    let mut revoked = state.access.tokens.watch(caller.token_id());
     let _gauge = ConnectionGauge::new(&state, "live");
     let ws = &state.settings.ws;
     let subscribe = match params.kind {
@@ -99,6 +123,7 @@ async fn run(socket: WebSocket, state: AppState, params: LiveParams) {
             },
             _ = tokio::time::sleep_until(last_heard + ws.idle_timeout) => break (1001, "idle timeout"),
             _ = shutdown.cancelled() => break (1001, "server shutting down"),
+            () = revoked.revoked() => break (1008, "token revoked"),
         };
         // Report misses before the next reading, so the client knows where the gap is.
         let missed = subscription.subscriber.take_missed();

@@ -10,7 +10,9 @@
 //! - `problem`: RFC 9457 problem documents for every error answer
 //! - `status`: the status page (`GET /`, `/static/…`) and its figures (`GET /v1/status`)
 //! - `alerts`: `GET /v1/alerts` and `GET /v1/rules` (alert rules)
+//! - `admin`: `/v1/admin/tokens` (token administration, SPEC §11)
 
+pub mod admin;
 pub mod alerts;
 pub mod live;
 pub mod ops;
@@ -64,4 +66,6 @@ pub struct AppState {
     pub ws: WsHub,
     /// The alert rules and their states, for `GET /v1/alerts` and `GET /v1/rules`.
     pub alerts: Arc<crate::services::rules::AlertBoard>,
+    /// Tokens, the admin token and per-device rate limits (SPEC §11).
+    pub access: Arc<crate::access::Access>,
 }

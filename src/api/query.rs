@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::params::{NoParams, Params};
 use super::problem::Problem;
 use super::AppState;
+use crate::access::Caller;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::services::device_state::{DeviceState, DeviceView};
 use crate::store::rollup::{AggAnswer, AggFn, AggQuery, AggSeries, AggSource};
@@ -69,6 +70,7 @@ struct DevicesBody {
 /// cursor of the next page (the last id of this one), present only when more match.
 pub async fn list_devices(
     State(state): State<AppState>,
+    caller: Caller,
     Params(p): Params<DevicesParams>,
 ) -> Response {
     let result = async {
@@ -93,7 +95,11 @@ pub async fn list_devices(
             // One more than asked tells whether another page follows.
             limit: limit + 1,
         };
-        let mut devices = find_devices(&state, q).await?;
+        let mut devices = match caller.read_glob() {
+            None => find_devices(&state, q).await?,
+            // A write token lists only its own devices (SPEC §11).
+            Some(glob) => own_devices(&state, q, glob).await?,
+        };
         let next = if devices.len() > limit {
             devices.truncate(limit);
             devices.last().map(|d| d.device_id.clone())
@@ -106,6 +112,51 @@ pub async fn list_devices(
     result.unwrap_or_else(|p: Problem| p.into_response())
 }
 
+/// The devices `q` selects that `glob` matches, at most `q.limit`: the query narrowed to the
+/// glob's literal prefix, then filtered, page after page until the limit is met or the
+/// devices run out.
+async fn own_devices(
+    state: &AppState,
+    mut q: DevicesQuery,
+    glob: &str,
+) -> Result<Vec<DeviceView>, Problem> {
+    let literal = &glob[..glob.find(['*', '?']).unwrap_or(glob.len())];
+    let asked = q.prefix.clone().unwrap_or_default();
+    q.prefix = if literal.starts_with(&asked) {
+        Some(literal.to_owned()).filter(|p| !p.is_empty())
+    } else if asked.starts_with(literal) {
+        Some(asked)
+    } else {
+        return Ok(Vec::new()); // the prefix asked for and the token's devices do not overlap
+    };
+    let matcher = wildmatch::WildMatch::new(glob);
+    let want = q.limit;
+    let mut out = Vec::new();
+    loop {
+        let page = find_devices(state, q.clone()).await?;
+        let full = page.len() == q.limit;
+        q.after = page.last().map(|d| d.device_id.clone());
+        out.extend(page.into_iter().filter(|d| matcher.matches(&d.device_id)));
+        if out.len() >= want || !full {
+            out.truncate(want);
+            return Ok(out);
+        }
+    }
+}
+
+/// Refuses a device the caller may not read (a write token reading another device): 403,
+/// whether the device exists or not, so existence is not revealed.
+fn check_read(state: &AppState, caller: &Caller, device: &str) -> Result<(), Box<Response>> {
+    if caller.may_read(device) {
+        return Ok(());
+    }
+    Err(Box::new(crate::access::forbidden(
+        &state.access,
+        crate::telemetry::metrics::Transport::Http,
+        format!("device `{device}` is not allowed for this token"),
+    )))
+}
+
 /// The `{device_id}` of the path; a problem document (never axum's plain text) when it
 /// does not decode or is not a device id.
 fn device_path(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, Problem> {
@@ -116,6 +167,7 @@ fn device_path(path: Result<Path<String>, PathRejection>) -> Result<DeviceId, Pr
 /// `GET /v1/devices/{device_id}`. It takes no query parameter.
 pub async fn get_device(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
 ) -> Response {
@@ -123,6 +175,9 @@ pub async fn get_device(
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
+    if let Err(refused) = check_read(&state, &caller, id.as_str()) {
+        return *refused;
+    }
     let q = DevicesQuery {
         device: Some(id.as_str().to_owned()),
         limit: 1,
@@ -241,9 +296,15 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
 /// only when more match (SPEC §3).
 pub async fn readings(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     Params(mut params): Params<ReadingsParams>,
 ) -> Response {
+    if let Ok(Path(id)) = &path {
+        if let Err(refused) = check_read(&state, &caller, id) {
+            return *refused;
+        }
+    }
     if params.agg.is_some() || params.step.is_some() {
         let agg = params.agg.take();
         let step = params.step.take();

@@ -5,9 +5,11 @@
 //! unknown fields, so a typo stops the start (exit code 2) instead of being silently ignored.
 //! [`Settings::validate`] checks the relations between keys that serde cannot see.
 
+pub mod access;
 pub mod mqtt;
 pub mod rollups;
 pub mod rules;
+pub mod tls;
 
 pub use mqtt::MqttSettings;
 pub use rules::{AlertsSettings, RuleSettings};
@@ -54,6 +56,10 @@ pub struct Settings {
     pub alerts: AlertsSettings,
     /// `[rollups]`: the aggregate levels the store keeps (SPEC §12), see [`rollups`].
     pub rollups: rollups::RollupSettings,
+    /// `[auth]`: token checks and the admin token (SPEC §11), see [`access`].
+    pub auth: access::AuthSettings,
+    /// `[rate_limit]`: readings per device per replica (SPEC §11), see [`access`].
+    pub rate_limit: access::RateLimitSettings,
 }
 
 /// `[formats]`: options of the other wire formats (SPEC §10).
@@ -104,6 +110,8 @@ pub struct ServerSettings {
     /// next request's headers.
     #[serde(with = "humantime_serde")]
     pub keep_alive_timeout: Duration,
+    /// `[server.tls]`: HTTPS and WSS, see [`tls`].
+    pub tls: tls::ServerTlsSettings,
 }
 
 impl Default for ServerSettings {
@@ -114,6 +122,7 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             keep_alive_timeout: Duration::from_secs(75),
+            tls: tls::ServerTlsSettings::default(),
         }
     }
 }
@@ -506,6 +515,7 @@ const ENUM_VALUES: &[(&str, &str)] = &[
     ("Backend", "sqlite, postgres"),
     ("LogFormat", "text, json"),
     ("NatsMode", "auto, jetstream, core"),
+    ("AuthMode", "none, token"),
 ];
 
 /// Rewrites the config crate's message for a bad enum value ("enum Synchronous does not have
@@ -935,6 +945,9 @@ impl Settings {
                 "must be more than 0s".into(),
             );
         }
+        if let Err((key, reason)) = tls::validate(&self.server.tls) {
+            return invalid(key, reason);
+        }
         if let Err((key, reason)) = mqtt::validate(&self.mqtt, &self.limits) {
             return invalid(key, reason);
         }
@@ -942,6 +955,9 @@ impl Settings {
             return invalid(key, reason);
         }
         if let Err((key, reason)) = rollups::validate(&self.rollups) {
+            return invalid(key, reason);
+        }
+        if let Err((key, reason)) = access::validate(&self.auth, &self.rate_limit) {
             return invalid(key, reason);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -1,6 +1,7 @@
 //! `[mqtt]`: the MQTT source's keys (SPEC §6, §8), parsed and checked here, once, so the
 //! source in `crate::ingest::mqtt` only reads them. Config imports no component.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +17,12 @@ pub const MAX_OUTGOING_PACKET: usize = 268_435_455;
 pub struct MqttSettings {
     /// Subscribe to a broker at all.
     pub enabled: bool,
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (with [`Self::ca_file`]).
     pub url: String,
+    /// PEM bundle of the CAs that may sign the broker's certificate; required with `mqtts://`.
+    /// For a broker with a publicly trusted certificate, the system bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`). Read once at start.
+    pub ca_file: Option<PathBuf>,
     /// Client id; stable across restarts so the broker keeps the persistent session.
     pub client_id: String,
     /// Topic filter; its `+` level is the device id.
@@ -67,6 +72,7 @@ impl Default for MqttSettings {
         Self {
             enabled: false,
             url: "mqtt://127.0.0.1:1883".into(),
+            ca_file: None,
             client_id: default_client_id(),
             topic: "devices/+/readings".into(),
             shared_group: "sluice".into(),
@@ -86,22 +92,27 @@ impl Default for MqttSettings {
 pub struct BrokerAddr {
     /// Host name or IP address.
     pub host: String,
-    /// TCP port (1883 when the URL gives none).
+    /// TCP port (1883 when the URL gives none, 8883 for TLS).
     pub port: u16,
+    /// `mqtts://`: TLS, with the broker's certificate checked against `mqtt.ca_file` and
+    /// `host` (a DNS name or IP address in the certificate).
+    pub tls: bool,
 }
 
-/// Parses `mqtt://host[:port]` (or `tcp://`). TLS is not built in.
+/// Parses `mqtt://host[:port]` (or `tcp://`), or `mqtts://host[:port]` (or `ssl://`) for TLS.
 pub fn parse_url(url: &str) -> Result<BrokerAddr, String> {
-    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-        r
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
     } else if let Some(r) = url.strip_prefix("tcp://") {
-        r
-    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err(format!(
-            "`{url}`: TLS is not built into this Sluice (rumqttc without TLS features); use mqtt:// to a local broker or a TLS-terminating proxy"
-        ));
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url.strip_prefix("ssl://") {
+        (r, true)
     } else {
-        return Err(format!("`{url}` must look like mqtt://host:port"));
+        return Err(format!(
+            "`{url}` must look like mqtt://host:port (or mqtts://host:port for TLS)"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
@@ -128,6 +139,7 @@ pub fn parse_url(url: &str) -> Result<BrokerAddr, String> {
         return Err(format!("`{url}` has no host"));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
@@ -138,6 +150,7 @@ pub fn parse_url(url: &str) -> Result<BrokerAddr, String> {
     Ok(BrokerAddr {
         host: host.to_owned(),
         port,
+        tls,
     })
 }
 
@@ -174,7 +187,29 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 
 /// Checks the `[mqtt]` keys; the error names the key. Called from [`super::Settings::validate`].
 pub fn validate(mqtt: &MqttSettings, limits: &LimitSettings) -> Result<(), (&'static str, String)> {
-    parse_url(&mqtt.url).map_err(|e| ("mqtt.url", e))?;
+    let addr = parse_url(&mqtt.url).map_err(|e| ("mqtt.url", e))?;
+    match (&mqtt.ca_file, addr.tls) {
+        (None, true) => {
+            return Err((
+                "mqtt.ca_file",
+                format!(
+                    "is required with `{}`: a PEM bundle of the CAs that sign the broker's certificate (for a public CA, /etc/ssl/certs/ca-certificates.crt)",
+                    mqtt.url
+                ),
+            ))
+        }
+        // Not a silent downgrade: whoever set a CA meant the connection to be encrypted.
+        (Some(_), false) => {
+            return Err((
+                "mqtt.url",
+                format!(
+                    "`{}` is plain MQTT but mqtt.ca_file is set; use mqtts://host:port for TLS, or remove mqtt.ca_file",
+                    mqtt.url
+                ),
+            ))
+        }
+        _ => {}
+    }
     if mqtt.client_id.is_empty() {
         return Err((
             "mqtt.client_id",
@@ -250,12 +285,17 @@ mod tests {
             parse_url("mqtt://127.0.0.1:1884").unwrap(),
             BrokerAddr {
                 host: "127.0.0.1".into(),
-                port: 1884
+                port: 1884,
+                tls: false,
             }
         );
         assert_eq!(parse_url("tcp://broker").unwrap().port, 1883);
         assert_eq!(parse_url("mqtt://[::1]:9").unwrap().host, "::1");
-        assert!(parse_url("mqtts://b:8883").unwrap_err().contains("TLS"));
+        let tls = parse_url("mqtts://broker.example").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.port, 8883);
+        assert_eq!(parse_url("ssl://b:9").unwrap().port, 9);
+        assert!(!parse_url("mqtt://b").unwrap().tls);
         assert!(parse_url("http://b").is_err());
         assert!(parse_url("mqtt://b:0").is_err());
         assert!(parse_url("mqtt://u:p@b:1").is_err());
@@ -284,7 +324,15 @@ mod tests {
             f(&mut m);
             validate(&m, &limits).unwrap_err().0
         };
-        assert_eq!(bad(|m| m.url = "mqtts://x".into()), "mqtt.url");
+        assert_eq!(bad(|m| m.url = "mqtts://x".into()), "mqtt.ca_file");
+        assert_eq!(bad(|m| m.ca_file = Some("ca.pem".into())), "mqtt.url");
+        let tls = MqttSettings {
+            url: "mqtts://broker:8883".into(),
+            ca_file: Some("ca.pem".into()),
+            ..MqttSettings::default()
+        };
+        assert!(validate(&tls, &limits).is_ok());
+        assert_eq!(bad(|m| m.url = "mqtt+ws://x".into()), "mqtt.url");
         assert_eq!(bad(|m| m.client_id.clear()), "mqtt.client_id");
         assert_eq!(bad(|m| m.topic = "devices/#".into()), "mqtt.topic");
         assert_eq!(bad(|m| m.shared_group = "a/b".into()), "mqtt.shared_group");

@@ -16,6 +16,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::{count_parsed, parse_readings, Format, INLINE_PARSE_BYTES};
+use crate::access::Caller;
 use crate::api::params::{NoParams, Params};
 use crate::api::problem::Problem;
 use crate::api::AppState;
@@ -59,12 +60,13 @@ impl From<&Rejection> for RejectedItem {
 /// The ingest handler. It takes no query parameter.
 pub async fn ingest(
     State(state): State<AppState>,
+    caller: Caller,
     _: Params<NoParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let received = Instant::now();
-    let inner = ingest_inner(&state, &headers, body);
+    let inner = ingest_inner(&state, &caller, &headers, body);
     let response = match state.metrics.tasks.ingest.instrument(inner).await {
         Ok(r) => r,
         Err(problem) => problem.into_response(),
@@ -234,13 +236,15 @@ pub(super) async fn read_body(
 
 async fn ingest_inner(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
     let format = content_format(state, headers)?;
     let bytes = read_body(state, headers, body).await?;
 
-    let parsed = parse_readings(&state.settings, bytes, format, None, now_ms()).await;
+    let bound = caller.bound_device().cloned();
+    let parsed = parse_readings(&state.settings, bytes, format, bound, now_ms()).await;
     let parsed = match parsed {
         Ok(p) => p,
         Err(BatchError::Malformed(detail)) => {
@@ -267,26 +271,38 @@ async fn ingest_inner(
     };
 
     let t = Transport::Http;
+    let mut parsed = parsed;
     count_parsed(state, t, &parsed);
+    // Devices the token may not write, then each device's rate limit (SPEC §11).
+    let screened = state.access.screen(caller, t, &mut parsed);
     let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
-    if parsed.readings.is_empty() {
-        let status = if rejected.is_empty() {
-            StatusCode::OK // an empty array or body: nothing to do, nothing wrong
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        return Ok(answer(
-            status,
-            Ack {
-                accepted: 0,
-                duplicates: 0,
-            },
-            rejected,
-        ));
-    }
-
-    let ack = submit(state, t, parsed.readings).await?;
-    Ok(answer(StatusCode::OK, ack, rejected))
+    let mut response = if parsed.readings.is_empty() {
+        match screened.status_when_nothing_taken(rejected.len()) {
+            Some(status) => crate::access::batch_refused(status, &screened, &rejected),
+            None => {
+                let status = if rejected.is_empty() {
+                    StatusCode::OK // an empty array or body: nothing to do, nothing wrong
+                } else {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                };
+                answer(
+                    status,
+                    Ack {
+                        accepted: 0,
+                        duplicates: 0,
+                    },
+                    rejected,
+                )
+            }
+        }
+    } else {
+        match submit(state, t, parsed.readings).await {
+            Ok(ack) => answer(StatusCode::OK, ack, rejected),
+            Err(problem) => problem.into_response(),
+        }
+    };
+    state.access.rate_headers(&screened, response.headers_mut());
+    Ok(response)
 }
 
 /// Submits valid readings and waits for their commit: the ack, or the 503 problem (with

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{read_body, submit};
 use super::{count_parsed, INLINE_PARSE_BYTES};
+use crate::access::Caller;
 use crate::api::params;
 use crate::api::problem::Problem;
 use crate::api::AppState;
@@ -112,6 +113,7 @@ fn precision(
 /// `POST /write?db=&precision=` (InfluxDB 1.x).
 pub async fn write_v1(
     State(state): State<AppState>,
+    caller: Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -124,7 +126,7 @@ pub async fn write_v1(
         )
     });
     match checked {
-        Ok(p) => write(state, headers, p, body).await,
+        Ok(p) => write(state, caller, headers, p, body).await,
         Err(problem) => influx_error(problem),
     }
 }
@@ -132,6 +134,7 @@ pub async fn write_v1(
 /// `POST /api/v2/write?org=&bucket=&precision=` (InfluxDB 2.x).
 pub async fn write_v2(
     State(state): State<AppState>,
+    caller: Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -139,14 +142,20 @@ pub async fn write_v2(
     let checked = params::parse::<V2Params>(&uri)
         .and_then(|p| precision(p.precision.as_deref(), Precision::parse_v2, "ns, us, ms, s"));
     match checked {
-        Ok(p) => write(state, headers, p, body).await,
+        Ok(p) => write(state, caller, headers, p, body).await,
         Err(problem) => influx_error(problem),
     }
 }
 
-async fn write(state: AppState, headers: HeaderMap, precision: Precision, body: Body) -> Response {
+async fn write(
+    state: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    precision: Precision,
+    body: Body,
+) -> Response {
     let received = std::time::Instant::now();
-    let inner = write_inner(&state, &headers, precision, body);
+    let inner = write_inner(&state, &caller, &headers, precision, body);
     let response = state
         .metrics
         .tasks
@@ -164,6 +173,7 @@ async fn write(state: AppState, headers: HeaderMap, precision: Precision, body: 
 
 async fn write_inner(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     precision: Precision,
     body: Body,
@@ -173,6 +183,8 @@ async fn write_inner(
     let settings = state.settings.clone();
     let len = bytes.len();
     let received_ms = now_ms();
+    // A token naming one device binds it: lines without the device tag are that device's.
+    let bound = caller.bound_device().cloned();
     let parse = move || -> Result<LineBatch, BatchError> {
         let text = crate::codec::decode_utf8(&bytes)?;
         let ctx = ParseContext {
@@ -180,7 +192,7 @@ async fn write_inner(
             max_future_skew: settings.limits.max_future_skew,
             max_age: settings.limits.max_age,
             max_readings: settings.limits.max_readings_per_request,
-            bound_device: None,
+            bound_device: bound.as_ref(),
         };
         let opts = LineOptions {
             device_tag: &settings.formats.line_protocol.device_tag,
@@ -195,7 +207,7 @@ async fn write_inner(
     } else {
         parse()
     };
-    let lines = match parsed {
+    let mut lines = match parsed {
         Ok(b) => b,
         Err(BatchError::Malformed(detail)) => {
             state
@@ -220,12 +232,38 @@ async fn write_inner(
         .metrics
         .line_protocol_ignored_fields
         .inc_by(lines.ignored_fields as u64);
+    // Devices the token may not write, then each device's rate limit (SPEC §11): all refused is
+    // a 403 or a 429 with Retry-After, as InfluxDB clients expect; some refused is a partial
+    // write naming the first refused line.
+    let screened = state.access.screen(caller, t, &mut lines.batch);
     let first_error = lines.first_error();
     let rejected = lines.batch.rejected.len();
+    if lines.batch.readings.is_empty() {
+        match screened.status_when_nothing_taken(rejected) {
+            Some(StatusCode::FORBIDDEN) => {
+                return Ok(crate::access::forbidden_influx(
+                    "every line names a device this token may not write",
+                ))
+            }
+            Some(_) => {
+                let mut p = Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many requests",
+                    "every line is over its device's rate limit (rate_limit.per_device)",
+                );
+                p.retry_after = screened.retry;
+                let mut response = influx_error(p);
+                state.access.rate_headers(&screened, response.headers_mut());
+                return Ok(response);
+            }
+            None => {}
+        }
+    }
     if !lines.batch.readings.is_empty() {
         submit(state, t, lines.batch.readings).await?;
     }
-    Ok(match first_error {
+    let mut response = match first_error {
         None => StatusCode::NO_CONTENT.into_response(),
         Some((line, message)) => (
             StatusCode::BAD_REQUEST,
@@ -238,5 +276,7 @@ async fn write_inner(
             }),
         )
             .into_response(),
-    })
+    };
+    state.access.rate_headers(&screened, response.headers_mut());
+    Ok(response)
 }

@@ -27,6 +27,7 @@ use tokio::time::sleep_until;
 
 use super::http::RejectedItem;
 use super::{count_parsed, parse_off_loop, parse_readings, Format};
+use crate::access::Caller;
 use crate::api::params::Params;
 use crate::api::problem::Problem;
 use crate::api::AppState;
@@ -50,6 +51,10 @@ pub struct WsParams {
     /// Binds the connection to one device: readings may omit `device_id`, and must not name
     /// another.
     device_id: Option<String>,
+    /// The token, for clients that cannot set `Authorization` on an upgrade (browsers); read
+    /// by `access::guard`. Never logged.
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
 /// Applies the per-connection buffer and size limits.
@@ -93,16 +98,27 @@ pub async fn finish_close(mut socket: WebSocket) {
 /// The upgrade handler.
 pub async fn device_ws(
     State(state): State<AppState>,
+    caller: Caller,
     Params(params): Params<WsParams>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let bound = match params.device_id.as_deref().map(DeviceId::parse) {
-        None => None,
+        None => caller.bound_device().cloned(),
         Some(Ok(d)) => Some(d),
         Some(Err(e)) => return Problem::bad_request(format!("device_id: {e}")).into_response(),
     };
+    // A connection bound to a device the token may not write is refused before the upgrade.
+    if let Some(d) = &bound {
+        if !caller.may_write(d.as_str()) {
+            return crate::access::forbidden(
+                &state.access,
+                Transport::Ws,
+                format!("device_id: `{d}` is not allowed for this token"),
+            );
+        }
+    }
     upgrade(ws, state, move |socket, state, permit| {
-        run(socket, state, bound, permit)
+        run(socket, state, bound, caller, permit)
     })
 }
 
@@ -164,6 +180,8 @@ enum Outgoing {
         ack: oneshot::Receiver<AckResult>,
         /// How the answer is encoded: as the frame was.
         encoding: Encoding,
+        /// Some readings were over their device's rate limit: when to send them again.
+        retry_after_ms: Option<u64>,
     },
     /// Close after everything before it was sent.
     Close(u16, Cow<'static, str>),
@@ -213,6 +231,9 @@ struct AckFrame<'a> {
     accepted: usize,
     duplicates: usize,
     rejected: &'a [RejectedItem],
+    /// When some readings were rejected as `rate_limited`: the wait before resending them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -269,6 +290,7 @@ async fn run(
     socket: WebSocket,
     state: AppState,
     bound: Option<DeviceId>,
+    caller: Caller,
     _slot: OwnedSemaphorePermit,
 ) {
     let _gauge = ConnectionGauge::new(&state, "device");
@@ -279,7 +301,7 @@ async fn run(
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(settings.max_in_flight + 1);
     let writer_task = write_loop(sink, out_rx, state.clone());
     let mut writer = tokio::spawn(state.metrics.tasks.ws.instrument(writer_task));
-    let stream = read_loop(stream, &out_tx, in_flight, &state, bound).await;
+    let stream = read_loop(stream, &out_tx, in_flight, &state, bound, &caller).await;
     drop(out_tx);
     // The writer answers what was read. At shutdown a peer that does not read its answers gets
     // DRAIN_MAX to take them; otherwise the writer's own send timeouts bound it.
@@ -310,7 +332,11 @@ async fn read_loop(
     in_flight: std::sync::Arc<Semaphore>,
     state: &AppState,
     bound: Option<DeviceId>,
+    caller: &Caller,
 ) -> SplitStream<WebSocket> {
+    // A revoked token closes the connection with 1008 after what was read is answered.
+    let mut revoked = state.access.tokens.watch(caller.token_id());
+    let revoked_close = || Outgoing::Close(1008, Cow::Borrowed("token revoked"));
     let idle = state.settings.ws.idle_timeout;
     let shutdown = state.ws.shutdown.clone();
     let mut last_heard = tokio::time::Instant::now();
@@ -329,6 +355,10 @@ async fn read_loop(
                 let _ = out.send(timeout_close(drain_until)).await;
                 return stream;
             }
+            () = revoked.revoked() => {
+                let _ = out.send(revoked_close()).await;
+                return stream;
+            }
             _ = shutdown.cancelled(), if drain_until.is_none() => {
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
                 continue;
@@ -342,6 +372,10 @@ async fn read_loop(
             m = stream.next() => m,
             _ = sleep_until(read_deadline) => {
                 let _ = out.send(timeout_close(drain_until)).await;
+                return stream;
+            }
+            () = revoked.revoked() => {
+                let _ = out.send(revoked_close()).await;
                 return stream;
             }
             _ = shutdown.cancelled(), if drain_until.is_none() => {
@@ -360,11 +394,29 @@ async fn read_loop(
             Some(Ok(Message::Text(text))) => {
                 n += 1;
                 let frame = Bytes::from(text);
-                handle_frame(state, bound.as_ref(), n, frame, Encoding::Json, permit).await
+                handle_frame(
+                    state,
+                    caller,
+                    bound.as_ref(),
+                    n,
+                    frame,
+                    Encoding::Json,
+                    permit,
+                )
+                .await
             }
             Some(Ok(Message::Binary(frame))) => {
                 n += 1;
-                handle_frame(state, bound.as_ref(), n, frame, Encoding::Cbor, permit).await
+                handle_frame(
+                    state,
+                    caller,
+                    bound.as_ref(),
+                    n,
+                    frame,
+                    Encoding::Cbor,
+                    permit,
+                )
+                .await
             }
             Some(Ok(Message::Close(_))) => Outgoing::Close(1000, Cow::Borrowed("")),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -397,6 +449,7 @@ fn classify_error(e: &axum::Error) -> (u16, &'static str) {
 /// Parses and submits one frame; the answer is either known now or after the commit.
 async fn handle_frame(
     state: &AppState,
+    caller: &Caller,
     bound: Option<&DeviceId>,
     n: u64,
     frame: Bytes,
@@ -404,13 +457,18 @@ async fn handle_frame(
     permit: OwnedSemaphorePermit,
 ) -> Outgoing {
     let received = Instant::now();
-    match frame_answer(state, bound, n, frame, encoding).await {
+    match frame_answer(state, caller, bound, n, frame, encoding).await {
         FrameAnswer::Ready(body) => Outgoing::Ready {
             permit,
             received,
             body,
         },
-        FrameAnswer::Pending { id, rejected, ack } => Outgoing::Pending {
+        FrameAnswer::Pending {
+            id,
+            rejected,
+            ack,
+            retry_after_ms,
+        } => Outgoing::Pending {
             permit,
             received,
             n,
@@ -418,6 +476,7 @@ async fn handle_frame(
             rejected,
             ack,
             encoding,
+            retry_after_ms,
         },
         FrameAnswer::Close(code, reason) => Outgoing::Close(code, reason),
     }
@@ -429,6 +488,7 @@ enum FrameAnswer {
         id: Option<String>,
         rejected: Vec<RejectedItem>,
         ack: oneshot::Receiver<AckResult>,
+        retry_after_ms: Option<u64>,
     },
     /// A binary frame that is not CBOR at all (SPEC §4: 1003).
     Close(u16, Cow<'static, str>),
@@ -506,6 +566,7 @@ async fn cbor_frame(
 
 async fn frame_answer(
     state: &AppState,
+    caller: &Caller,
     bound: Option<&DeviceId>,
     n: u64,
     frame: Bytes,
@@ -518,7 +579,7 @@ async fn frame_answer(
         Encoding::Json => json_frame(state, bound, frame).await,
         Encoding::Cbor => cbor_frame(state, bound, frame).await,
     };
-    let (id, parsed) = match decoded {
+    let (id, mut parsed) = match decoded {
         Ok(v) => v,
         Err(FrameError::NotCbor(detail)) => {
             count_request(state, RejectReason::Malformed, 1);
@@ -554,12 +615,31 @@ async fn frame_answer(
         }
     };
     count_parsed(state, t, &parsed);
+    // Devices the token may not write, then each device's rate limit (SPEC §11).
+    let screened = state.access.screen(caller, t, &mut parsed);
+    let retry_after_ms = screened.retry.map(|d| d.as_millis().max(1) as u64);
+    if parsed.readings.is_empty() && screened.limited > 0 {
+        // Nothing taken, and waiting would help: the frame is to be sent again, whole.
+        return ready(error_ack(
+            encoding,
+            n,
+            id.as_deref(),
+            "rate_limited",
+            "the frame's readings are over their device's rate limit (rate_limit.per_device); send it again after retry_after_ms",
+            screened.retry,
+        ));
+    }
     let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
     if parsed.readings.is_empty() {
-        return ready(ack_frame(encoding, n, id.as_deref(), 0, 0, &rejected));
+        return ready(ack_frame(encoding, n, id.as_deref(), 0, 0, &rejected, None));
     }
     match state.admission.submit(t, parsed.readings) {
-        Ok(ack) => FrameAnswer::Pending { id, rejected, ack },
+        Ok(ack) => FrameAnswer::Pending {
+            id,
+            rejected,
+            ack,
+            retry_after_ms,
+        },
         Err(refusal) => {
             let code = match refusal {
                 Refusal::Overloaded { .. } => "overloaded",
@@ -590,6 +670,7 @@ fn ack_frame(
     accepted: usize,
     duplicates: usize,
     rejected: &[RejectedItem],
+    retry_after_ms: Option<u64>,
 ) -> Message {
     encoding.frame(&AckFrame {
         ack: n,
@@ -597,6 +678,7 @@ fn ack_frame(
         accepted,
         duplicates,
         rejected,
+        retry_after_ms,
     })
 }
 
@@ -656,6 +738,7 @@ async fn write_loop(
                 rejected,
                 mut ack,
                 encoding,
+                retry_after_ms,
             }) => {
                 let result = loop {
                     tokio::select! {
@@ -671,6 +754,7 @@ async fn write_loop(
                         a.accepted,
                         a.duplicates,
                         &rejected,
+                        retry_after_ms,
                     ),
                     Ok(Err(e)) => error_ack(
                         encoding,

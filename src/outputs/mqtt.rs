@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::OutboxReceiver;
-use crate::config::mqtt::parse_url;
 use crate::config::Settings;
+use crate::ingest::mqtt::broker_options;
 use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
 
@@ -61,20 +61,12 @@ impl MqttAlerts {
         metrics: &Metrics,
     ) -> anyhow::Result<Self> {
         let m = &settings.mqtt;
-        let addr = parse_url(&m.url).map_err(|e| anyhow::anyhow!("mqtt.url: {e}"))?;
-        let mut options = MqttOptions::new(
-            format!("{}-alerts", m.client_id),
-            addr.host.clone(),
-            addr.port,
-        );
+        // The source's way to reach the broker (address, credentials, TLS), another client id.
+        let mut options = broker_options(m, format!("{}-alerts", m.client_id))?;
         options
             .set_clean_session(true)
             .set_keep_alive(m.keep_alive)
             .set_inflight(IN_FLIGHT);
-        if let Some(user) = &m.username {
-            let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
-            options.set_credentials(user.clone(), password);
-        }
         let (client, mut eventloop) = AsyncClient::new(options, IN_FLIGHT as usize);
         let stop = CancellationToken::new();
         let outstanding = Arc::new(AtomicU64::new(0));

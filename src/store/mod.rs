@@ -139,6 +139,50 @@ pub trait StoreRead: Send + Sync {
     /// row in state `was` was deleted. With a database shared by replicas, only the replica
     /// whose change took effect announces the event.
     fn apply_alert_changes(&self, changes: &[AlertChange]) -> Result<Vec<bool>, StoreError>;
+
+    /// Stores a new access token (SPEC §11): its SHA-256, never the secret.
+    fn create_token(&self, row: &TokenRow) -> Result<(), StoreError>;
+
+    /// Every token not revoked, oldest first, for `GET /v1/admin/tokens`.
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// The token whose secret hashes to `hash`, revoked or not (`revoked_ms` says). One index
+    /// lookup whatever the answer, so an unknown and a revoked token take the same path.
+    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Revokes the active token `id` at the store's clock; `false` if there is none.
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Tokens revoked at or after `since_ms` (the store's clock), as `(id, revoked_ms)`: how a
+    /// replica learns of revocations made on another one.
+    fn revoked_tokens_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Records when tokens were last used, `(id, epoch ms)`, keeping the later of the stored
+    /// and the given time. Called in batches, never once per request.
+    fn touch_tokens(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
+}
+
+/// An access token as the store keeps it (SPEC §11): table `tokens` (SQLite: schema version 4;
+/// PostgreSQL: migration `V6__tokens.sql`). The secret itself is never stored, only its
+/// SHA-256, so a copy of the database grants nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    /// Public id (`tok_…`), for listing and revoking.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub hash: [u8; 32],
+    /// The administrator's name for it.
+    pub name: String,
+    /// `write` or `read`.
+    pub scope: String,
+    /// Glob of the device ids it may write (and, for `write`, read).
+    pub devices: String,
+    /// Creation time, epoch ms.
+    pub created_ms: i64,
+    /// Last use, epoch ms, to within the access layer's flush interval; none if never used.
+    pub last_used_ms: Option<i64>,
+    /// Revocation time (the store's clock), epoch ms; none while active.
+    pub revoked_ms: Option<i64>,
 }
 
 /// A (rule, device) that is not inactive (SPEC §12).
@@ -388,7 +432,7 @@ impl ReaderSlot {
     }
 
     /// The open store's reader, or [`StoreError::NotOpen`].
-    fn current(&self) -> Result<Arc<dyn StoreRead>, StoreError> {
+    pub fn current(&self) -> Result<Arc<dyn StoreRead>, StoreError> {
         self.inner
             .read()
             .expect("reader slot lock")

@@ -143,6 +143,19 @@ pub struct Metrics {
     pub rollup_retention_deleted: IntCounter,
     /// Aggregation queries by `source`: `level` (served from a rollup level) or `raw`.
     pub rollup_queries: IntCounterVec,
+    /// Checks of `server.tls.*` that found new files, by `result`: `ok` (the new certificate is
+    /// served to new connections) or `error` (refused; the previous one stays).
+    pub tls_cert_reloads: IntCounterVec,
+    /// TLS handshakes on the HTTP listener that did not complete, by `reason`: `timeout`
+    /// (`server.request_timeout`) or `error` (e.g. plain HTTP, or a client that distrusts us).
+    pub tls_handshake_failures: IntCounterVec,
+    /// Requests (and WebSocket upgrades) refused or limited by access checks, by `transport`
+    /// (http, ws) and `reason` (missing, invalid, revoked, forbidden); SPEC §7, §11.
+    pub auth_failures: IntCounterVec,
+    /// Readings rejected (HTTP, WebSocket) or held back (MQTT) by their device's rate limit.
+    pub readings_rate_limited: IntCounterVec,
+    /// Devices the rate limiter holds in memory now (those that sent within one refill).
+    pub rate_limit_devices: IntGauge,
     /// Per-family task monitors; wrap a task's future with `tasks.<family>.instrument(..)`.
     pub tasks: TaskMonitors,
 }
@@ -443,6 +456,27 @@ impl Metrics {
                 "Aggregation queries (agg=&step=) by source: level (a rollup level) or raw (raw readings).",
                 &["source"],
             ),
+            tls_cert_reloads: counter(
+                "sluice_tls_cert_reloads_total",
+                "Changed server.tls.cert_file/key_file found, by result: ok (served to new connections) or error (refused; the previous certificate stays).",
+                &["result"],
+            ),
+            tls_handshake_failures: counter(
+                "sluice_tls_handshake_failures_total",
+                "TLS handshakes on the HTTP listener that did not complete, by reason: timeout or error.",
+                &["reason"],
+            ),
+            auth_failures: counter(
+                "sluice_auth_failures_total",
+                "Requests refused by access checks, by transport (http, ws) and reason: missing, invalid, revoked (401) or forbidden (403, or readings of devices the token may not write).",
+                &["transport", "reason"],
+            ),
+            readings_rate_limited: counter(
+                "sluice_readings_rate_limited_total",
+                "Readings over their device's rate_limit.per_device: rejected (HTTP, WebSocket) or held until allowed (MQTT, PUBACK withheld).",
+                &["transport"],
+            ),
+            rate_limit_devices: simple_gauge(&registry, "sluice_rate_limit_devices", "Devices the per-device rate limiter holds in memory (those that sent within one refill of their allowance)."),
             registry,
             tasks,
         };
@@ -465,8 +499,14 @@ impl Metrics {
             m.readings_accepted.with_label_values(&[t]);
             m.readings_duplicate.with_label_values(&[t]);
             m.readings_shed.with_label_values(&[t]);
+            m.readings_rate_limited.with_label_values(&[t]);
             for r in RejectReason::ALL {
                 m.readings_rejected.with_label_values(&[t, r.as_str()]);
+            }
+        }
+        for t in ["http", "ws"] {
+            for reason in ["missing", "invalid", "revoked", "forbidden"] {
+                m.auth_failures.with_label_values(&[t, reason]);
             }
         }
         m.store_errors.with_label_values(&["sqlite"]);
@@ -475,6 +515,12 @@ impl Metrics {
         m.store_commit_seconds.with_label_values(&["sqlite"]);
         for source in ["level", "raw"] {
             m.rollup_queries.with_label_values(&[source]);
+        }
+        for result in ["ok", "error"] {
+            m.tls_cert_reloads.with_label_values(&[result]);
+        }
+        for reason in ["timeout", "error"] {
+            m.tls_handshake_failures.with_label_values(&[reason]);
         }
         m.alert_events.with_label_values(&["firing"]);
         m.alert_events.with_label_values(&["resolved"]);

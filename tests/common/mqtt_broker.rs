@@ -342,3 +342,45 @@ impl Drop for TestClient {
         self.task.abort();
     }
 }
+
+/// The Debian publishing client (package `mosquitto-clients`).
+pub const MOSQUITTO_PUB: &str = "/usr/bin/mosquitto_pub";
+
+/// Runs `mosquitto_pub -h 127.0.0.1 -p <port> -q 1 -t <topic> -l <args…>`, one message per
+/// payload (stdin, one per line), and returns whether the broker took them all: a refused
+/// connection (bad credentials, TLS) exits non-zero. `args` adds e.g. `-u`/`-P` or `--cafile`.
+pub fn mosquitto_pub(port: u16, args: &[&str], topic: &str, payloads: &[Vec<u8>]) -> bool {
+    use std::io::Write;
+    let mut child = Command::new(MOSQUITTO_PUB)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .args(args)
+        .arg("-i")
+        .arg(client_id("pub"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {MOSQUITTO_PUB} (apt-get install mosquitto-clients): {e}")
+        });
+    let mut stdin = child.stdin.take().expect("stdin");
+    for p in payloads {
+        assert!(!p.contains(&b'\n'), "one payload per line");
+        stdin
+            .write_all(p)
+            .and_then(|()| stdin.write_all(b"\n"))
+            .expect("write to mosquitto_pub");
+    }
+    drop(stdin);
+    child.wait().expect("mosquitto_pub exits").success()
+}

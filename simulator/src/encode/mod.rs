@@ -162,6 +162,8 @@ pub struct Encoder {
     items: Vec<Item>,
     /// SenML: the item each record belongs to, to map an answer's record index to a reading.
     record_items: Vec<u32>,
+    /// Where each reading's bytes are in `buf` (separators left out).
+    spans: Vec<(u32, u32)>,
 }
 
 impl Encoder {
@@ -190,6 +192,7 @@ impl Encoder {
             elems: 0,
             items: Vec::with_capacity(readings),
             record_items: Vec::new(),
+            spans: Vec::with_capacity(readings),
         }
     }
 
@@ -203,25 +206,31 @@ impl Encoder {
                 if !first {
                     buf.push(b',');
                 }
+                let start = buf.len();
                 json::write(&next, self.with_id, buf);
+                self.spans.push((start as u32, buf.len() as u32));
                 self.elems += 1;
             }
             Format::Cbor => {
+                let start = buf.len();
                 cbor::write_reading(&next, self.with_id, buf);
+                self.spans.push((start as u32, buf.len() as u32));
                 self.elems += 1;
             }
             Format::SenmlJson | Format::SenmlCbor => {
                 let Next::Reading(r) = &next else {
                     unreachable!("--bad-ratio is refused with senml")
                 };
+                if self.format == Format::SenmlJson && !first {
+                    buf.push(b',');
+                }
+                let start = buf.len();
                 if self.format == Format::SenmlJson {
-                    if !first {
-                        buf.push(b',');
-                    }
                     senml::write_json(r, buf);
                 } else {
                     senml::write_cbor(r, buf);
                 }
+                self.spans.push((start as u32, buf.len() as u32));
                 let records = senml::records(r);
                 self.elems += records as u64;
                 let index = self.items.len() as u32;
@@ -235,7 +244,9 @@ impl Encoder {
                 if !first {
                     buf.push(b'\n');
                 }
+                let start = buf.len();
                 line::write(r, buf);
+                self.spans.push((start as u32, buf.len() as u32));
                 self.elems += 1;
             }
         }
@@ -255,29 +266,38 @@ impl Encoder {
     /// The finished bytes and what each reading is.
     pub fn finish(self) -> Encoded {
         let mut buf = self.buf;
-        let bytes = match self.format {
+        let (bytes, shift) = match self.format {
             Format::Json if self.array => {
                 buf.push(b']');
-                Bytes::from(buf)
+                (Bytes::from(buf), 0)
             }
             Format::SenmlJson => {
                 buf.push(b']');
-                Bytes::from(buf)
+                (Bytes::from(buf), 0)
             }
-            Format::Cbor if !self.array => Bytes::from(buf).slice(HEAD_ROOM..),
+            Format::Cbor if !self.array => (Bytes::from(buf).slice(HEAD_ROOM..), HEAD_ROOM),
             Format::Cbor | Format::SenmlCbor => {
                 let mut head = Vec::with_capacity(HEAD_ROOM);
                 cbor::array(&mut head, self.elems);
                 let at = HEAD_ROOM - head.len();
                 buf[at..HEAD_ROOM].copy_from_slice(&head);
-                Bytes::from(buf).slice(at..)
+                (Bytes::from(buf).slice(at..), at)
             }
-            _ => Bytes::from(buf),
+            _ => (Bytes::from(buf), 0),
         };
+        let mut spans = self.spans;
+        if shift > 0 {
+            let shift = shift as u32;
+            for s in &mut spans {
+                *s = (s.0 - shift, s.1 - shift);
+            }
+        }
         Encoded {
             bytes,
             items: self.items,
             record_items: self.record_items,
+            spans,
+            format: self.format,
         }
     }
 }
@@ -291,6 +311,81 @@ pub struct Encoded {
     pub items: Vec<Item>,
     /// SenML: the reading each record belongs to (empty for the other formats).
     pub record_items: Vec<u32>,
+    /// Where each reading's bytes are in `bytes` (separators left out).
+    pub spans: Vec<(u32, u32)>,
+    /// The format of `bytes`.
+    pub format: Format,
+}
+
+impl Encoded {
+    /// A body of the same format holding only the readings at `keep` (indexes into `items`,
+    /// in order), e.g. those refused for a rate limit, to send them again with the same `seq`s.
+    /// For batches (arrays, SenML packs, line protocol), not single-object frames.
+    pub fn subset(&self, keep: &[usize]) -> Encoded {
+        let format = self.format;
+        let mut records = vec![0usize; self.items.len()];
+        for &r in &self.record_items {
+            if let Some(c) = records.get_mut(r as usize) {
+                *c += 1;
+            }
+        }
+        let room = if format.is_binary() { HEAD_ROOM } else { 0 };
+        let mut buf = Vec::with_capacity(
+            room + 2
+                + keep
+                    .iter()
+                    .map(|&i| (self.spans[i].1 - self.spans[i].0) as usize + 1)
+                    .sum::<usize>(),
+        );
+        buf.resize(room, 0);
+        if matches!(format, Format::Json | Format::SenmlJson) {
+            buf.push(b'[');
+        }
+        let mut items = Vec::with_capacity(keep.len());
+        let mut record_items = Vec::new();
+        let mut spans = Vec::with_capacity(keep.len());
+        let mut elems = 0u64;
+        for (k, &i) in keep.iter().enumerate() {
+            if k > 0 {
+                match format {
+                    Format::Json | Format::SenmlJson => buf.push(b','),
+                    Format::Line => buf.push(b'\n'),
+                    Format::Cbor | Format::SenmlCbor => {}
+                }
+            }
+            let (a, b) = self.spans[i];
+            let start = buf.len();
+            buf.extend_from_slice(&self.bytes[a as usize..b as usize]);
+            spans.push((start as u32, buf.len() as u32));
+            items.push(self.items[i].clone());
+            if format.needs_distinct_ts() {
+                record_items.extend(std::iter::repeat_n(k as u32, records[i]));
+                elems += records[i] as u64;
+            } else {
+                elems += 1;
+            }
+        }
+        if matches!(format, Format::Json | Format::SenmlJson) {
+            buf.push(b']');
+        }
+        let mut at = 0;
+        if format.is_binary() {
+            let mut head = Vec::with_capacity(HEAD_ROOM);
+            cbor::array(&mut head, elems);
+            at = HEAD_ROOM - head.len();
+            buf[at..HEAD_ROOM].copy_from_slice(&head);
+            for s in &mut spans {
+                *s = (s.0 - at as u32, s.1 - at as u32);
+            }
+        }
+        Encoded {
+            bytes: Bytes::from(buf).slice(at..),
+            items,
+            record_items,
+            spans,
+            format,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +462,55 @@ mod tests {
                     assert!(!text.ends_with('\n'));
                 }
             }
+        }
+    }
+
+    /// A subset of a batch is a valid body of the same format with just those readings.
+    #[test]
+    fn a_subset_of_a_batch_holds_just_those_readings() {
+        for format in Format::ALL {
+            let mut devs = devices(format.needs_distinct_ts());
+            let mut enc = Encoder::new(format, true, true, 6, 4);
+            for i in 0..6 {
+                enc.push(&mut devs[i % 3], 1_795_000_000_000);
+            }
+            let e = enc.finish();
+            let sub = e.subset(&[1, 4]);
+            let devices: Vec<u32> = sub.items.iter().map(|i| i.device).collect();
+            assert_eq!(devices, [1, 1], "{format:?}");
+            let seqs: Vec<u64> = sub.items.iter().map(|i| i.seq.unwrap()).collect();
+            assert_eq!(seqs, [1, 2], "{format:?}");
+            let n = match format {
+                Format::Json => {
+                    let v: serde_json::Value = serde_json::from_slice(&sub.bytes).unwrap();
+                    assert_eq!(v[1]["seq"], 2);
+                    assert_eq!(v[1]["device_id"], "enc-1");
+                    v.as_array().unwrap().len()
+                }
+                Format::SenmlJson => {
+                    let v: serde_json::Value = serde_json::from_slice(&sub.bytes).unwrap();
+                    assert_eq!(sub.record_items, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]);
+                    v.as_array().unwrap().len() / 5
+                }
+                Format::Cbor | Format::SenmlCbor => {
+                    let v: ciborium::Value = ciborium::from_reader(&sub.bytes[..]).unwrap();
+                    let n = v.as_array().unwrap().len();
+                    if format == Format::Cbor {
+                        n
+                    } else {
+                        n / 5
+                    }
+                }
+                Format::Line => {
+                    let text = std::str::from_utf8(&sub.bytes).unwrap();
+                    assert!(text.lines().all(|l| l.contains("device_id=enc-1")));
+                    text.lines().count()
+                }
+            };
+            assert_eq!(n, 2, "{format:?}");
+            // Spans point at the readings in the subset too.
+            let again = sub.subset(&[1]);
+            assert_eq!(again.items[0].seq, Some(2), "{format:?}");
         }
     }
 

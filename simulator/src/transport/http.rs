@@ -13,9 +13,16 @@
 //!   it; a device's readings may then be committed out of `seq` order, as from a real fleet
 //!   behind several gateways.
 //!
+//! With tokens (`--token`, `--tokens-file`, SPEC §11) every request carries
+//! `Authorization: Bearer`. When devices have different tokens, a request carries one device's
+//! readings, sent with its token: a lane takes its own devices in turn, one batch each
+//! (gateway), or draws one device per batch (random).
+//!
 //! Answers: 200/422 are settled reading by reading (the answer is JSON, or CBOR when its
-//! content type says so); 503/429 wait `Retry-After` and send the same body again; other 4xx
-//! give the batch up (its readings can never be taken); network errors and other statuses
+//! content type says so), and readings rejected as `rate_limited` are sent again, alone, after
+//! `Retry-After` (or the `RateLimit` header's reset, else a second); 503/429 wait `Retry-After`
+//! and send the same body again; 401/403 count as auth failures and give the batch up; other
+//! 4xx give the batch up (its readings can never be taken); network errors and other statuses
 //! retry with exponential back-off until the drain timeout.
 //!
 //! Line protocol answers as InfluxDB does: 204 when every line was stored or was a duplicate
@@ -28,7 +35,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -48,6 +55,7 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
         .timeout(cfg.request_timeout)
         .build()?;
     let devices = cfg.fleet().build();
+    let per_device = cfg.auth.per_device();
     match cfg.device_mix {
         DeviceMix::Gateway => {
             let n = cfg.connections.min(devices.len());
@@ -57,9 +65,13 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
             }
             for part in parts {
                 let share = part.len() as f64;
-                let source = Source::Own {
-                    devices: part,
-                    next: 0,
+                let source = Source {
+                    pick: Pick::Own {
+                        devices: part,
+                        next: 0,
+                    },
+                    per_device,
+                    current: 0,
                 };
                 lanes.spawn(lane(ctx.clone(), client.clone(), source, share));
             }
@@ -69,9 +81,13 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
             let share = devices.len() as f64 / n as f64;
             let fleet: Arc<[Mutex<Device>]> = devices.into_iter().map(Mutex::new).collect();
             for k in 0..n {
-                let source = Source::Fleet {
-                    devices: fleet.clone(),
-                    rng: SmallRng::seed_from_u64(lane_seed(cfg.seed, k)),
+                let source = Source {
+                    pick: Pick::Fleet {
+                        devices: fleet.clone(),
+                        rng: SmallRng::seed_from_u64(lane_seed(cfg.seed, k)),
+                    },
+                    per_device,
+                    current: 0,
                 };
                 lanes.spawn(lane(ctx.clone(), client.clone(), source, share));
             }
@@ -86,7 +102,7 @@ fn lane_seed(seed: u64, k: usize) -> u64 {
 }
 
 /// Where a lane's readings come from (`--device-mix`).
-enum Source {
+enum Pick {
     /// Its own devices, in turn.
     Own { devices: Vec<Device>, next: usize },
     /// The whole fleet, one device drawn at random for each reading.
@@ -96,17 +112,59 @@ enum Source {
     },
 }
 
+/// A lane's readings: from which devices, and whether a request carries one device only (its
+/// devices have tokens of their own).
+struct Source {
+    pick: Pick,
+    per_device: bool,
+    /// With `per_device`: the device of the batch being built (an index into the devices).
+    current: usize,
+}
+
 impl Source {
+    /// Starts a batch: with `per_device`, chooses its device (the next of the lane's own, or
+    /// one drawn from the fleet).
+    fn begin(&mut self) {
+        if !self.per_device {
+            return;
+        }
+        match &mut self.pick {
+            Pick::Own { devices, next } => {
+                self.current = *next;
+                *next = (*next + 1) % devices.len();
+            }
+            Pick::Fleet { devices, rng } => self.current = rng.random_range(0..devices.len()),
+        }
+    }
+
     /// Appends `k` readings to a batch being built.
     fn fill(&mut self, k: usize, batch: &mut Encoder) {
         let ts = now_ms();
+        if self.per_device {
+            match &mut self.pick {
+                Pick::Own { devices, .. } => {
+                    for _ in 0..k {
+                        batch.push(&mut devices[self.current], ts);
+                    }
+                }
+                Pick::Fleet { devices, .. } => {
+                    let mut d = devices[self.current]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    for _ in 0..k {
+                        batch.push(&mut d, ts);
+                    }
+                }
+            }
+            return;
+        }
         for _ in 0..k {
-            match self {
-                Source::Own { devices, next } => {
+            match &mut self.pick {
+                Pick::Own { devices, next } => {
                     batch.push(&mut devices[*next], ts);
                     *next = (*next + 1) % devices.len();
                 }
-                Source::Fleet { devices, rng } => {
+                Pick::Fleet { devices, rng } => {
                     let d = &devices[rng.random_range(0..devices.len())];
                     // Held only while one reading is written: its seq is taken and used under
                     // the same lock, so each device's seqs are unique and increasing.
@@ -114,6 +172,14 @@ impl Source {
                     batch.push(&mut d, ts);
                 }
             }
+        }
+    }
+
+    /// The fleet index of the batch's device (with `per_device`).
+    fn device(&self) -> u32 {
+        match &self.pick {
+            Pick::Own { devices, .. } => devices[self.current].index,
+            Pick::Fleet { .. } => self.current as u32,
         }
     }
 }
@@ -141,6 +207,7 @@ async fn lane(ctx: Arc<Ctx>, client: reqwest::Client, mut source: Source, share:
             }
         }
         let mut batch = Encoder::new(format, true, true, b, ctx.cfg.metrics);
+        source.begin();
         if ctx.paced() {
             let linger_end = Instant::now() + ctx.cfg.linger;
             loop {
@@ -160,7 +227,12 @@ async fn lane(ctx: Arc<Ctx>, client: reqwest::Client, mut source: Source, share:
             source.fill(b, &mut batch);
         }
         if !batch.is_empty() {
-            post(&ctx, &client, &url, batch.finish()).await;
+            let token = if source.per_device {
+                ctx.cfg.auth.for_device(source.device())
+            } else {
+                ctx.cfg.auth.for_device(0)
+            };
+            post(&ctx, &client, &url, batch.finish(), token).await;
         }
     }
     if ctx.paced() {
@@ -174,14 +246,52 @@ fn retry_after(res: &reqwest::Response) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// How long to wait before sending rate-limited readings again: `Retry-After`, else the reset
+/// `t=` of the IETF `RateLimit` header (draft-ietf-httpapi-ratelimit-headers), else a second.
+fn rate_limit_wait(headers: &reqwest::header::HeaderMap) -> Duration {
+    let secs = |v: &str| v.trim().parse::<u64>().ok();
+    if let Some(s) = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(secs)
+    {
+        return Duration::from_secs(s);
+    }
+    headers
+        .get("ratelimit")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(';')
+                .find_map(|p| p.trim().strip_prefix("t=").and_then(secs))
+        })
+        .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.max(1)))
+}
+
+/// What a 401/403 means, for the summary (never quoting a token).
+pub fn auth_hint(status: u16, token_sent: bool) -> &'static str {
+    match (status, token_sent) {
+        (401, false) => "Sluice wants a token (auth.mode = \"token\"): pass --token (or SLUICE_TOKEN) or --tokens-file",
+        (401, true) => "the token was refused: unknown, revoked or malformed",
+        (_, false) => "forbidden, and no token was sent",
+        _ => "the token may not do this: its scope (write/read) or its devices glob does not cover the device",
+    }
+}
+
 /// Posts one batch until it is answered, refused for good, or the drain timeout runs out.
-async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
+/// Readings refused for their rate limit are sent again, alone, after the wait.
+async fn post(
+    ctx: &Ctx,
+    client: &reqwest::Client,
+    url: &str,
+    mut batch: Encoded,
+    token: Option<&HeaderValue>,
+) {
     let stats = &ctx.stats;
     let format = ctx.cfg.format;
-    let items = &batch.items;
     let mut first = true;
     let mut backoff = Duration::from_millis(50);
     loop {
+        let items = &batch.items;
         if ctx.abort.is_cancelled() {
             stats.give_up(items);
             return;
@@ -189,11 +299,11 @@ async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
         stats.wrote(items, first, batch.bytes.len());
         first = false;
         let sent_at = Instant::now();
-        let request = client
-            .post(url)
-            .header(CONTENT_TYPE, format.content_type())
-            .body(batch.bytes.clone())
-            .send();
+        let mut request = client.post(url).header(CONTENT_TYPE, format.content_type());
+        if let Some(t) = token {
+            request = request.header(AUTHORIZATION, t.clone());
+        }
+        let request = request.body(batch.bytes.clone()).send();
         let res = tokio::select! {
             r = request => r,
             _ = ctx.abort.cancelled() => {
@@ -208,13 +318,23 @@ async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
                         accepted: items.len() as u64,
                         ..Answer::default()
                     };
-                    stats.settle(items, &answer, sent_at.elapsed());
+                    let _none = stats.settle(items, &answer, sent_at.elapsed());
                     return;
                 }
                 (Format::Line, 400) => {
+                    let wait = rate_limit_wait(res.headers());
                     let text = res.text().await.unwrap_or_default();
-                    partial_write(ctx, items, &text, sent_at.elapsed());
-                    return;
+                    let again = partial_write(ctx, items, &text, sent_at.elapsed());
+                    if again.is_empty() {
+                        return;
+                    }
+                    batch = batch.subset(&again);
+                    backoff = Duration::from_millis(50);
+                    tokio::select! {
+                        _ = sleep(wait) => {}
+                        _ = ctx.abort.cancelled() => {}
+                    }
+                    continue;
                 }
                 (_, 200 | 422) => {
                     let cbor = res
@@ -222,6 +342,7 @@ async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
                         .get(CONTENT_TYPE)
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|v| v.starts_with("application/cbor"));
+                    let wait = rate_limit_wait(res.headers());
                     let body = res.bytes().await;
                     match body
                         .map_err(|e| chain(&e))
@@ -229,8 +350,18 @@ async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
                     {
                         Ok(answer) => {
                             let answer = by_reading(answer, &batch);
-                            stats.settle(items, &answer, sent_at.elapsed());
-                            return;
+                            let again = stats.settle(items, &answer, sent_at.elapsed());
+                            if again.is_empty() {
+                                return;
+                            }
+                            // Sent again (counted in `resent`) with the same seqs, alone.
+                            batch = batch.subset(&again);
+                            backoff = Duration::from_millis(50);
+                            tokio::select! {
+                                _ = sleep(wait) => {}
+                                _ = ctx.abort.cancelled() => {}
+                            }
+                            continue;
                         }
                         Err(e) => {
                             // The batch may be committed; sending it again is safe (same seqs).
@@ -240,9 +371,26 @@ async fn post(ctx: &Ctx, client: &reqwest::Client, url: &str, batch: Encoded) {
                         }
                     }
                 }
-                (_, 503 | 429) => {
+                (_, 503) => {
                     stats.shed.inc();
                     retry_after(&res).unwrap_or(Duration::from_secs(1))
+                }
+                (_, 429) => {
+                    stats.rate_limited.add(items.len() as u64);
+                    rate_limit_wait(res.headers())
+                }
+                (_, status @ (401 | 403)) => {
+                    let text = res.text().await.unwrap_or_default();
+                    stats.auth_failures.inc();
+                    stats.problem(|| {
+                        format!(
+                            "HTTP {status}, batch given up: {}: {}",
+                            auth_hint(status, token.is_some()),
+                            text.chars().take(300).collect::<String>()
+                        )
+                    });
+                    stats.give_up(items);
+                    return;
                 }
                 (_, status @ 400..=499) => {
                     let text = res.text().await.unwrap_or_default();
@@ -302,7 +450,9 @@ fn by_reading(mut answer: Answer, batch: &Encoded) -> Answer {
 
 /// A line-protocol 400: `{"code": "invalid", "message": …, "line": n}`. The lines before `n`
 /// are stored (a partial write), line `n` is rejected, and the lines after it are unknown.
-fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) {
+/// When line `n` is over its device's rate limit, it and the lines after it are to be sent
+/// again (those of them that were stored then count as duplicates): their indexes are returned.
+fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) -> Vec<usize> {
     let stats = &ctx.stats;
     #[derive(serde::Deserialize)]
     struct Invalid {
@@ -316,9 +466,18 @@ fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) {
         stats.errors.inc();
         stats.problem(|| format!("HTTP 400, batch given up: {body}"));
         stats.give_up(items);
-        return;
+        return Vec::new();
     };
     let bad = line.saturating_sub(1).min(items.len());
+    if message.contains("rate_limited") && items[bad..].iter().all(|i| i.fault.is_none()) {
+        let answer = Answer {
+            accepted: bad as u64,
+            ..Answer::default()
+        };
+        let _none = stats.settle(&items[..bad], &answer, latency);
+        stats.rate_limited.add((items.len() - bad) as u64);
+        return (bad..items.len()).collect();
+    }
     let answer = Answer {
         accepted: bad as u64,
         duplicates: 0,
@@ -326,12 +485,13 @@ fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) {
             .then_some(Rejected {
                 index: bad,
                 error: message,
+                reason: None,
             })
             .into_iter()
             .collect(),
     };
     let known = (bad + 1).min(items.len());
-    stats.settle(&items[..known], &answer, latency);
+    let _none = stats.settle(&items[..known], &answer, latency);
     if known < items.len() {
         stats.problem(|| {
             format!(
@@ -341,6 +501,7 @@ fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) {
         });
         stats.give_up(&items[known..]);
     }
+    Vec::new()
 }
 
 #[cfg(test)]
@@ -367,6 +528,7 @@ mod tests {
 
     fn batch(source: &mut Source, k: usize) -> (Vec<serde_json::Value>, Vec<Item>) {
         let mut enc = Encoder::new(Format::Json, true, true, k, 4);
+        source.begin();
         source.fill(k, &mut enc);
         let e = enc.finish();
         (
@@ -379,9 +541,13 @@ mod tests {
     fn random_mix_spreads_a_batch_over_the_fleet_and_keeps_seqs_per_device() {
         let devices = fleet(1000);
         let mut lanes: Vec<Source> = (0..4)
-            .map(|k| Source::Fleet {
-                devices: devices.clone(),
-                rng: SmallRng::seed_from_u64(lane_seed(7, k)),
+            .map(|k| Source {
+                pick: Pick::Fleet {
+                    devices: devices.clone(),
+                    rng: SmallRng::seed_from_u64(lane_seed(7, k)),
+                },
+                per_device: false,
+                current: 0,
             })
             .collect();
         let mut last_seq = std::collections::HashMap::new();
@@ -408,12 +574,88 @@ mod tests {
         }
     }
 
+    /// With a token per device, a request carries one device: the lane's own in turn
+    /// (gateway), or one drawn per batch (random); seqs stay consecutive per device.
+    #[test]
+    fn per_device_batches_carry_one_device() {
+        let devices = fleet(50);
+        let mut random = Source {
+            pick: Pick::Fleet {
+                devices,
+                rng: SmallRng::seed_from_u64(lane_seed(7, 0)),
+            },
+            per_device: true,
+            current: 0,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..40 {
+            let (readings, items) = batch(&mut random, 20);
+            assert!(items.iter().all(|i| i.device == items[0].device));
+            assert_eq!(random.device(), items[0].device);
+            assert_eq!(readings[0]["device_id"], format!("mix-{}", items[0].device));
+            let seqs: Vec<u64> = items.iter().map(|i| i.seq.unwrap()).collect();
+            assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+            seen.insert(items[0].device);
+        }
+        assert!(
+            seen.len() > 20,
+            "draws spread over the fleet: {}",
+            seen.len()
+        );
+        let own: Vec<Device> = FleetSpec {
+            prefix: "mix".into(),
+            devices: 6,
+            profile: FleetProfile::Mixed,
+            metrics: 4,
+            seed: 7,
+            seq_start: 1,
+            bad_ratio: 0.0,
+            distinct_ts: false,
+        }
+        .build()
+        .into_iter()
+        .filter(|d| d.index % 2 == 1)
+        .collect();
+        let mut gateway = Source {
+            pick: Pick::Own {
+                devices: own,
+                next: 0,
+            },
+            per_device: true,
+            current: 0,
+        };
+        let order: Vec<u32> = (0..6)
+            .map(|_| {
+                let (_, items) = batch(&mut gateway, 3);
+                assert!(items.iter().all(|i| i.device == items[0].device));
+                assert_eq!(gateway.device(), items[0].device);
+                items[0].device
+            })
+            .collect();
+        assert_eq!(order, [1, 3, 5, 1, 3, 5]);
+    }
+
+    #[test]
+    fn rate_limit_waits_follow_the_headers() {
+        use reqwest::header::HeaderMap;
+        let mut h = HeaderMap::new();
+        assert_eq!(rate_limit_wait(&h), Duration::from_secs(1));
+        h.insert("ratelimit", "\"default\";r=0;t=3".parse().unwrap());
+        assert_eq!(rate_limit_wait(&h), Duration::from_secs(3));
+        h.insert(RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(rate_limit_wait(&h), Duration::from_secs(2));
+    }
+
     #[test]
     fn random_mix_is_repeatable_with_the_seed() {
         let draws = |seed: u64| {
-            let mut s = Source::Fleet {
-                devices: fleet(100_000),
-                rng: SmallRng::seed_from_u64(lane_seed(seed, 3)),
+            let mut s = Source {
+                pick: Pick::Fleet {
+                    devices: fleet(100_000),
+                    rng: SmallRng::seed_from_u64(lane_seed(seed, 3)),
+                },
+                per_device: false,
+                current: 0,
             };
             batch(&mut s, 200)
                 .1
@@ -447,7 +689,7 @@ mod tests {
     fn a_partial_write_acks_the_lines_before_the_bad_one() {
         let ctx = ctx();
         let body = r#"{"code":"invalid","message":"partial write: line 3: fields.x: bad (1 line(s) rejected, the others stored)","line":3}"#;
-        partial_write(&ctx, &items(5), body, Duration::from_millis(2));
+        assert!(partial_write(&ctx, &items(5), body, Duration::from_millis(2)).is_empty());
         let s = &ctx.stats;
         assert_eq!((s.acked.get(), s.accepted.get()), (2, 2));
         assert_eq!((s.rejected.get(), s.rejected_unexpected.get()), (1, 1));
@@ -457,14 +699,26 @@ mod tests {
         assert_eq!(log[0].to_vec(), [1, 2]);
         // A 400 without a line number (not a partial write): the batch is given up.
         let ctx = self::ctx();
-        partial_write(
+        let again = partial_write(
             &ctx,
             &items(4),
             r#"{"code":"invalid","message":"x"}"#,
             Duration::ZERO,
         );
+        assert!(again.is_empty());
         assert_eq!((ctx.stats.acked.get(), ctx.stats.unacked.get()), (0, 4));
         assert_eq!(ctx.stats.errors.get(), 1);
+        // Line 2 over its device's rate limit: line 1 stored, lines 2–4 to be sent again.
+        let ctx = self::ctx();
+        let body = r#"{"code":"invalid","message":"partial write: line 2: rate_limited: device `d` is over rate_limit.per_device; retry in 20 ms (3 line(s) rejected, the others stored)","line":2}"#;
+        let again = partial_write(&ctx, &items(4), body, Duration::ZERO);
+        assert_eq!(again, [1, 2, 3]);
+        let s = &ctx.stats;
+        assert_eq!((s.acked.get(), s.rate_limited.get()), (1, 3));
+        assert_eq!(
+            (s.rejected.get(), s.unacked.get(), s.errors.get()),
+            (0, 0, 0)
+        );
     }
 
     /// SenML answers name records; each rejection becomes its reading, once.
@@ -474,10 +728,13 @@ mod tests {
             bytes: bytes::Bytes::new(),
             items: items(3),
             record_items: vec![0, 0, 0, 1, 1, 1, 2, 2, 2],
+            spans: Vec::new(),
+            format: Format::SenmlJson,
         };
         let rejected = |index: usize| Rejected {
             index,
             error: "x: y".into(),
+            reason: None,
         };
         let answer = Answer {
             accepted: 1,

@@ -10,6 +10,11 @@
 //! Frames are text (JSON) or, with `--format cbor`, binary (CBOR), and the server answers a
 //! binary frame with a CBOR binary ack of the same fields (SPEC §4, §10).
 //!
+//! With a token (`--token`, `--tokens-file`) the upgrade carries the device's
+//! `Authorization: Bearer` header (SPEC §11). An upgrade refused with 401/403 and a close with
+//! 1008 count as auth failures; the device then retries with back-off. A `rate_limited` error
+//! ack puts the frame back for its `retry_after_ms`, as `overloaded` does.
+//!
 //! When the connection breaks, every frame not acknowledged is sent again on the next one,
 //! with the same readings and `seq`s. Readings omit `device_id`: the connection binds it.
 //! A device's schedule starts when it is first connected (at a random phase within one
@@ -29,10 +34,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::encode::{Encoder, Format};
+use crate::encode::{Encoded, Encoder, Format};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{now_ms, Ctx, Ended};
@@ -66,6 +73,9 @@ pub fn ws_url(target: &str, device: &str) -> String {
 #[derive(Debug)]
 struct Frame {
     msg: Message,
+    /// An array frame's encoding, to send a part of it again (readings refused for their rate
+    /// limit); `None` for a single-reading frame, which is sent again whole.
+    body: Option<Encoded>,
     /// Payload bytes.
     len: usize,
     items: Vec<Item>,
@@ -84,18 +94,23 @@ fn new_frame(dev: &mut Device, k: usize, format: Format, metrics: usize) -> Fram
     for _ in 0..k {
         enc.push(dev, ts);
     }
-    let e = enc.finish();
+    frame_of(enc.finish(), k > 1)
+}
+
+/// A frame carrying `e` (an array when `array`).
+fn frame_of(e: Encoded, array: bool) -> Frame {
     let len = e.bytes.len();
-    let msg = if format.is_binary() {
-        Message::Binary(e.bytes)
+    let msg = if e.format.is_binary() {
+        Message::Binary(e.bytes.clone())
     } else {
-        Message::Text(Utf8Bytes::try_from(e.bytes).expect("JSON is UTF-8"))
+        Message::Text(Utf8Bytes::try_from(e.bytes.clone()).expect("JSON is UTF-8"))
     };
     let now = Instant::now();
     Frame {
         msg,
         len,
-        items: e.items,
+        items: e.items.clone(),
+        body: array.then_some(e),
         attempts: 0,
         not_before: now,
         sent_at: now,
@@ -148,6 +163,18 @@ async fn lane(ctx: Arc<Ctx>, gate: Arc<Semaphore>, mut dev: Device) {
         if ctx.stop.is_cancelled() && carry.is_empty() {
             break;
         }
+        let mut request = match url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => {
+                failed_connect(&ctx, &url, &super::chain(&e), &mut backoff).await;
+                continue;
+            }
+        };
+        if let Some(token) = ctx.cfg.auth.for_device(dev.index) {
+            request
+                .headers_mut()
+                .insert(reqwest::header::AUTHORIZATION, token.clone());
+        }
         let connected = {
             let _slot = tokio::select! {
                 p = gate.acquire() => p,
@@ -155,12 +182,24 @@ async fn lane(ctx: Arc<Ctx>, gate: Arc<Semaphore>, mut dev: Device) {
             };
             timeout(
                 CONNECT_TIMEOUT,
-                tokio_tungstenite::connect_async_with_config(&url, Some(config), true),
+                tokio_tungstenite::connect_async_with_config(request, Some(config), true),
             )
             .await
         };
         let ws = match connected {
             Ok(Ok((ws, _))) => ws,
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(res)))
+                if matches!(res.status().as_u16(), 401 | 403) =>
+            {
+                let status = res.status().as_u16();
+                ctx.stats.auth_failures.inc();
+                let why = format!(
+                    "upgrade refused with {status}: {}",
+                    super::http::auth_hint(status, ctx.cfg.auth.is_on())
+                );
+                failed_connect(&ctx, &url, &why, &mut backoff).await;
+                continue;
+            }
             Ok(Err(e)) => {
                 failed_connect(&ctx, &url, &super::chain(&e), &mut backoff).await;
                 continue;
@@ -392,7 +431,10 @@ async fn read_acks(
                 )
             }),
             Some(Ok(Message::Close(c))) => {
-                return Ended::Lost(format!("closed by the server: {c:?}"))
+                if c.as_ref().is_some_and(|c| c.code == CloseCode::Policy) {
+                    stats.auth_failures.inc();
+                }
+                return Ended::Lost(format!("closed by the server: {c:?}"));
             }
             Some(Ok(_)) => continue, // pings are answered by tungstenite itself
             Some(Err(e)) => return Ended::Lost(format!("read: {e}")),
@@ -415,10 +457,30 @@ async fn read_acks(
             stats.problem(|| format!("ack {} where {n} was expected", ack.ack));
         }
         match (ack.error, ack.retry_after_ms) {
-            (None, _) => stats.settle(&frame.items, &ack.answer, frame.sent_at.elapsed()),
-            (Some(_), Some(ms)) => {
-                // overloaded / unavailable: nothing was taken; the same frame goes again later.
-                stats.shed.inc();
+            (None, retry) => {
+                let limited = stats.settle(&frame.items, &ack.answer, frame.sent_at.elapsed());
+                if !limited.is_empty() {
+                    // Readings over the device's rate limit: sent again, alone, with the same
+                    // seqs, after `retry_after_ms`.
+                    let mut again = match &frame.body {
+                        Some(body) if limited.len() < frame.items.len() => {
+                            frame_of(body.subset(&limited), true)
+                        }
+                        _ => frame,
+                    };
+                    again.attempts += 1;
+                    again.not_before = Instant::now() + Duration::from_millis(retry.unwrap_or(250));
+                    lock(shared).retry.push_back(again);
+                }
+            }
+            (Some(err), Some(ms)) => {
+                // overloaded / unavailable / rate_limited: nothing was taken; the same frame
+                // goes again later.
+                if err.code == "rate_limited" {
+                    stats.rate_limited.add(frame.items.len() as u64);
+                } else {
+                    stats.shed.inc();
+                }
                 frame.attempts += 1;
                 frame.not_before = Instant::now() + Duration::from_millis(ms);
                 lock(shared).retry.push_back(frame);

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
-    Subscribe, SubscribeReasonCode,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    Request, Subscribe, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::mqtt::parse_url;
+use crate::config::{ConfigError, MqttSettings};
 use crate::reading::now_ms;
 use crate::telemetry::log_limit::LogLimit;
 use crate::telemetry::metrics::Metrics;
@@ -24,6 +26,35 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// A connection that stayed up this long restarts the backoff from [`RECONNECT_MIN`].
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// How to reach the broker, from `[mqtt]`: its address, the credentials and, for
+/// `mqtts://`, TLS trusting only `mqtt.ca_file`'s CAs (through the build's one rustls and
+/// provider, `crate::tls`). The one way to connect, for the source and for the alert action's
+/// own connection (`outputs::mqtt`). A CA file that cannot be used is a configuration error
+/// (exit 2, naming the key).
+pub(crate) fn broker_options(m: &MqttSettings, client_id: String) -> anyhow::Result<MqttOptions> {
+    let addr = parse_url(&m.url).map_err(|reason| ConfigError::Invalid {
+        key: "mqtt.url",
+        reason,
+    })?;
+    let mut options = MqttOptions::new(client_id, addr.host, addr.port);
+    if let Some(user) = &m.username {
+        let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
+        options.set_credentials(user.clone(), password);
+    }
+    if addr.tls {
+        let ca_file = m.ca_file.as_deref().ok_or_else(|| ConfigError::Invalid {
+            key: "mqtt.ca_file",
+            reason: "is required with mqtts://".into(),
+        })?;
+        let config = crate::tls::client_config(ca_file).map_err(|reason| ConfigError::Invalid {
+            key: "mqtt.ca_file",
+            reason,
+        })?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    Ok(options)
+}
 
 /// What the connection task needs.
 pub(super) struct ConnCtx {

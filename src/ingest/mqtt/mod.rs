@@ -61,6 +61,7 @@ mod processor;
 pub use dead_letter::{DeadLetter, DeadReading, MessageError, INVALID_DEVICE_LEVEL};
 pub use processor::{decide, Verdict};
 
+pub(crate) use connection::broker_options;
 use connection::{run_connection, ConnCtx};
 use processor::run_processor;
 
@@ -69,11 +70,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus::{Histogram, IntCounter};
-use rumqttc::{AsyncClient, MqttOptions, Publish};
+use rumqttc::{AsyncClient, Publish};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::mqtt::{device_level, parse_url, MAX_OUTGOING_PACKET};
+use crate::config::mqtt::{device_level, MAX_OUTGOING_PACKET};
 use crate::config::Settings;
 use crate::pipeline::Admission;
 use crate::telemetry::log_limit::LogLimit;
@@ -154,6 +155,10 @@ struct Ctx {
     puback_failing: LogLimit,
     /// Likewise dead letters that cannot be queued.
     dead_letter_failing: LogLimit,
+    /// Per-device rate limits (`rate_limit.per_device`), shared with HTTP and WebSocket: a
+    /// message waits for its device's allowance before it is admitted, so its PUBACK is
+    /// withheld meanwhile (SPEC §11).
+    limiter: Option<Arc<crate::access::rate_limit::DeviceLimiter>>,
 }
 
 /// The running MQTT source.
@@ -172,12 +177,12 @@ impl MqttSource {
         settings: Arc<Settings>,
         admission: Admission,
         metrics: Arc<Metrics>,
+        limiter: Option<Arc<crate::access::rate_limit::DeviceLimiter>>,
     ) -> anyhow::Result<Self> {
         let m = &settings.mqtt;
-        let addr = parse_url(&m.url).map_err(|e| anyhow::anyhow!("mqtt.url: {e}"))?;
         let device_level =
             device_level(&m.topic).map_err(|e| anyhow::anyhow!("mqtt.topic: {e}"))?;
-        let mut options = MqttOptions::new(m.client_id.clone(), addr.host.clone(), addr.port);
+        let mut options = broker_options(m, m.client_id.clone())?;
         options
             .set_clean_session(false)
             .set_manual_acks(true)
@@ -185,10 +190,6 @@ impl MqttSource {
             .set_max_packet_size(m.max_packet_bytes, MAX_OUTGOING_PACKET)
             // Outgoing QoS 1 publishes are dead letters only; the broker acks them at once.
             .set_inflight(DEAD_LETTERS_IN_FLIGHT);
-        if let Some(user) = &m.username {
-            let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
-            options.set_credentials(user.clone(), password);
-        }
         // Room for one PUBACK and one dead letter per message the budget admits (held, or
         // PUBACK not yet written), so `try_ack` never finds the request channel full.
         let (client, mut eventloop) = AsyncClient::new(options, 2 * m.max_unacked + 16);
@@ -248,6 +249,7 @@ impl MqttSource {
             stop: stop_rx.clone(),
             puback_failing: LogLimit::new(),
             dead_letter_failing: LogLimit::new(),
+            limiter,
         });
         let processor = tokio::spawn(ctx.metrics.tasks.mqtt.instrument(run_processor(
             ctx.clone(),

@@ -416,6 +416,21 @@ async fn commit(ctx: &Ctx, t: &Taken, device: &DeviceId, readings: Vec<reading::
     let mut delay = RETRY_MIN;
     let cap = ctx.settings.pipeline.retry_after.max(RETRY_MIN);
     let mut stop = ctx.stop.clone();
+    if let Some(limiter) = &ctx.limiter {
+        // Over its device's rate limit, the message waits here, unadmitted, and its PUBACK
+        // (and those after it, which must follow in order) with it; other devices' messages
+        // are still parsed and committed meanwhile. Nothing is dropped or dead-lettered.
+        let n = readings.as_ref().map_or(1, Vec::len);
+        tokio::select! {
+            waited = limiter.until_ready(device.as_str(), n) => if waited {
+                ctx.metrics
+                    .readings_rate_limited
+                    .with_label_values(&[Transport::Mqtt.as_str()])
+                    .inc_by(n as u64);
+            },
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
     loop {
         let batch = match readings.take() {
             Some(r) => r,

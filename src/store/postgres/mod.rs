@@ -77,6 +77,7 @@ const PG_END_MICROS: i64 = 9_223_371_331_200_000_000;
 mod alerts;
 mod outbox;
 mod rollups;
+mod tokens;
 
 mod embedded {
     refinery::embed_migrations!("src/store/postgres/migrations");
@@ -934,6 +935,30 @@ impl StoreRead for PgReader {
     ) -> Result<Vec<bool>, StoreError> {
         self.apply_alerts(changes)
     }
+
+    fn create_token(&self, row: &crate::store::TokenRow) -> Result<(), StoreError> {
+        self.insert_token(row)
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::store::TokenRow>, StoreError> {
+        self.list_tokens()
+    }
+
+    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<crate::store::TokenRow>, StoreError> {
+        self.find_token(hash)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.revoke(id)
+    }
+
+    fn revoked_tokens_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.revoked_since(since_ms)
+    }
+
+    fn touch_tokens(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        self.touch(used)
+    }
 }
 
 /// A reading from a row whose columns, from `first` on, are `rid, ts, seq, metrics::text,
@@ -1073,6 +1098,6 @@ mod tests {
 
     #[test]
     fn schema_version_is_the_newest_migration() {
-        assert_eq!(schema_version(), 5);
+        assert_eq!(schema_version(), 6);
     }
 }

@@ -29,6 +29,7 @@ pub mod outbox;
 mod reader;
 mod rollups;
 pub mod schema;
+mod tokens;
 
 use std::collections::HashMap;
 use std::path::Path;

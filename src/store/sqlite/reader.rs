@@ -161,6 +161,30 @@ impl StoreRead for SqliteReader {
         self.with_conn(|conn| super::alerts::apply(conn, changes))
     }
 
+    fn create_token(&self, row: &crate::store::TokenRow) -> Result<(), StoreError> {
+        self.with_conn(|conn| super::tokens::create(conn, row))
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::store::TokenRow>, StoreError> {
+        self.with_conn(super::tokens::list)
+    }
+
+    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<crate::store::TokenRow>, StoreError> {
+        self.with_conn(|conn| super::tokens::by_hash(conn, hash))
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.with_conn(|conn| super::tokens::revoke(conn, id))
+    }
+
+    fn revoked_tokens_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.with_conn(|conn| super::tokens::revoked_since(conn, since_ms))
+    }
+
+    fn touch_tokens(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        self.with_conn(|conn| super::tokens::touch(conn, used))
+    }
+
     fn aggregate(
         &self,
         q: &crate::store::rollup::AggQuery,

@@ -1,6 +1,10 @@
 //! The SQLite file's schema, its versions, and the upgrade of older files in place at start.
 //!
-//! Version 3 (this build), in `PRAGMA user_version`, is version 2 plus the rollups
+//! Version 4 (this build), in `PRAGMA user_version`, is version 3 plus the access tokens
+//! (`tokens.rs`, SPEC §11): `tokens(id, hash, name, scope, devices, created_ms, last_used_ms,
+//! revoked_ms)`, holding the SHA-256 of each secret, never the secret.
+//!
+//! Version 3, in `PRAGMA user_version`, is version 2 plus the rollups
 //! (`rollups.rs`): `rollups(device, level, bucket, data)`, `metric_names(id, name)` and
 //! `rollup_levels(level)`. A version 2 file gets the tables at start, and its rollups are built
 //! from its chunks (`rollups::reconcile`).
@@ -29,7 +33,7 @@ use crate::reading::MetricValue;
 use crate::store::{merge_latest, seq_key, StoreError, StoredRow};
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 
 /// Most rows in one chunk: bounds what one query or duplicate lookup decodes.
 pub const CHUNK_ROWS: usize = 8192;
@@ -62,6 +66,9 @@ CREATE INDEX IF NOT EXISTS chunks_device_seq ON chunks (device, seq_max);
 /// What version 3 adds: the rollups (see `rollups.rs`).
 const V3: &str = super::rollups::SCHEMA;
 
+/// What version 4 adds: the access tokens (see `tokens.rs`).
+const V4: &str = super::tokens::SCHEMA;
+
 /// Columns version 2 adds to version 1's `devices`.
 const DEVICE_COLUMNS: [&str; 4] = [
     "max_seq INTEGER",
@@ -80,15 +87,17 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         });
     }
     if version == VERSION {
-        // Every statement of V2 and V3 is idempotent: a file made by an earlier build of this
-        // version gets any index added since.
+        // Every statement of V2, V3 and V4 is idempotent: a file made by an earlier build of
+        // this version gets any index added since.
         conn.execute_batch(V2)?;
         conn.execute_batch(V3)?;
+        conn.execute_batch(V4)?;
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(V2)?;
     tx.execute_batch(V3)?;
+    tx.execute_batch(V4)?;
     let has_column = |tx: &Transaction<'_>, col: &str| -> Result<bool, StoreError> {
         Ok(tx
             .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = ?1")?
