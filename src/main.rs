@@ -1,45 +1,22 @@
 //! `sluice`: command line → configuration → telemetry → [`Application`] → run until a signal.
 
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mimalloc::MiMalloc;
 use sluice::app::shutdown_signal;
-use sluice::telemetry::logging;
+use sluice::telemetry::{logging, memory};
 use sluice::{Application, Settings};
 
 /// Every allocation goes through mimalloc (see ARCHITECTURE.md, "Why these crates").
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// How often, at most, each worker thread hands its free memory back to the OS: 10 s.
-const GIVE_BACK_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Run by each tokio worker when it runs out of work (`on_thread_park`): at most once per
-/// [`GIVE_BACK_INTERVAL`], a forced `mi_collect`, which frees this thread's empty pages,
-/// including those emptied by frees from other threads, and purges the free memory (returns
-/// it to the OS). mimalloc does that itself only when the thread allocates again, so after
-/// 10 000 WebSocket connections closed, an idle process kept 190 MiB of free memory resident;
-/// with this, 42 MiB 30 s later (README, Benchmarks: `ws-rss-10k`). mimalloc can only collect
-/// the calling thread's heap, hence a hook on every worker rather than a task.
+/// Run by each tokio worker when it runs out of work (`on_thread_park`): see
+/// [`sluice::telemetry::memory`].
 fn give_back_memory() {
-    thread_local! {
-        /// When this thread last collected.
-        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-    }
-    let now = Instant::now();
-    if LAST
-        .get()
-        .is_none_or(|t| now.duration_since(t) >= GIVE_BACK_INTERVAL)
-    {
-        LAST.set(Some(now));
-        // SAFETY: `mi_collect` takes no pointer and may be called from any thread at any time;
-        // it only touches the calling thread's heap and mimalloc's own arenas.
-        unsafe { libmimalloc_sys::mi_collect(true) };
-    }
+    memory::give_back(memory::WORKER_INTERVAL);
 }
 
 /// High-concurrency IoT ingestion: readings over HTTP, WebSocket and MQTT into a durable

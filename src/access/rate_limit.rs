@@ -215,7 +215,7 @@ mod tests {
 
     /// Prints the memory one device costs in the limiter (run with `--ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "a measurement, not a check: prints the bytes per device (README); run with --ignored --nocapture"]
     fn memory_per_device() {
         fn rss_kib() -> u64 {
             std::fs::read_to_string("/proc/self/status")

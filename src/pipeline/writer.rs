@@ -118,6 +118,8 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || {
         let mut store = store;
         let out = f(&mut store);
+        // Commits run on whichever pool thread is idle: each gives back what others freed.
+        crate::telemetry::memory::give_back(crate::telemetry::memory::BLOCKING_INTERVAL);
         (store, out)
     })
     .await

@@ -3,5 +3,6 @@
 
 pub mod log_limit;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod runtime;
