@@ -52,6 +52,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        // The files it names are opened too, as the start would (exit 2 naming the key).
+        if let Err(e) = sluice::tls::check_files(&settings) {
+            eprintln!("sluice: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", settings.to_toml());
         return ExitCode::SUCCESS;
     }

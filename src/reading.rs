@@ -282,8 +282,48 @@ pub struct ParseContext<'a> {
     pub max_age: Duration,
     /// `limits.max_readings_per_request`.
     pub max_readings: usize,
-    /// The device bound by the transport (MQTT topic, WebSocket `?device_id=`), if any.
+    /// The device bound by the transport (MQTT topic, WebSocket `?device_id=`), if any: a
+    /// reading without `device_id` is its, one naming another device is `device_mismatch`.
     pub bound_device: Option<&'a DeviceId>,
+    /// The device a token naming exactly one device binds (SPEC §11), if any: a reading without
+    /// `device_id` is its; one naming another device keeps that id and is left to the token
+    /// check, which rejects it as `forbidden`.
+    pub token_device: Option<&'a DeviceId>,
+}
+
+impl ParseContext<'_> {
+    /// The device a reading without `device_id` belongs to: the transport's, else the token's.
+    pub fn default_device(&self) -> Option<&DeviceId> {
+        self.bound_device.or(self.token_device)
+    }
+}
+
+/// What binds the readings of one request or connection to a device, if anything.
+#[derive(Debug, Clone, Default)]
+pub enum Binding {
+    /// Nothing: every reading names its device.
+    #[default]
+    None,
+    /// The transport: an MQTT topic's device level, or a WebSocket's `?device_id=`.
+    Transport(DeviceId),
+    /// A token whose device glob names exactly one device (SPEC §11).
+    Token(DeviceId),
+}
+
+impl Binding {
+    /// A token's device when there is one, else nothing.
+    pub fn token(device: Option<&DeviceId>) -> Self {
+        device.map_or(Binding::None, |d| Binding::Token(d.clone()))
+    }
+
+    /// The parse context's `(bound_device, token_device)`.
+    pub fn devices(&self) -> (Option<&DeviceId>, Option<&DeviceId>) {
+        match self {
+            Binding::None => (None, None),
+            Binding::Transport(d) => (Some(d), None),
+            Binding::Token(d) => (None, Some(d)),
+        }
+    }
 }
 
 /// A reading refused inside an otherwise accepted batch.
@@ -378,7 +418,7 @@ pub(crate) enum WireTs<'a> {
 impl<'a> WireReading<'a> {
     pub(crate) fn validate(self, ctx: &ParseContext<'_>) -> Result<Reading, ReadingError> {
         use RejectReason::*;
-        let device_id = match (self.device_id, ctx.bound_device) {
+        let device_id = match (self.device_id, ctx.default_device()) {
             (None, None) => {
                 return Err(ReadingError::new(
                     "device_id",
@@ -390,7 +430,7 @@ impl<'a> WireReading<'a> {
             (Some(given), bound) => {
                 DeviceId::check(&given)
                     .map_err(|r| ReadingError::new("device_id", r, InvalidDeviceId))?;
-                match bound {
+                match bound.filter(|_| ctx.bound_device.is_some()) {
                     Some(b) if b.as_str() != given => {
                         return Err(ReadingError::new(
                             "device_id",

@@ -337,6 +337,37 @@ impl Handshake {
     }
 }
 
+/// Opens and checks every TLS file the configuration names, as a start would: the server's
+/// certificate and key (`server.tls.cert_file`, `key_file`: readable, PEM, and a pair) and
+/// `mqtt.ca_file` (a PEM bundle with at least one usable CA). For `--check-config`, so that a
+/// configuration it passes does not then stop the start with exit 2. The error names the key.
+pub fn check_files(settings: &crate::config::Settings) -> Result<(), ConfigError> {
+    if let Some((cert, key)) = settings.server.tls.files() {
+        let files = Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| FileError {
+                key,
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let pem = Pem {
+            cert: read(CERT_KEY, cert)?,
+            key: read(KEY_KEY, key)?,
+        };
+        files.parse(&pem)?;
+    }
+    if let Some(ca_file) = &settings.mqtt.ca_file {
+        client_config(ca_file).map_err(|reason| ConfigError::Invalid {
+            key: "mqtt.ca_file",
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
 /// The MQTT client's TLS settings for `mqtts://`: the CAs in `ca_file` (PEM), nothing else,
 /// and the build's one provider. The error says what is wrong with the file.
 pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {

@@ -225,6 +225,22 @@ async fn a_write_token_writes_only_its_devices_by_index_and_all_foreign_is_403()
         "{body}"
     );
     assert_eq!(seqs(&app, &read, "greenhouse-9").await, set(&[7]));
+    // Naming another device with that token is `forbidden` (an auth failure), not a mismatch.
+    let (status, _, body) = post(
+        &app,
+        &format!("Bearer {one}"),
+        &json!([{"seq": 8, "metrics": {"t": 1}}, reading("greenhouse-1", 9)]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(
+        body["rejected"],
+        json!([{"index": 1, "reason": "forbidden", "error": "device_id: not allowed for this token"}])
+    );
+    assert_eq!(failures(&app, "http", "forbidden").await, 3.0);
+    assert_eq!(seqs(&app, &read, "greenhouse-9").await, set(&[7, 8]));
+    assert!(!seqs(&app, &read, "greenhouse-1").await.contains(&9));
 
     // Line protocol: the same rules, InfluxDB's answers.
     let now = std::time::SystemTime::now()
@@ -373,6 +389,48 @@ async fn the_admin_api_creates_lists_and_revokes_and_needs_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(res.status(), 400);
+    // Each refusal is a problem document that names the field.
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(3 << 20));
+    for (body, status, says) in [
+        (
+            json!({"name": "r", "scope": "read", "devices": "gh-*"}).to_string(),
+            400,
+            "a read token reads every device",
+        ),
+        (
+            json!({"name": "gh", "scope": "write", "devices": "barn-*"}).to_string(),
+            409,
+            "name: a token named `gh` exists",
+        ),
+        (
+            json!({"name": "a\u{202E}b", "scope": "read"}).to_string(),
+            400,
+            "name:",
+        ),
+        (
+            json!({"name": "x", "scope": "write", "devices": "-gh*"}).to_string(),
+            400,
+            "matches no device",
+        ),
+        (big, 413, "length limit"),
+    ] {
+        let res = app
+            .client
+            .post(app.url("/v1/admin/tokens"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{says}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: Value = res.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains(says),
+            "{problem}"
+        );
+    }
 
     // Use it once: the list shows when (written in batches, so wait for it).
     let (status, _, _) = post(
@@ -669,4 +727,77 @@ async fn postgres_replicas_share_tokens_and_revocations() {
     assert_eq!(seqs(&b, &read, "greenhouse-1").await, set(&[1]));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A write token lists only the devices its glob matches, page by page with the cursor, in
+/// id order, with devices it may not read between and around them (the store's listing on
+/// PostgreSQL, the device state on SQLite). The `_` of `gh_1` must not match as LIKE's wildcard.
+async fn write_token_lists_its_devices_page_by_page(app: &TestApp) {
+    let (_, write) = create(app, "pages", "write", "gh-?-*").await;
+    let mut ours = Vec::new();
+    let mut batch = Vec::new();
+    for i in 0..30u64 {
+        batch.push(reading(&format!("gh-{}-{i:02}", i % 3), i));
+        batch.push(reading(&format!("gh-{}{i:02}", i % 3), i)); // no `-` after the `?`
+        batch.push(reading(&format!("gh_1-{i:02}"), i));
+        ours.push(format!("gh-{}-{i:02}", i % 3));
+    }
+    let (status, _, body) = post(app, &format!("Bearer {ADMIN}"), &json!(batch)).await;
+    assert_eq!(status, 403, "the admin token writes nothing: {body}");
+    let (_, gateway) = create(app, "all", "write", "*").await;
+    let (status, _, body) = post(app, &format!("Bearer {gateway}"), &json!(batch)).await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(90)),
+        "{body}"
+    );
+    ours.sort();
+    let mut listed = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, body) = get(
+            app,
+            &write,
+            &format!("/v1/devices?limit=7&prefix=gh&cursor={cursor}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let page = body["devices"].as_array().unwrap();
+        assert!(page.len() <= 7);
+        listed.extend(
+            page.iter()
+                .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+        );
+        match body["next"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(listed, ours);
+    // A prefix inside the glob narrows it; one outside it lists nothing.
+    let (_, body) = get(app, &write, "/v1/devices?prefix=gh-2-0").await;
+    assert_eq!(body["devices"].as_array().unwrap().len(), 3, "{body}"); // 02, 05, 08
+    let (_, body) = get(app, &write, "/v1/devices?prefix=gh_").await;
+    assert_eq!(body["devices"], json!([]));
+}
+
+#[tokio::test]
+async fn a_write_token_lists_its_devices_page_by_page_on_sqlite() {
+    let app = token_app().await;
+    write_token_lists_its_devices_page_by_page(&app).await;
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_token_lists_its_devices_page_by_page_on_postgres() {
+    let db = pg::TestDb::new();
+    let url = db.url();
+    let app = spawn_app_with(|s: &mut sluice::Settings| {
+        token_mode(s);
+        s.storage.backend = sluice::config::Backend::Postgres;
+        s.storage.postgres.url = sluice::config::DbUrl::new(url.clone());
+    })
+    .await;
+    write_token_lists_its_devices_page_by_page(&app).await;
+    app.shutdown().await.unwrap();
 }

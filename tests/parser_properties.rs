@@ -23,6 +23,7 @@ fn ctx() -> ParseContext<'static> {
         max_age: Duration::from_secs(30 * 86400),
         max_readings: 10_000,
         bound_device: None,
+        token_device: None,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Per-device rate limits (SPEC §11, issue 12) against the real service: HTTP rejects by index
 //! and answers 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` headers,
-//! a device at its limit does not slow another, a WebSocket client honouring `retry_after_ms`
-//! gets everything stored, and an MQTT flood is stored completely (its PUBACKs withheld until
-//! the device is under its limit), checked by set.
+//! (the InfluxDB endpoints refuse a batch with any line over whole), a device at its limit does
+//! not slow another, a WebSocket client honouring `retry_after_ms` gets everything stored, an
+//! MQTT flood within `rate_limit.mqtt_max_wait` is stored completely (its PUBACKs withheld until
+//! the device is under its limit), and a backlog beyond it is dead-lettered, checked by set.
 
 mod common;
 #[path = "common/mqtt_broker.rs"]
@@ -104,6 +105,27 @@ async fn http_rejects_by_index_then_429_with_headers_of_the_configured_policy() 
         res.json::<Value>().await.unwrap()["code"],
         "too many requests"
     );
+    // One line over its limit beside one under: still 429, and nothing of the batch stored, so
+    // that the client's retry of the whole batch stores each line once.
+    let res = app
+        .client
+        .post(app.url("/write?db=x&precision=ms"))
+        .body(format!(
+            "m,device_id=d-1 t=1,seq=21i {now}\nm,device_id=d-fresh t=1,seq=1i {now}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 2 line(s) are over their device's rate limit"),
+        "{body}"
+    );
 
     assert_eq!(
         app.metric(
@@ -111,7 +133,7 @@ async fn http_rejects_by_index_then_429_with_headers_of_the_configured_policy() 
             &[("transport", "http")]
         )
         .await,
-        7.0
+        9.0
     );
     assert_eq!(
         app.metric(
@@ -119,8 +141,9 @@ async fn http_rejects_by_index_then_429_with_headers_of_the_configured_policy() 
             &[("transport", "http"), ("reason", "rate_limited")]
         )
         .await,
-        7.0
+        9.0
     );
+    assert!(app.stored_seqs("d-fresh").await.is_empty());
     assert_eq!(
         app.stored_seqs("d-1").await,
         (1..6).collect::<BTreeSet<_>>()
@@ -211,8 +234,53 @@ async fn a_websocket_client_honouring_retry_after_ms_gets_everything_stored() {
     app.shutdown().await.unwrap();
 }
 
+/// A frame with nothing taken, where some readings are over the limit and others are invalid:
+/// an ordinary ack that lists every rejection and the wait, not an error that hides the rest.
+#[tokio::test]
+async fn a_websocket_ack_lists_other_rejections_beside_rate_limited_ones() {
+    let app = spawn_app_with(limited("1/min", 2)).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?device_id=w-3", app.addr))
+            .await
+            .unwrap();
+    let send = |v: Value| Message::text(v.to_string());
+    ws.send(send(
+        json!([{"seq": 1, "metrics": {"t": 1}}, {"seq": 2, "metrics": {"t": 2}}]),
+    ))
+    .await
+    .unwrap();
+    let ack = next_ws_json(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(ack["accepted"], 2, "{ack}");
+    ws.send(send(
+        json!([{"seq": 3, "metrics": {}}, {"seq": 4, "metrics": {"t": 4}}]),
+    ))
+    .await
+    .unwrap();
+    let ack = next_ws_json(&mut ws, Duration::from_secs(10)).await;
+    assert!(ack.get("error").is_none(), "{ack}");
+    assert_eq!(ack["accepted"], 0, "{ack}");
+    let reasons: Vec<&str> = ack["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["invalid_metrics", "rate_limited"], "{ack}");
+    assert!(ack["retry_after_ms"].as_u64().unwrap() > 1000, "{ack}");
+    // Only rate-limited: the error ack that asks for the whole frame again.
+    ws.send(send(json!([{"seq": 5, "metrics": {"t": 5}}])))
+        .await
+        .unwrap();
+    let ack = next_ws_json(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(ack["error"]["code"], "rate_limited", "{ack}");
+    assert_eq!(app.stored_seqs("w-3").await, BTreeSet::from([1, 2]));
+    let _ = ws.close(None).await;
+    while let Some(Ok(_)) = ws.next().await {}
+    app.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_mqtt_flood_over_the_limit_is_stored_completely_with_pubacks_withheld() {
+async fn an_mqtt_flood_within_mqtt_max_wait_is_stored_completely_with_pubacks_withheld() {
     let broker = mqtt_broker::Mosquitto::start(false, "");
     let url = broker.url();
     let app = spawn_app_with(|s| {
@@ -222,6 +290,8 @@ async fn an_mqtt_flood_over_the_limit_is_stored_completely_with_pubacks_withheld
         s.mqtt.keep_alive = Duration::from_secs(5);
         s.rate_limit.per_device = "100/s".into();
         s.rate_limit.burst = 10;
+        // The whole flood fits: 290 readings past the burst wait at most 2.9 s.
+        s.rate_limit.mqtt_max_wait = Duration::from_secs(10);
     })
     .await;
     wait_until(Duration::from_secs(10), "sluice subscribed", || async {
@@ -265,5 +335,95 @@ async fn an_mqtt_flood_over_the_limit_is_stored_completely_with_pubacks_withheld
             > 0.0
     );
     // Another device's messages are not held behind it for long.
+    app.shutdown().await.unwrap();
+}
+
+/// A backlog that would wait longer than `rate_limit.mqtt_max_wait` for its device's allowance
+/// is not held (holding it would hold every later PUBACK on the connection, other devices'
+/// too): what is over goes to the dead-letter topic with reason `rate_limited`, its payload
+/// inside, and is PUBACKed. Every message is either stored or dead-lettered, never both, and
+/// a quiet device publishing behind the flood is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_backlog_beyond_mqtt_max_wait_is_dead_lettered_and_others_still_stored() {
+    let broker = mqtt_broker::Mosquitto::start(false, "");
+    let url = broker.url();
+    let app = spawn_app_with(|s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = url;
+        s.mqtt.client_id = mqtt_broker::client_id("sluice");
+        s.mqtt.keep_alive = Duration::from_secs(5);
+        s.mqtt.dead_letter_topic = "dead".into();
+        s.rate_limit.per_device = "100/s".into();
+        s.rate_limit.burst = 10;
+        s.rate_limit.mqtt_max_wait = Duration::from_millis(300);
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "sluice subscribed", || async {
+        app.metric("sluice_mqtt_connected", &[]).await == 1.0
+    })
+    .await;
+    let mut watcher =
+        mqtt_broker::TestClient::connect(broker.port, &mqtt_broker::client_id("watch")).await;
+    watcher.subscribe("dead/#").await;
+    let mut publisher =
+        mqtt_broker::TestClient::connect(broker.port, &mqtt_broker::client_id("flood")).await;
+    let message = |device: &str, seq: u64| {
+        (
+            format!("devices/{device}/readings"),
+            format!(r#"{{"seq":{seq},"metrics":{{"t":{seq}}}}}"#).into_bytes(),
+        )
+    };
+    let mut messages: Vec<_> = (0..300u64).map(|seq| message("m-1", seq)).collect();
+    messages.extend((0..5u64).map(|seq| message("q-1", seq)));
+    publisher.publish_all(messages).await;
+    wait_until(
+        Duration::from_secs(30),
+        "every message stored or dead-lettered",
+        || async {
+            let dead = app.metric("sluice_mqtt_dead_letters_total", &[]).await as usize;
+            app.stored_seqs("m-1").await.len() + dead == 300
+                && app.stored_seqs("q-1").await.len() == 5
+        },
+    )
+    .await;
+    let stored = app.stored_seqs("m-1").await;
+    let dead = 300 - stored.len();
+    assert!(stored.len() >= 10 && dead > 0, "stored {}", stored.len());
+    let letters = watcher.messages(dead, Duration::from_secs(10)).await;
+    assert_eq!(letters.keys().collect::<Vec<_>>(), ["dead/m-1"]);
+    let mut dead_seqs = BTreeSet::new();
+    for letter in &letters["dead/m-1"] {
+        let letter: Value = serde_json::from_slice(letter).unwrap();
+        assert_eq!(letter["error"]["reason"], "rate_limited", "{letter}");
+        assert!(
+            letter["error"]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("rate_limit.mqtt_max_wait"),
+            "{letter}"
+        );
+        let payload: Value = serde_json::from_str(letter["payload"].as_str().unwrap()).unwrap();
+        assert!(
+            dead_seqs.insert(payload["seq"].as_u64().unwrap()),
+            "{letter}"
+        );
+    }
+    assert!(stored.is_disjoint(&dead_seqs));
+    assert_eq!(
+        stored.union(&dead_seqs).copied().collect::<BTreeSet<_>>(),
+        (0..300).collect::<BTreeSet<_>>()
+    );
+    assert_eq!(
+        app.stored_seqs("q-1").await,
+        (0..5).collect::<BTreeSet<_>>()
+    );
+    assert_eq!(
+        app.metric(
+            "sluice_readings_rejected_total",
+            &[("transport", "mqtt"), ("reason", "rate_limited")]
+        )
+        .await,
+        dead as f64
+    );
     app.shutdown().await.unwrap();
 }

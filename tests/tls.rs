@@ -507,6 +507,47 @@ async fn unusable_certificate_files_stop_the_start_naming_the_key() {
         stderr.contains("server.tls.key_file: cannot read /nonexistent/key.pem"),
         "{stderr}"
     );
+    // --check-config opens the files too: it fails as the start would, and passes a good pair.
+    let (code, stderr) = check_config(&[
+        ("SLUICE__SERVER__TLS__CERT_FILE", cert.display().to_string()),
+        (
+            "SLUICE__SERVER__TLS__KEY_FILE",
+            "/nonexistent/key.pem".into(),
+        ),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("server.tls.key_file: cannot read /nonexistent/key.pem"),
+        "{stderr}"
+    );
+    let (code, stderr) = check_config(&[
+        ("SLUICE__SERVER__TLS__CERT_FILE", cert.display().to_string()),
+        (
+            "SLUICE__SERVER__TLS__KEY_FILE",
+            dir.path().join("other.key").display().to_string(),
+        ),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not the private key"), "{stderr}");
+    let (code, stderr) = check_config(&[
+        ("SLUICE__SERVER__TLS__CERT_FILE", cert.display().to_string()),
+        ("SLUICE__SERVER__TLS__KEY_FILE", key.display().to_string()),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// `sluice --check-config` with exactly `env`: its exit code and stderr.
+fn check_config(env: &[(&str, String)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--check-config")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Writes the broker's TLS files where the broker (which drops root for its own user) can
@@ -595,6 +636,16 @@ async fn mqtts_with_a_ca_file_that_is_not_one_stops_the_start() {
         ],
         Duration::from_secs(20),
     );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("mqtt.ca_file") && stderr.contains("no usable CA certificate"),
+        "{stderr}"
+    );
+    let (code, stderr) = check_config(&[
+        ("SLUICE__MQTT__ENABLED", "true".into()),
+        ("SLUICE__MQTT__URL", "mqtts://127.0.0.1:8883".into()),
+        ("SLUICE__MQTT__CA_FILE", ca_file.display().to_string()),
+    ]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("mqtt.ca_file") && stderr.contains("no usable CA certificate"),

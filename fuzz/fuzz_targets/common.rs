@@ -16,6 +16,7 @@ pub fn ctx() -> ParseContext<'static> {
         max_age: Duration::from_secs(30 * 86400),
         max_readings: 64,
         bound_device: None,
+        token_device: None,
     }
 }
 

@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let bound = DeviceId::parse("dev-1").expect("a valid id");
     let ctx = ParseContext {
         bound_device: (first & 2 != 0).then_some(&bound),
+        token_device: None,
         ..common::ctx()
     };
     let is_senml = senml::looks_like_senml(rest);

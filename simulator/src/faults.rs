@@ -150,6 +150,7 @@ mod tests {
             max_age: Duration::from_secs(30 * 86_400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         };
         for fault in Fault::ALL {
             let mut text = String::new();

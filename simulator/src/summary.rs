@@ -373,9 +373,15 @@ impl Summary {
             // Readings due in the instant generation stopped, or a scheduler hiccup, are not
             // falling behind: report it only past a second, or 5 % of the run.
             if secs >= 1.0 || secs >= 0.05 * self.duration_s {
+                // Waits the server asked for (its rate limit) are not the server falling behind.
+                let why = if self.rate_limited > 0 {
+                    "the devices' rate limits held them back"
+                } else {
+                    "the server could not keep up"
+                };
                 let _ = write!(
                     throughput,
-                    "; the server could not keep up: {} readings ({secs:.1} s) behind schedule",
+                    "; {why}: {} readings ({secs:.1} s) behind schedule",
                     self.behind_schedule
                 );
             }

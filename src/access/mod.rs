@@ -281,9 +281,9 @@ impl Access {
                         added.push(Rejection {
                             index,
                             error: ReadingError::new(
-                                "",
+                                "device_id",
                                 format!(
-                                    "rate_limited: device `{device}` is over rate_limit.per_device; retry in {} ms",
+                                    "`{device}` is over rate_limit.per_device; retry in {} ms",
                                     retry.as_millis().max(1)
                                 ),
                                 RejectReason::RateLimited,
@@ -556,6 +556,11 @@ fn credentials(
 /// was given. One body for unknown and revoked tokens.
 fn unauthorized(reason: AuthFailure, influx: bool) -> Response {
     let (detail, challenge) = match reason {
+        // InfluxDB clients and Telegraf send `Token <token>`; that is what their users configure.
+        AuthFailure::Missing if influx => (
+            "this endpoint needs a token (auth.mode = \"token\"): send Authorization: Token <token> (Telegraf: token = \"<token>\" in [[outputs.influxdb_v2]])",
+            "Bearer realm=\"sluice\"",
+        ),
         AuthFailure::Missing => (
             "this endpoint needs a token (auth.mode = \"token\"): send Authorization: Bearer <token>",
             "Bearer realm=\"sluice\"",

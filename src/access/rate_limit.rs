@@ -2,8 +2,10 @@
 //!
 //! Applied at the edge, after parsing and the token's device check, one reading at a time, on
 //! every transport: HTTP and WebSocket reject readings over the limit by index
-//! (`rate_limited`), MQTT waits ([`DeviceLimiter::until_ready`]) before it admits a message,
-//! so its PUBACK is withheld until the device is under its limit again.
+//! (`rate_limited`; the InfluxDB endpoints refuse such a batch whole), MQTT waits
+//! ([`DeviceLimiter::until_ready`]) before it admits a message, so its PUBACK is withheld until
+//! the device is under its limit again, for at most `rate_limit.mqtt_max_wait`
+//! ([`DeviceLimiter::try_take`] first; past the bound the message is dead-lettered).
 //!
 //! The limiter is `governor`'s keyed GCRA: per device, one `u64` key and one `AtomicU64` of
 //! state (the theoretical arrival time), updated with a compare-and-swap and no lock, in a
@@ -97,6 +99,18 @@ impl DeviceLimiter {
         }
     }
 
+    /// Takes `n` readings of `device` from its allowance if they are there now; otherwise
+    /// takes nothing. More than the burst is never there at once.
+    pub fn try_take(&self, device: &str, n: usize) -> bool {
+        let Some(cells) = u32::try_from(n).ok().and_then(NonZeroU32::new) else {
+            return true;
+        };
+        matches!(
+            self.limiter.check_key_n(&self.key(device), cells),
+            Ok(Ok(_))
+        )
+    }
+
     /// Waits until `device` may send `n` readings, then takes them (MQTT: the message is
     /// admitted only then); whether it had to wait. More than the burst is taken one burst at
     /// a time. Cancel-safe: dropped while waiting, nothing more is taken.
@@ -145,13 +159,14 @@ impl DeviceLimiter {
     }
 
     /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-10): the quota `q` over the
-    /// window `w` in seconds, e.g. `"per-device";q=50;w=1`.
+    /// window `w` in seconds, e.g. `"per-device";q=50;w=1`. GCRA's quota is the burst, and its
+    /// window the time a spent burst takes to come back (`burst / rate`, rounded up to whole
+    /// seconds, at least 1), so the `r` of [`DeviceLimiter::state_header`] never exceeds `q`:
+    /// `"10/min"` with `burst = 20` is `q=20;w=120`.
     pub fn policy_header(&self) -> String {
-        format!(
-            "\"per-device\";q={};w={}",
-            self.rate.count,
-            self.rate.period.as_secs().max(1)
-        )
+        let burst = self.rate.burst.max(1);
+        let window = (self.rate.interval() * burst).as_secs_f64().ceil() as u64;
+        format!("\"per-device\";q={burst};w={}", window.max(1))
     }
 
     /// `RateLimit`: `r` readings left now, and `t` seconds (rounded up) until the allowance is
@@ -192,7 +207,13 @@ mod tests {
             v => panic!("{v:?}"),
         }
         assert_eq!(l.check("b"), Verdict::Allowed { remaining: 2 });
-        assert_eq!(l.policy_header(), "\"per-device\";q=10;w=1");
+        assert_eq!(l.policy_header(), "\"per-device\";q=3;w=1");
+        let slow = DeviceLimiter::new(Rate {
+            count: 10,
+            period: Duration::from_secs(60),
+            burst: 20,
+        });
+        assert_eq!(slow.policy_header(), "\"per-device\";q=20;w=120");
         assert_eq!(
             l.state_header(0, l.reset_after(0)),
             "\"per-device\";r=0;t=1"

@@ -215,10 +215,12 @@ impl Tokens {
     }
 
     fn insert(&self, hash: [u8; 32], info: Arc<TokenInfo>) {
+        // Checked under the cache lock: `revoked_now` notes the id before it purges the cache,
+        // so a revocation either is seen here or purges this entry after.
+        let mut cache = self.cache.write().expect("token cache lock");
         if self.is_revoked(&info.id) {
             return;
         }
-        let mut cache = self.cache.write().expect("token cache lock");
         if cache.len() >= self.cache_max && !cache.contains_key(&hash) {
             cache.retain(|_, c| c.fetched.elapsed() < CACHE_TTL);
             if cache.len() >= self.cache_max {
@@ -402,6 +404,12 @@ pub fn check_glob(glob: &str) -> Result<(), String> {
             "devices: {c:?} is not allowed (a glob of device ids: A-Z a-z 0-9 _ : - and the wildcards * ?)"
         ));
     }
+    // A device id starts with a letter or digit (SPEC §1): a glob that cannot would match nothing.
+    if glob.starts_with(['_', ':', '-']) {
+        return Err(format!(
+            "devices: `{glob}` matches no device (a device id starts with a letter or digit)"
+        ));
+    }
     Ok(())
 }
 
@@ -432,6 +440,8 @@ mod tests {
         check_glob("greenhouse-*").unwrap();
         check_glob("barn-?").unwrap();
         assert!(check_glob("a b").is_err());
+        assert!(check_glob("-x*").is_err());
+        check_glob("*-x").unwrap();
         assert!(check_glob("").is_err());
     }
 }

@@ -16,7 +16,7 @@
 //! guard answers 403 `urn:sluice:auth-disabled`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -84,18 +84,26 @@ async fn with_store<T: Send + 'static>(
 }
 
 /// `POST /v1/admin/tokens`.
-pub async fn create(State(state): State<AppState>, _: Params<NoParams>, body: Bytes) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    _: Params<NoParams>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
+        // Over axum's 2 MB default, or unreadable: a problem document, never plain text.
+        let body = body.map_err(|e| Problem::rejected(e.status(), e.body_text()))?;
         let new: NewToken = serde_json::from_slice(&body).map_err(|e| {
             Problem::bad_request(format!(
                 "{e}; expected {{\"name\": \"...\", \"scope\": \"write\" | \"read\", \"devices\": \"<glob>\"}}"
             ))
         })?;
         let name = new.name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control)
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME
+            || name.chars().any(|c| c.is_control() || is_bidi_control(c))
         {
             return Err(Problem::bad_request(format!(
-                "name: must be 1 to {MAX_NAME} characters, without control characters"
+                "name: must be 1 to {MAX_NAME} characters, without control or bidirectional-override characters"
             )));
         }
         let scope = Scope::parse(&new.scope).ok_or_else(|| {
@@ -109,6 +117,27 @@ pub async fn create(State(state): State<AppState>, _: Params<NoParams>, body: By
             )),
         };
         tokens::check_glob(&devices).map_err(Problem::bad_request)?;
+        if scope == Scope::Read && devices != "*" {
+            return Err(Problem::bad_request(format!(
+                "devices: a read token reads every device (SPEC §11), so its devices are `*`, not `{devices}`; a write token reads its own devices"
+            )));
+        }
+        // Names are how administrators tell tokens apart: one live token per name.
+        let taken = name.clone();
+        let clash = with_store(&state, move |r| r.tokens())
+            .await?
+            .into_iter()
+            .any(|t| t.revoked_ms.is_none() && t.name == taken);
+        if clash {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Name in use",
+                format!(
+                    "name: a token named `{name}` exists; revoke it first or choose another name"
+                ),
+            ));
+        }
         let (secret, id) = tokens::new_secret_and_id()
             .map_err(|e| unavailable(&state, format!("no randomness from the OS: {e}")))?;
         let row = TokenRow {
@@ -186,4 +215,10 @@ pub async fn revoke(
         .into_response(),
         Err(p) => p.into_response(),
     }
+}
+
+/// Unicode's bidirectional embedding, override and isolate characters (U+202A–U+202E,
+/// U+2066–U+2069): they make a listed name display as something else.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }

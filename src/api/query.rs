@@ -20,7 +20,7 @@ use crate::access::Caller;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::services::device_state::{DeviceState, DeviceView};
 use crate::store::rollup::{AggAnswer, AggFn, AggQuery, AggSeries, AggSource};
-use crate::store::{DevicesQuery, Order, ReadingsQuery, StoredRow};
+use crate::store::{DeviceGlob, DevicesQuery, Order, ReadingsQuery, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
 pub const DEFAULT_LIMIT: usize = 1000;
@@ -34,16 +34,22 @@ async fn find_devices(state: &AppState, q: DevicesQuery) -> Result<Vec<DeviceVie
     let retry = state.settings.pipeline.retry_after;
     let unavailable =
         |detail: String| Problem::unavailable("unavailable", "Store unavailable", detail, retry);
-    let query = q.clone();
-    let found = tokio::task::spawn_blocking(move || reader.devices(&query)).await;
+    let devices = state.devices.clone();
+    // The store's query, or a pass over the device state: either may take a while with many
+    // devices, so neither runs on the event loop.
+    let found = tokio::task::spawn_blocking(move || match reader.devices(&q) {
+        None => Ok(match &q.device {
+            Some(id) => devices.get(id).into_iter().collect(),
+            None => devices.page(&q),
+        }),
+        Some(Err(e)) => Err(e),
+        Some(Ok(list)) => Ok(list.iter().map(DeviceState::view_of).collect()),
+    })
+    .await;
     match found {
         Err(e) => Err(unavailable(e.to_string())),
-        Ok(None) => Ok(match &q.device {
-            Some(id) => state.devices.get(id).into_iter().collect(),
-            None => state.devices.page(&q),
-        }),
-        Ok(Some(Err(e))) => Err(unavailable(e.to_string())),
-        Ok(Some(Ok(list))) => Ok(list.iter().map(DeviceState::view_of).collect()),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Ok(Ok(list)) => Ok(list),
     }
 }
 
@@ -92,6 +98,7 @@ pub async fn list_devices(
             device: None,
             prefix: p.prefix.filter(|p| !p.is_empty()),
             after: p.cursor.filter(|c| !c.is_empty()),
+            glob: None,
             // One more than asked tells whether another page follows.
             limit: limit + 1,
         };
@@ -113,14 +120,14 @@ pub async fn list_devices(
 }
 
 /// The devices `q` selects that `glob` matches, at most `q.limit`: the query narrowed to the
-/// glob's literal prefix, then filtered, page after page until the limit is met or the
-/// devices run out.
+/// glob's literal prefix and filtered by the glob, in one pass of the store or device state.
 async fn own_devices(
     state: &AppState,
     mut q: DevicesQuery,
     glob: &str,
 ) -> Result<Vec<DeviceView>, Problem> {
-    let literal = &glob[..glob.find(['*', '?']).unwrap_or(glob.len())];
+    let glob = DeviceGlob::new(glob);
+    let literal = glob.literal_prefix();
     let asked = q.prefix.clone().unwrap_or_default();
     q.prefix = if literal.starts_with(&asked) {
         Some(literal.to_owned()).filter(|p| !p.is_empty())
@@ -129,19 +136,8 @@ async fn own_devices(
     } else {
         return Ok(Vec::new()); // the prefix asked for and the token's devices do not overlap
     };
-    let matcher = wildmatch::WildMatch::new(glob);
-    let want = q.limit;
-    let mut out = Vec::new();
-    loop {
-        let page = find_devices(state, q.clone()).await?;
-        let full = page.len() == q.limit;
-        q.after = page.last().map(|d| d.device_id.clone());
-        out.extend(page.into_iter().filter(|d| matcher.matches(&d.device_id)));
-        if out.len() >= want || !full {
-            out.truncate(want);
-            return Ok(out);
-        }
-    }
+    q.glob = Some(glob);
+    find_devices(state, q).await
 }
 
 /// Refuses a device the caller may not read (a write token reading another device): 403,

@@ -507,6 +507,7 @@ mod tests {
             max_age: Duration::from_secs(30 * 86400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         }
     }
 
@@ -768,6 +769,7 @@ mod tests {
         let bound = DeviceId::parse("dev-1").unwrap();
         let c = ParseContext {
             bound_device: Some(&bound),
+            token_device: None,
             ..ctx()
         };
         let r = parse_reading(r#"{"metrics":{"x":1}}"#, &c).unwrap();

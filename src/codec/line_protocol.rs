@@ -278,7 +278,7 @@ fn parse_line<'a>(
         .position(|(k, _)| k == opts.device_tag)
         .or_else(|| tags.iter().position(|(k, _)| k == "host"));
     let device_id = device_at.map(|at| tags.remove(at).1);
-    if device_id.is_none() && ctx.bound_device.is_none() {
+    if device_id.is_none() && ctx.default_device().is_none() {
         return Err(ReadingError::new(
             format!("tags.{}", opts.device_tag),
             "required: the device id (or a `host` tag)",
@@ -407,6 +407,7 @@ mod tests {
             max_age: Duration::from_secs(30 * 86400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         }
     }
 

@@ -614,7 +614,7 @@ impl<'c, 'b> Resolver<'c, 'b> {
         }
         let device = device
             .map(str::to_owned)
-            .or_else(|| self.ctx.bound_device.map(|d| d.as_str().to_owned()));
+            .or_else(|| self.ctx.default_device().map(|d| d.as_str().to_owned()));
         let seq = match (&name[metric_at..], value) {
             ("seq", MetricValue::Int(n)) if n < 0 => {
                 let reason = format!("seq {n} is negative; seq is an unsigned integer");
@@ -1168,6 +1168,7 @@ mod tests {
             max_age: Duration::from_secs(20 * 365 * 86400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         }
     }
 
@@ -1178,6 +1179,7 @@ mod tests {
     fn bound_ctx() -> ParseContext<'static> {
         ParseContext {
             bound_device: Some(bound()),
+            token_device: None,
             ..ctx()
         }
     }

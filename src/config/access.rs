@@ -66,6 +66,7 @@ impl Default for AuthSettings {
 /// per_device = "50/s"   # readings per device per replica: N/s, N/min or N/h; "" (default) is off
 /// burst = 50            # readings a device may send at once; default: one second's worth (at least 1)
 /// sweep_interval = "10s"
+/// mqtt_max_wait = "1s"  # longest an MQTT message waits for its device's allowance
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -79,6 +80,13 @@ pub struct RateLimitSettings {
     /// limiter's memory to the devices active within `burst / rate` plus this interval.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// The longest an MQTT message may wait for its device's allowance, counting that device's
+    /// messages already waiting. Its PUBACK, and every later one (MQTT acks in order), waits
+    /// with it, so this bounds how long one device over its limit can hold up the others on the
+    /// connection. A message that would wait longer is dead-lettered with reason
+    /// `rate_limited` and PUBACKed.
+    #[serde(with = "humantime_serde")]
+    pub mqtt_max_wait: Duration,
 }
 
 impl Default for RateLimitSettings {
@@ -87,6 +95,7 @@ impl Default for RateLimitSettings {
             per_device: String::new(),
             burst: 0,
             sweep_interval: Duration::from_secs(10),
+            mqtt_max_wait: Duration::from_secs(1),
         }
     }
 }
@@ -126,9 +135,9 @@ impl RateLimitSettings {
         let (count, unit) = text.split_once('/')?;
         let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
         let period = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
+            "s" => Duration::from_secs(1),
+            "min" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
             _ => return None,
         };
         let burst = if self.burst == 0 {
@@ -213,7 +222,9 @@ mod tests {
         assert_eq!(r.burst, 1);
         assert_eq!(rate("5/s", 20).rate().unwrap().burst, 20);
         assert_eq!(rate("", 0).rate(), None);
-        for bad in ["50", "0/s", "-1/s", "50/day", "x/s"] {
+        for bad in [
+            "50", "0/s", "-1/s", "50/day", "x/s", "50/sec", "3/m", "1/hour",
+        ] {
             let e = validate(&AuthSettings::default(), &rate(bad, 0)).unwrap_err();
             assert_eq!(e.0, "rate_limit.per_device", "{bad}");
         }

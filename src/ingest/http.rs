@@ -243,7 +243,7 @@ async fn ingest_inner(
     let format = content_format(state, headers)?;
     let bytes = read_body(state, headers, body).await?;
 
-    let bound = caller.bound_device().cloned();
+    let bound = crate::reading::Binding::token(caller.bound_device());
     let parsed = parse_readings(&state.settings, bytes, format, bound, now_ms()).await;
     let parsed = match parsed {
         Ok(p) => p,

@@ -192,7 +192,8 @@ async fn write_inner(
             max_future_skew: settings.limits.max_future_skew,
             max_age: settings.limits.max_age,
             max_readings: settings.limits.max_readings_per_request,
-            bound_device: bound.as_ref(),
+            bound_device: None,
+            token_device: bound.as_ref(),
         };
         let opts = LineOptions {
             device_tag: &settings.formats.line_protocol.device_tag,
@@ -232,33 +233,45 @@ async fn write_inner(
         .metrics
         .line_protocol_ignored_fields
         .inc_by(lines.ignored_fields as u64);
-    // Devices the token may not write, then each device's rate limit (SPEC §11): all refused is
-    // a 403 or a 429 with Retry-After, as InfluxDB clients expect; some refused is a partial
-    // write naming the first refused line.
+    // Devices the token may not write, then each device's rate limit (SPEC §11). All forbidden
+    // is a 403; some forbidden is a partial write naming the first refused line (a 400, which
+    // clients do not retry: retrying would not help). Any line over its rate limit makes the
+    // whole request a 429 with Retry-After, and nothing of it is stored: Telegraf and the
+    // InfluxDB clients retry a 429 with the whole batch and drop a 400's, so storing the other
+    // lines would store them twice on the retry, and a partial 400 would lose the limited ones.
     let screened = state.access.screen(caller, t, &mut lines.batch);
+    if screened.limited > 0 {
+        let total = lines.batch.readings.len() + lines.batch.rejected.len();
+        // The lines under their limit are turned away with the others: counted the same way.
+        let collateral = lines.batch.readings.len() as u64;
+        state
+            .metrics
+            .rejected(t, RejectReason::RateLimited, collateral);
+        state
+            .metrics
+            .readings_rate_limited
+            .with_label_values(&[t.as_str()])
+            .inc_by(collateral);
+        let mut p = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!(
+                "{} of {total} line(s) are over their device's rate limit (rate_limit.per_device); nothing was written: retry the whole batch after Retry-After",
+                screened.limited
+            ),
+        );
+        p.retry_after = screened.retry;
+        let mut response = influx_error(p);
+        state.access.rate_headers(&screened, response.headers_mut());
+        return Ok(response);
+    }
     let first_error = lines.first_error();
     let rejected = lines.batch.rejected.len();
-    if lines.batch.readings.is_empty() {
-        match screened.status_when_nothing_taken(rejected) {
-            Some(StatusCode::FORBIDDEN) => {
-                return Ok(crate::access::forbidden_influx(
-                    "every line names a device this token may not write",
-                ))
-            }
-            Some(_) => {
-                let mut p = Problem::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate-limited",
-                    "Too many requests",
-                    "every line is over its device's rate limit (rate_limit.per_device)",
-                );
-                p.retry_after = screened.retry;
-                let mut response = influx_error(p);
-                state.access.rate_headers(&screened, response.headers_mut());
-                return Ok(response);
-            }
-            None => {}
-        }
+    if lines.batch.readings.is_empty() && screened.status_when_nothing_taken(rejected).is_some() {
+        return Ok(crate::access::forbidden_influx(
+            "every line names a device this token may not write",
+        ));
     }
     if !lines.batch.readings.is_empty() {
         submit(state, t, lines.batch.readings).await?;

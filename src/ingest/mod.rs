@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crate::api::AppState;
 use crate::codec::{self, cbor, json, senml};
 use crate::config::Settings;
-use crate::reading::{BatchError, DeviceId, ParseContext, ParsedBatch};
+use crate::reading::{BatchError, Binding, ParseContext, ParsedBatch};
 use crate::telemetry::metrics::Transport;
 
 /// Bodies and frames larger than this are parsed on a blocking thread, so a 4 MiB batch never
@@ -68,19 +68,21 @@ impl Format {
     }
 }
 
-/// The parse context of SPEC §1's limits for input received at `received_ms`, bound to
-/// `bound` (the device the transport binds, if any).
+/// The parse context of SPEC §1's limits for input received at `received_ms`, with what
+/// binds its readings to a device (the transport or the token), if anything.
 pub fn parse_context<'a>(
     settings: &Settings,
-    bound: Option<&'a DeviceId>,
+    bound: &'a Binding,
     received_ms: i64,
 ) -> ParseContext<'a> {
+    let (bound_device, token_device) = bound.devices();
     ParseContext {
         now_ms: received_ms,
         max_future_skew: settings.limits.max_future_skew,
         max_age: settings.limits.max_age,
         max_readings: settings.limits.max_readings_per_request,
-        bound_device: bound,
+        bound_device,
+        token_device,
     }
 }
 
@@ -89,7 +91,7 @@ pub fn parse_context<'a>(
 pub async fn parse_off_loop<T, F>(
     settings: &Arc<Settings>,
     len: usize,
-    bound: Option<DeviceId>,
+    bound: Binding,
     received_ms: i64,
     parse: F,
 ) -> Result<T, BatchError>
@@ -98,7 +100,7 @@ where
     F: FnOnce(&ParseContext<'_>) -> Result<T, BatchError> + Send + 'static,
 {
     let settings = settings.clone();
-    let run = move || parse(&parse_context(&settings, bound.as_ref(), received_ms));
+    let run = move || parse(&parse_context(&settings, &bound, received_ms));
     if len > INLINE_PARSE_BYTES {
         tokio::task::spawn_blocking(run)
             .await
@@ -108,14 +110,14 @@ where
     }
 }
 
-/// Parses readings at the edge, on a blocking thread when the input is large. `bound` is the
-/// device the transport binds, if any; `received_ms` stands in for an absent `ts` and anchors
+/// Parses readings at the edge, on a blocking thread when the input is large. `bound` is what
+/// binds the readings to a device (the transport or the token), if anything; `received_ms` stands in for an absent `ts` and anchors
 /// the accepted time window.
 pub async fn parse_readings(
     settings: &Arc<Settings>,
     bytes: Bytes,
     format: Format,
-    bound: Option<DeviceId>,
+    bound: Binding,
     received_ms: i64,
 ) -> Result<ParsedBatch, BatchError> {
     parse_off_loop(settings, bytes.len(), bound, received_ms, move |ctx| {

@@ -34,7 +34,7 @@ use crate::api::AppState;
 use crate::codec::{cbor, envelope};
 use crate::config::WsSettings;
 use crate::pipeline::{AckResult, Refusal};
-use crate::reading::{now_ms, BatchError, DeviceId, ParsedBatch, RejectReason};
+use crate::reading::{now_ms, BatchError, Binding, DeviceId, ParsedBatch, RejectReason};
 use crate::telemetry::metrics::Transport;
 
 /// At shutdown, frames already on their way are still read and answered until the socket has
@@ -103,12 +103,12 @@ pub async fn device_ws(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let bound = match params.device_id.as_deref().map(DeviceId::parse) {
-        None => caller.bound_device().cloned(),
-        Some(Ok(d)) => Some(d),
+        None => Binding::token(caller.bound_device()),
+        Some(Ok(d)) => Binding::Transport(d),
         Some(Err(e)) => return Problem::bad_request(format!("device_id: {e}")).into_response(),
     };
     // A connection bound to a device the token may not write is refused before the upgrade.
-    if let Some(d) = &bound {
+    if let Binding::Transport(d) = &bound {
         if !caller.may_write(d.as_str()) {
             return crate::access::forbidden(
                 &state.access,
@@ -289,7 +289,7 @@ impl Drop for ConnectionGauge {
 async fn run(
     socket: WebSocket,
     state: AppState,
-    bound: Option<DeviceId>,
+    bound: Binding,
     caller: Caller,
     _slot: OwnedSemaphorePermit,
 ) {
@@ -331,7 +331,7 @@ async fn read_loop(
     out: &mpsc::Sender<Outgoing>,
     in_flight: std::sync::Arc<Semaphore>,
     state: &AppState,
-    bound: Option<DeviceId>,
+    bound: Binding,
     caller: &Caller,
 ) -> SplitStream<WebSocket> {
     // A revoked token closes the connection with 1008 after what was read is answered.
@@ -394,29 +394,11 @@ async fn read_loop(
             Some(Ok(Message::Text(text))) => {
                 n += 1;
                 let frame = Bytes::from(text);
-                handle_frame(
-                    state,
-                    caller,
-                    bound.as_ref(),
-                    n,
-                    frame,
-                    Encoding::Json,
-                    permit,
-                )
-                .await
+                handle_frame(state, caller, &bound, n, frame, Encoding::Json, permit).await
             }
             Some(Ok(Message::Binary(frame))) => {
                 n += 1;
-                handle_frame(
-                    state,
-                    caller,
-                    bound.as_ref(),
-                    n,
-                    frame,
-                    Encoding::Cbor,
-                    permit,
-                )
-                .await
+                handle_frame(state, caller, &bound, n, frame, Encoding::Cbor, permit).await
             }
             Some(Ok(Message::Close(_))) => Outgoing::Close(1000, Cow::Borrowed("")),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -450,7 +432,7 @@ fn classify_error(e: &axum::Error) -> (u16, &'static str) {
 async fn handle_frame(
     state: &AppState,
     caller: &Caller,
-    bound: Option<&DeviceId>,
+    bound: &Binding,
     n: u64,
     frame: Bytes,
     encoding: Encoding,
@@ -509,7 +491,7 @@ enum FrameError {
 /// an envelope `{"id": ..., "readings": [...]}` (SPEC §4).
 async fn json_frame(
     state: &AppState,
-    bound: Option<&DeviceId>,
+    bound: &Binding,
     frame: Bytes,
 ) -> Result<(Option<String>, ParsedBatch), FrameError> {
     // An envelope? Only objects with a `readings` field are. One leading byte-order mark is
@@ -525,7 +507,7 @@ async fn json_frame(
         &state.settings,
         payload,
         Format::Json,
-        bound.cloned(),
+        bound.clone(),
         now_ms(),
     )
     .await
@@ -539,14 +521,14 @@ async fn json_frame(
 /// (SPEC §10).
 async fn cbor_frame(
     state: &AppState,
-    bound: Option<&DeviceId>,
+    bound: &Binding,
     frame: Bytes,
 ) -> Result<(Option<String>, ParsedBatch), FrameError> {
     let bytes = frame.clone();
     let parsed = parse_off_loop(
         &state.settings,
         frame.len(),
-        bound.cloned(),
+        bound.clone(),
         now_ms(),
         move |ctx| Ok(cbor::parse_cbor(&bytes, ctx)),
     )
@@ -567,7 +549,7 @@ async fn cbor_frame(
 async fn frame_answer(
     state: &AppState,
     caller: &Caller,
-    bound: Option<&DeviceId>,
+    bound: &Binding,
     n: u64,
     frame: Bytes,
     encoding: Encoding,
@@ -618,8 +600,12 @@ async fn frame_answer(
     // Devices the token may not write, then each device's rate limit (SPEC §11).
     let screened = state.access.screen(caller, t, &mut parsed);
     let retry_after_ms = screened.retry.map(|d| d.as_millis().max(1) as u64);
-    if parsed.readings.is_empty() && screened.limited > 0 {
-        // Nothing taken, and waiting would help: the frame is to be sent again, whole.
+    if parsed.readings.is_empty()
+        && screened.limited > 0
+        && screened.limited == parsed.rejected.len()
+    {
+        // Nothing taken, and waiting would help every reading: the frame is to be sent again,
+        // whole. With other rejections beside, the ack lists them all (and `retry_after_ms`).
         return ready(error_ack(
             encoding,
             n,
@@ -631,7 +617,15 @@ async fn frame_answer(
     }
     let rejected: Vec<RejectedItem> = parsed.rejected.iter().map(RejectedItem::from).collect();
     if parsed.readings.is_empty() {
-        return ready(ack_frame(encoding, n, id.as_deref(), 0, 0, &rejected, None));
+        return ready(ack_frame(
+            encoding,
+            n,
+            id.as_deref(),
+            0,
+            0,
+            &rejected,
+            retry_after_ms,
+        ));
     }
     match state.admission.submit(t, parsed.readings) {
         Ok(ack) => FrameAnswer::Pending {

@@ -94,13 +94,28 @@ impl DeviceState {
         out
     }
 
-    /// The devices `q` selects, sorted by id, at most `q.limit`.
+    /// The devices `q` selects, sorted by id, at most `q.limit`: one pass over the known
+    /// devices that keeps the `q.limit` smallest ids in a heap, O(n log limit) under the read
+    /// lock, whatever the prefix or glob. Callers run it off the event loop.
     pub fn page(&self, q: &DevicesQuery) -> Vec<DeviceView> {
         let devices = self.devices.read().expect("device state lock");
-        let mut ids: Vec<&String> = devices.keys().filter(|id| q.selects(id)).collect();
-        ids.sort_unstable();
-        ids.truncate(q.limit);
-        ids.into_iter()
+        let mut smallest: std::collections::BinaryHeap<&String> =
+            std::collections::BinaryHeap::with_capacity(q.limit.min(devices.len()) + 1);
+        for id in devices.keys() {
+            if smallest.len() == q.limit && smallest.peek().is_none_or(|max| id >= *max) {
+                continue;
+            }
+            if !q.selects(id) {
+                continue;
+            }
+            smallest.push(id);
+            if smallest.len() > q.limit {
+                smallest.pop();
+            }
+        }
+        smallest
+            .into_sorted_vec()
+            .into_iter()
             .map(|id| Self::view(id, &devices[id]))
             .collect()
     }
@@ -205,6 +220,35 @@ mod tests {
             metrics: vec![("t".into(), MetricValue::Int(1))],
             tags: vec![],
         }
+    }
+
+    #[test]
+    fn a_page_is_the_smallest_selected_ids_in_order() {
+        let state = DeviceState::new();
+        // Ids in a scrambled order, so the heap sees them unsorted.
+        let batch: Vec<Reading> = (0..500u64)
+            .map(|i| reading(&format!("d{:03}", (i * 7919) % 500)))
+            .collect();
+        state.after_commit(&batch.iter().collect::<Vec<_>>(), 10);
+        let ids = |q: &DevicesQuery| -> Vec<String> {
+            state.page(q).into_iter().map(|d| d.device_id).collect()
+        };
+        let q = DevicesQuery {
+            prefix: Some("d1".into()),
+            after: Some("d104".into()),
+            glob: Some(crate::store::DeviceGlob::new("d1?5")),
+            limit: 3,
+            ..DevicesQuery::default()
+        };
+        assert_eq!(ids(&q), ["d105", "d115", "d125"]);
+        let all = DevicesQuery {
+            limit: usize::MAX,
+            ..DevicesQuery::default()
+        };
+        let listed = ids(&all);
+        assert_eq!(listed.len(), 500);
+        assert!(listed.windows(2).all(|w| w[0] < w[1]));
+        assert!(ids(&DevicesQuery { limit: 0, ..all }).is_empty());
     }
 
     #[test]

@@ -467,8 +467,55 @@ pub struct DevicesQuery {
     pub prefix: Option<String>,
     /// Only ids after this one: the previous page's last id (the cursor).
     pub after: Option<String>,
+    /// Only ids this glob matches: a write token's devices (SPEC §11).
+    pub glob: Option<DeviceGlob>,
     /// At most this many.
     pub limit: usize,
+}
+
+/// A device glob (`*` any run of characters, `?` one; SPEC §11), compiled once.
+#[derive(Debug, Clone)]
+pub struct DeviceGlob {
+    pattern: String,
+    matcher: wildmatch::WildMatch,
+}
+
+impl DeviceGlob {
+    /// `pattern`, a glob of device-id characters and `*` `?`.
+    pub fn new(pattern: &str) -> Self {
+        Self {
+            pattern: pattern.to_owned(),
+            matcher: wildmatch::WildMatch::new(pattern),
+        }
+    }
+
+    /// Whether it matches `id`.
+    pub fn matches(&self, id: &str) -> bool {
+        self.matcher.matches(id)
+    }
+
+    /// The part before the first wildcard: every id it matches starts with this.
+    pub fn literal_prefix(&self) -> &str {
+        &self.pattern[..self.pattern.find(['*', '?']).unwrap_or(self.pattern.len())]
+    }
+
+    /// The same pattern for SQL `LIKE` with `\` as the escape character: `*` → `%`, `?` → `_`,
+    /// and a literal `%`, `_` or `\` escaped.
+    pub fn to_like(&self) -> String {
+        let mut out = String::with_capacity(self.pattern.len() + 4);
+        for c in self.pattern.chars() {
+            match c {
+                '*' => out.push('%'),
+                '?' => out.push('_'),
+                '%' | '_' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
 }
 
 impl DevicesQuery {
@@ -479,6 +526,7 @@ impl DevicesQuery {
             None => {
                 self.prefix.as_deref().is_none_or(|p| id.starts_with(p))
                     && self.after.as_deref().is_none_or(|a| id > a)
+                    && self.glob.as_ref().is_none_or(|g| g.matches(id))
             }
         }
     }
@@ -669,4 +717,28 @@ pub fn seq_key(seq: u64) -> i64 {
 /// The inverse of [`seq_key`].
 pub fn seq_from_key(key: i64) -> u64 {
     (key as u64) ^ (1 << 63)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_glob_matches_lists_and_translates_to_like() {
+        let g = DeviceGlob::new("gh_1-?-*");
+        assert!(g.matches("gh_1-a-") && g.matches("gh_1-b-xyz"));
+        assert!(!g.matches("ghx1-a-1") && !g.matches("gh_1-ab-1"));
+        assert_eq!(g.literal_prefix(), "gh_1-");
+        assert_eq!(g.to_like(), r"gh\_1-_-%");
+        assert_eq!(DeviceGlob::new("exact").literal_prefix(), "exact");
+        let q = DevicesQuery {
+            prefix: Some("gh_1-a".into()),
+            after: Some("gh_1-a-1".into()),
+            glob: Some(g),
+            limit: 10,
+            ..DevicesQuery::default()
+        };
+        assert!(q.selects("gh_1-a-2"));
+        assert!(!q.selects("gh_1-a-0") && !q.selects("gh_1-b-9") && !q.selects("gh_1-a"));
+    }
 }

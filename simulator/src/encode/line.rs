@@ -178,6 +178,7 @@ mod tests {
             max_age: std::time::Duration::from_secs(30 * 86_400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         };
         let opts = LineOptions {
             device_tag: "device_id",

@@ -981,6 +981,7 @@ mod tests {
             max_age: Duration::from_secs(30 * 86400),
             max_readings: 10_000,
             bound_device: None,
+            token_device: None,
         }
     }
 
@@ -1369,6 +1370,7 @@ mod tests {
         let bound = DeviceId::parse("dev-1").unwrap();
         let c = ParseContext {
             bound_device: Some(&bound),
+            token_device: None,
             ..ctx()
         };
         let body = Value::Array(vec![

@@ -65,6 +65,7 @@ pub(crate) use connection::broker_options;
 use connection::{run_connection, ConnCtx};
 use processor::run_processor;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -157,8 +158,11 @@ struct Ctx {
     dead_letter_failing: LogLimit,
     /// Per-device rate limits (`rate_limit.per_device`), shared with HTTP and WebSocket: a
     /// message waits for its device's allowance before it is admitted, so its PUBACK is
-    /// withheld meanwhile (SPEC §11).
+    /// withheld meanwhile (SPEC §11), for at most `rate_limit.mqtt_max_wait`.
     limiter: Option<Arc<crate::access::rate_limit::DeviceLimiter>>,
+    /// Readings waiting for their device's allowance, by device: what a new message of that
+    /// device would wait behind.
+    rate_waiting: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// The running MQTT source.
@@ -250,6 +254,7 @@ impl MqttSource {
             puback_failing: LogLimit::new(),
             dead_letter_failing: LogLimit::new(),
             limiter,
+            rate_waiting: Arc::default(),
         });
         let processor = tokio::spawn(ctx.metrics.tasks.mqtt.instrument(run_processor(
             ctx.clone(),

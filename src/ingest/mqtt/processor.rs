@@ -248,6 +248,7 @@ pub fn decide(
         max_age: limits.max_age,
         max_readings: limits.max_readings_per_request,
         bound_device: Some(&device),
+        token_device: None,
     };
     let parsed = Format::of_mqtt(topic, payload).parse(payload, &ctx);
     match parsed {
@@ -336,7 +337,7 @@ async fn parse(
         settings,
         payload.clone(),
         Format::of_mqtt(topic, payload),
-        Some(device.clone()),
+        crate::reading::Binding::Transport(device.clone()),
         received_ms,
     )
     .await
@@ -378,6 +379,34 @@ async fn answer(ctx: Arc<Ctx>, t: Taken) -> Answered {
     } else {
         decide(&t.publish.topic, payload, level, limits, t.received_ms)
     };
+    // The device's rate limit: wait for its allowance (PUBACK withheld), or, when that would
+    // take longer than rate_limit.mqtt_max_wait, refuse the whole message.
+    let verdict = match verdict {
+        Verdict::Parsed { device, parsed } if !parsed.readings.is_empty() => {
+            match rate_gate(&ctx, &device, parsed.readings.len()).await {
+                Gate::Go => Verdict::Parsed { device, parsed },
+                Gate::Stopped => return answered(false),
+                Gate::Refused(wait) => {
+                    let readings = parsed.total();
+                    ctx.metrics
+                        .readings_rate_limited
+                        .with_label_values(&[Transport::Mqtt.as_str()])
+                        .inc_by(readings as u64);
+                    Verdict::Refused {
+                        detail: format!(
+                            "device `{device}` is over rate_limit.per_device: its readings would wait {} ms, longer than rate_limit.mqtt_max_wait ({} ms)",
+                            wait.as_millis(),
+                            ctx.settings.rate_limit.mqtt_max_wait.as_millis()
+                        ),
+                        device: Some(device),
+                        reason: RejectReason::RateLimited,
+                        readings,
+                    }
+                }
+            }
+        }
+        other => other,
+    };
     match &verdict {
         Verdict::Refused {
             reason, readings, ..
@@ -408,6 +437,78 @@ async fn answer(ctx: Arc<Ctx>, t: Taken) -> Answered {
     answered(committed)
 }
 
+/// What the rate limit makes of a message.
+enum Gate {
+    /// Under the limit, or waited for it: go on and commit.
+    Go,
+    /// Over the limit by more than `rate_limit.mqtt_max_wait` (this long): refuse it.
+    Refused(Duration),
+    /// Shutdown came while waiting: leave the message for the broker to redeliver.
+    Stopped,
+}
+
+/// Takes `n` readings of `device` from its allowance, waiting for it when the wait is within
+/// `rate_limit.mqtt_max_wait`. The wait is bounded from above by the readings of that device
+/// already waiting plus these, at the configured rate: over its device's limit, a message
+/// waits here, unadmitted, and its PUBACK (and those after it, which must follow in order)
+/// with it, while other devices' messages are parsed and committed meanwhile. Bounding it
+/// keeps one device with a deep backlog from filling `mqtt.max_unacked` and stalling the
+/// connection for everyone else (the bound is what SPEC §11's "PUBACK withheld" can give on a
+/// connection that all devices share).
+async fn rate_gate(ctx: &Ctx, device: &DeviceId, n: usize) -> Gate {
+    let Some(limiter) = &ctx.limiter else {
+        return Gate::Go;
+    };
+    let wait = {
+        let mut waiting = ctx.rate_waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let ahead = waiting.get(device.as_str()).copied().unwrap_or(0);
+        // Nothing of this device waiting: take the allowance now if it is there. Otherwise
+        // behind those waiting, in turn.
+        if ahead == 0 && limiter.try_take(device.as_str(), n) {
+            return Gate::Go;
+        }
+        let wait = limiter
+            .rate()
+            .interval()
+            .saturating_mul(u32::try_from(ahead + n).unwrap_or(u32::MAX));
+        if wait > ctx.settings.rate_limit.mqtt_max_wait {
+            return Gate::Refused(wait);
+        }
+        *waiting.entry(device.as_str().to_owned()).or_default() += n;
+        wait
+    };
+    // Whatever happens next (taken, shutdown, this future dropped), the readings stop waiting.
+    struct Waiting<'a>(&'a Ctx, &'a str, usize);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            let mut waiting = self
+                .0
+                .rate_waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(left) = waiting.get_mut(self.1) {
+                *left = left.saturating_sub(self.2);
+                if *left == 0 {
+                    waiting.remove(self.1);
+                }
+            }
+        }
+    }
+    let _waiting = Waiting(ctx, device.as_str(), n);
+    tracing::trace!(device = %device, readings = n, wait_ms = wait.as_millis() as u64, "MQTT message waits for its device's rate limit");
+    let mut stop = ctx.stop.clone();
+    tokio::select! {
+        _ = limiter.until_ready(device.as_str(), n) => {
+            ctx.metrics
+                .readings_rate_limited
+                .with_label_values(&[Transport::Mqtt.as_str()])
+                .inc_by(n as u64);
+            Gate::Go
+        }
+        _ = stop.wait_for(|s| *s) => Gate::Stopped,
+    }
+}
+
 /// Submits the readings and waits for their commit, resubmitting after a refusal or a failed
 /// commit. `true` once committed (or known duplicates); `false` when given up, which happens
 /// only on shutdown or when the broker will redeliver the message to a resumed session.
@@ -416,21 +517,6 @@ async fn commit(ctx: &Ctx, t: &Taken, device: &DeviceId, readings: Vec<reading::
     let mut delay = RETRY_MIN;
     let cap = ctx.settings.pipeline.retry_after.max(RETRY_MIN);
     let mut stop = ctx.stop.clone();
-    if let Some(limiter) = &ctx.limiter {
-        // Over its device's rate limit, the message waits here, unadmitted, and its PUBACK
-        // (and those after it, which must follow in order) with it; other devices' messages
-        // are still parsed and committed meanwhile. Nothing is dropped or dead-lettered.
-        let n = readings.as_ref().map_or(1, Vec::len);
-        tokio::select! {
-            waited = limiter.until_ready(device.as_str(), n) => if waited {
-                ctx.metrics
-                    .readings_rate_limited
-                    .with_label_values(&[Transport::Mqtt.as_str()])
-                    .inc_by(n as u64);
-            },
-            _ = stop.wait_for(|s| *s) => return false,
-        }
-    }
     loop {
         let batch = match readings.take() {
             Some(r) => r,

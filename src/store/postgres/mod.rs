@@ -38,8 +38,9 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
 use super::{
-    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceLatest,
-    DevicesQuery, Order, OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead, StoredRow,
+    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceGlob,
+    DeviceLatest, DevicesQuery, Order, OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead,
+    StoredRow,
 };
 use crate::config::StorageSettings;
 use crate::reading::{now_ms, MetricValue, PairsAsMap, Reading};
@@ -812,14 +813,16 @@ impl PgReader {
                 .prefix
                 .as_ref()
                 .map(|p| format!("{}%", p.replace('_', "\\_")));
+            let glob = q.glob.as_ref().map(DeviceGlob::to_like);
             let rows = tx
                 .query(
                     "SELECT device_id, last_seen_ms, last_ts_ms, latest::text FROM devices
                      WHERE ($1::text IS NULL OR device_id = $1)
                        AND ($2::text IS NULL OR device_id LIKE $2)
                        AND ($3::text IS NULL OR device_id > $3)
+                       AND ($5::text IS NULL OR device_id LIKE $5)
                      ORDER BY device_id LIMIT $4",
-                    &[&q.device, &prefix, &q.after, &limit],
+                    &[&q.device, &prefix, &q.after, &limit, &glob],
                 )
                 .await
                 .map_err(pg_err)?;
