@@ -95,16 +95,35 @@ struct Engine {
     unsaved: Vec<AlertChange>,
     /// Changes without an event (pending, and back), by (rule, device), written at the next
     /// timer tick.
-    quiet: std::collections::HashMap<(String, String), AlertChange>,
+    quiet: foldhash::HashSet<ByKey>,
 }
 
 /// The (rule, device) a change is about.
-fn key(c: &AlertChange) -> (String, String) {
+fn key(c: &AlertChange) -> (&str, &str) {
     match c {
-        AlertChange::Set(r) => (r.rule.clone(), r.device_id.clone()),
+        AlertChange::Set(r) => (&r.rule, &r.device_id),
         AlertChange::Clear {
             rule, device_id, ..
-        } => (rule.clone(), device_id.clone()),
+        } => (rule, device_id),
+    }
+}
+
+/// A change, equal to another of the same (rule, device) and hashed by it: the later of two
+/// quiet changes of a (rule, device) replaces the earlier without copying the key (a
+/// flapping rule makes thousands of them a second).
+struct ByKey(AlertChange);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        key(&self.0) == key(&other.0)
+    }
+}
+
+impl Eq for ByKey {}
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        key(&self.0).hash(state);
     }
 }
 
@@ -155,7 +174,7 @@ impl AlertsOutput {
             metrics,
             loaded: false,
             unsaved: Vec::new(),
-            quiet: std::collections::HashMap::new(),
+            quiet: foldhash::HashSet::default(),
         };
         let task = engine.run(rx, settings.alerts.evaluation_interval, stop.clone());
         Ok(Self {
@@ -285,13 +304,14 @@ impl Engine {
         let (loud, quiet): (Vec<Step>, Vec<Step>) =
             steps.into_iter().partition(|s| s.event.is_some());
         for s in quiet {
-            self.quiet.insert(key(&s.change), s.change);
+            self.quiet.replace(ByKey(s.change));
         }
         for s in &loud {
-            self.quiet.remove(&key(&s.change));
+            // Events are rare: a copy to look the (rule, device) up is cheap enough.
+            self.quiet.remove(&ByKey(s.change.clone()));
         }
         let extra: Vec<AlertChange> = if flush {
-            self.quiet.drain().map(|(_, c)| c).collect()
+            self.quiet.drain().map(|c| c.0).collect()
         } else {
             Vec::new()
         };

@@ -54,6 +54,12 @@ pub fn numeric(v: MetricValue) -> f64 {
 /// merging is independent of order.
 pub fn compare(a: MetricValue, b: MetricValue) -> Ordering {
     use MetricValue::*;
+    // The common cases first: one kind on both sides (the general rule below agrees).
+    match (a, b) {
+        (Float(x), Float(y)) => return x.total_cmp(&y),
+        (Int(x), Int(y)) => return x.cmp(&y),
+        _ => {}
+    }
     let exact = |v: MetricValue| match v {
         Int(i) => Some(i128::from(i)),
         UInt(u) => Some(i128::from(u)),

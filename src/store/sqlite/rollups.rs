@@ -266,17 +266,30 @@ impl Deriver {
         };
         // The finest level from the readings; rows are in time order, so buckets are runs.
         let mut level: Vec<(i64, Aggs)> = Vec::new();
+        // A device's readings mostly carry the same metrics in the same order: the previous
+        // row's names and ids, by position, spare a hash lookup per value.
+        let mut previous: Vec<(&str, i64)> = Vec::new();
+        let mut ids: Vec<i64> = Vec::new();
         for row in rows {
             let b = row.ts_ms.div_euclid(finest);
             if level.last().is_none_or(|(lb, _)| *lb != b) {
                 level.push((b, Vec::new()));
             }
-            let mut ids = Vec::with_capacity(row.metrics.len());
-            for (name, _) in &row.metrics {
-                ids.push(self.name_id(tx, name)?);
+            ids.clear();
+            for (k, (name, _)) in row.metrics.iter().enumerate() {
+                let id = match previous.get(k) {
+                    Some(&(n, id)) if n == name.as_str() => id,
+                    _ => {
+                        let id = self.name_id(tx, name)?;
+                        previous.truncate(k);
+                        previous.push((name.as_str(), id));
+                        id
+                    }
+                };
+                ids.push(id);
             }
             if let Some((_, aggs)) = level.last_mut() {
-                for ((_, value), mid) in row.metrics.iter().zip(ids) {
+                for ((_, value), &mid) in row.metrics.iter().zip(&ids) {
                     add_value(aggs, mid, *value, row.ts_ms, row.rid);
                 }
             }
