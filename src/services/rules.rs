@@ -231,25 +231,26 @@ impl Device {
     }
 }
 
-/// One device's part of a committed batch, as the rule engine needs it: the latest value (by
-/// `ts`; of equal ones, the last committed) of each metric some threshold rule compares.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observed {
-    /// The device.
-    pub device_id: String,
-    /// `(metric index, value, its reading's ts)` for each compared metric the batch carries.
-    pub values: Vec<(u16, MetricValue, i64)>,
-}
-
-/// One committed batch for the rule engine: each device of the batch once.
+/// One committed batch for the rule engine: each device of the batch once, with the latest
+/// value (by `ts`; of equal ones, the last committed) of each metric some threshold rule
+/// compares. Three allocations per batch whatever its devices (the ids back to back, their
+/// ends, and a table of values), since batches cross from the commit thread to the rule task
+/// thousands of times a second.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
     /// Server time of the commit (epoch ms).
     pub commit_ms: i64,
-    /// The batch's devices, in order of first appearance.
-    pub devices: Vec<Observed>,
     /// Readings the batch held (for the feed's bound).
     pub readings: usize,
+    /// The batch's device ids back to back, in order of first appearance.
+    ids: String,
+    /// Per device, the end of its id in `ids`.
+    ends: Vec<u32>,
+    /// Per device, per compared metric (`stride` of them, indexes into
+    /// [`Evaluator::metrics`]): the latest value and its reading's `ts`, if the batch has one.
+    values: Vec<Option<(MetricValue, i64)>>,
+    /// The number of compared metrics.
+    stride: usize,
 }
 
 impl Committed {
@@ -258,29 +259,30 @@ impl Committed {
     pub fn project(metrics: &[String], stored: &[&Reading], commit_ms: i64) -> Self {
         let mut index: HashMap<&str, usize> =
             HashMap::with_capacity_and_hasher(stored.len().min(1 << 16), Default::default());
-        let mut devices: Vec<Observed> = Vec::new();
+        let stride = metrics.len();
+        let mut ids = String::new();
+        let mut ends: Vec<u32> = Vec::new();
+        let mut values: Vec<Option<(MetricValue, i64)>> = Vec::new();
         // Readings mostly carry the same metrics in the same order: the previous reading's
         // names, by position, with their index in `metrics`, spare the search.
-        let mut previous: Vec<(&str, Option<u16>)> = Vec::new();
-        let per_device = metrics.len().min(16);
+        let mut previous: Vec<(&str, Option<usize>)> = Vec::new();
         for r in stored {
             let id = r.device_id.as_str();
             let at = *index.entry(id).or_insert_with(|| {
-                devices.push(Observed {
-                    device_id: id.to_owned(),
-                    values: Vec::with_capacity(per_device),
-                });
-                devices.len() - 1
+                ids.push_str(id);
+                ends.push(ids.len() as u32);
+                values.resize(values.len() + stride, None);
+                ends.len() - 1
             });
-            if metrics.is_empty() {
+            if stride == 0 {
                 continue;
             }
-            let values = &mut devices[at].values;
+            let row = &mut values[at * stride..(at + 1) * stride];
             for (k, (name, v)) in r.metrics.iter().enumerate() {
                 let m = match previous.get(k) {
                     Some(&(n, m)) if n == name.as_str() => m,
                     _ => {
-                        let m = metrics.iter().position(|n| n == name).map(|m| m as u16);
+                        let m = metrics.iter().position(|n| n == name);
                         previous.truncate(k);
                         previous.push((name.as_str(), m));
                         m
@@ -289,18 +291,35 @@ impl Committed {
                 let Some(m) = m else {
                     continue;
                 };
-                match values.iter_mut().find(|(i, _, _)| *i == m) {
-                    Some(slot) if slot.2 <= r.ts_ms => *slot = (m, *v, r.ts_ms),
-                    Some(_) => {}
-                    None => values.push((m, *v, r.ts_ms)),
+                match &mut row[m] {
+                    Some((_, ts)) if *ts > r.ts_ms => {}
+                    slot => *slot = Some((*v, r.ts_ms)),
                 }
             }
         }
         Self {
             commit_ms,
-            devices,
             readings: stored.len(),
+            ids,
+            ends,
+            values,
+            stride,
         }
+    }
+
+    /// The batch's devices, in order of first appearance: each id with its values by metric
+    /// index (see [`Committed::values`]).
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &[Option<(MetricValue, i64)>])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .enumerate()
+            .map(|(i, (start, &end))| {
+                (
+                    &self.ids[start as usize..end as usize],
+                    &self.values[i * self.stride..(i + 1) * self.stride],
+                )
+            })
     }
 }
 
@@ -398,7 +417,7 @@ impl Evaluator {
         self.rules.iter().map(|c| c.rule.clone()).collect()
     }
 
-    /// The metric names threshold rules compare; [`Observed::values`] index into this.
+    /// The metric names threshold rules compare; [`Committed::devices`]' values index into this.
     pub fn metrics(&self) -> &[String] {
         &self.metrics
     }
@@ -463,23 +482,39 @@ impl Evaluator {
 
     /// Evaluates one committed batch, appending what changed to `out`.
     pub fn observe(&mut self, batch: &Committed, out: &mut Vec<Step>) {
-        for o in &batch.devices {
+        for (id, values) in batch.devices() {
             // One lookup for a known device; a new one is built, evaluated, then inserted.
-            let changed = match self.devices.get_mut(o.device_id.as_str()) {
-                Some(dev) => observe_device(dev, &self.rules, &mut self.tally, o, batch.commit_ms, out),
+            let changed = match self.devices.get_mut(id) {
+                Some(dev) => observe_device(
+                    dev,
+                    &self.rules,
+                    &mut self.tally,
+                    id,
+                    values,
+                    batch.commit_ms,
+                    out,
+                ),
                 None => {
-                    let mut dev = new_device(&self.rules, &mut self.sets, self.metrics.len(), &o.device_id);
-                    let changed = observe_device(&mut dev, &self.rules, &mut self.tally, o, batch.commit_ms, out);
-                    self.devices.insert(o.device_id.clone(), dev);
+                    let mut dev = new_device(&self.rules, &mut self.sets, self.metrics.len(), id);
+                    let changed = observe_device(
+                        &mut dev,
+                        &self.rules,
+                        &mut self.tally,
+                        id,
+                        values,
+                        batch.commit_ms,
+                        out,
+                    );
+                    self.devices.insert(id.to_owned(), dev);
                     changed
                 }
             };
             match changed {
                 Activity::Began => {
-                    self.active.insert(o.device_id.clone(), ());
+                    self.active.insert(id.to_owned(), ());
                 }
                 Activity::Ended => {
-                    self.active.remove(&o.device_id);
+                    self.active.remove(id);
                 }
                 Activity::Same => {}
             }
@@ -663,7 +698,6 @@ fn new_device(
     }
 }
 
-
 /// Whether a device's evaluation made it active (something pending or firing) or inactive.
 enum Activity {
     Began,
@@ -676,7 +710,8 @@ fn observe_device(
     dev: &mut Device,
     rules: &[Compiled],
     tally: &mut [[i64; 2]],
-    o: &Observed,
+    device_id: &str,
+    values: &[Option<(MetricValue, i64)>],
     now: i64,
     out: &mut Vec<Step>,
 ) -> Activity {
@@ -689,30 +724,27 @@ fn observe_device(
             shift(tally, ri, dev.state[pos as usize], INACTIVE);
             dev.state[pos as usize] = INACTIVE;
             if let Some(slot) = dev.remove(ri) {
-                out.push(resolve(
-                    &rules[ri as usize],
-                    &o.device_id,
-                    &slot,
-                    None,
-                    now,
-                ));
+                out.push(resolve(&rules[ri as usize], device_id, &slot, None, now));
             }
         }
     }
     // A pending rule takes every value: it shows the latest, and fires on a reading.
     let pending = dev.slots.iter().any(|s| s.state == AlertState::Pending);
-    for &(m, value, ts) in &o.values {
-        let region = region(&set.breaks[m as usize], value);
+    for (m, slot) in values.iter().enumerate() {
+        let Some((value, ts)) = *slot else {
+            continue;
+        };
+        let region = region(&set.breaks[m], value);
         // In the region of the last evaluated value, every rule holds or not as it did then,
         // so no inactive or firing rule can change: only pending ones (which take the value,
         // and may fire) have anything to do.
-        let same = dev.regions[m as usize] == region;
+        let same = dev.regions[m] == region;
         if same && !pending {
             continue;
         }
-        dev.regions[m as usize] = region;
+        dev.regions[m] = region;
         let number = as_number(value);
-        for check in &set.by_metric[m as usize] {
+        for check in &set.by_metric[m] {
             if same && dev.state[check.pos as usize] != PENDING {
                 continue;
             }
@@ -741,12 +773,12 @@ fn observe_device(
                         ts_ms: ts,
                     };
                     if hold_ms <= 0 {
-                        out.push(fire(c, &o.device_id, &mut slot, now));
+                        out.push(fire(c, device_id, &mut slot, now));
                         shift(tally, ri, INACTIVE, FIRING);
                         dev.state[pos] = FIRING;
                     } else {
                         out.push(Step {
-                            change: Change::Set(row(c, &o.device_id, &slot)),
+                            change: Change::Set(row(c, device_id, &slot)),
                             event: None,
                         });
                         shift(tally, ri, INACTIVE, PENDING);
@@ -759,33 +791,31 @@ fn observe_device(
                     let Some(slot) = dev.slot(ri) else { continue };
                     if ts < slot.ts_ms {
                         // An older value: the next one is evaluated in full.
-                        dev.regions[m as usize] = NO_REGION;
+                        dev.regions[m] = NO_REGION;
                         continue;
                     }
                     slot.value = Some(value);
                     slot.ts_ms = ts;
                     if now - slot.since_ms >= hold_ms {
-                        out.push(fire(c, &o.device_id, slot, now));
+                        out.push(fire(c, device_id, slot, now));
                         shift(tally, ri, PENDING, FIRING);
                         dev.state[pos] = FIRING;
                     }
                 }
                 (_, false) => {
                     if dev.slot(ri).is_some_and(|s| ts < s.ts_ms) {
-                        dev.regions[m as usize] = NO_REGION;
+                        dev.regions[m] = NO_REGION;
                         continue;
                     }
                     shift(tally, ri, state, INACTIVE);
                     dev.state[pos] = INACTIVE;
                     let Some(slot) = dev.remove(ri) else { continue };
                     out.push(match slot.state {
-                        AlertState::Firing => {
-                            resolve(c, &o.device_id, &slot, Some(value), now)
-                        }
+                        AlertState::Firing => resolve(c, device_id, &slot, Some(value), now),
                         AlertState::Pending => Step {
                             change: Change::Clear {
                                 rule: c.name.to_string(),
-                                device_id: o.device_id.clone(),
+                                device_id: device_id.to_owned(),
                                 was: AlertState::Pending,
                             },
                             event: None,
@@ -804,7 +834,6 @@ fn observe_device(
         Activity::Same
     }
 }
-
 
 /// The position of `rule` in a device's state, if the device's set holds it.
 fn position(set: &RuleSet, rule: u16) -> Option<usize> {
@@ -1126,7 +1155,10 @@ mod tests {
             a.clear();
             b.clear();
         }
-        assert!(total > 500, "only {total} steps: the input does not exercise the rules");
+        assert!(
+            total > 500,
+            "only {total} steps: the input does not exercise the rules"
+        );
     }
 
     fn events(steps: &[Step]) -> Vec<(String, Transition)> {
