@@ -339,7 +339,7 @@ impl Handshake {
 
 /// Opens and checks every TLS file the configuration names, as a start would: the server's
 /// certificate and key (`server.tls.cert_file`, `key_file`: readable, PEM, and a pair) and
-/// `mqtt.ca_file` (a PEM bundle with at least one usable CA). For `--check-config`, so that a
+/// `mqtt.ca_file` when `mqtt.enabled` (a PEM bundle with at least one usable CA). For `--check-config`, so that a
 /// configuration it passes does not then stop the start with exit 2. The error names the key.
 pub fn check_files(settings: &crate::config::Settings) -> Result<(), ConfigError> {
     if let Some((cert, key)) = settings.server.tls.files() {
@@ -359,7 +359,13 @@ pub fn check_files(settings: &crate::config::Settings) -> Result<(), ConfigError
         };
         files.parse(&pem)?;
     }
-    if let Some(ca_file) = &settings.mqtt.ca_file {
+    // Opened only when MQTT connects (the source and the alert action need `mqtt.enabled`).
+    if let Some(ca_file) = settings
+        .mqtt
+        .ca_file
+        .as_ref()
+        .filter(|_| settings.mqtt.enabled)
+    {
         client_config(ca_file).map_err(|reason| ConfigError::Invalid {
             key: "mqtt.ca_file",
             reason,

@@ -408,6 +408,16 @@ async fn the_admin_api_creates_lists_and_revokes_and_needs_the_admin_token() {
             "name:",
         ),
         (
+            json!({"name": "gh\u{200B}", "scope": "read"}).to_string(),
+            400,
+            "name:",
+        ),
+        (
+            json!({"name": "a\u{061C}b", "scope": "read"}).to_string(),
+            400,
+            "name:",
+        ),
+        (
             json!({"name": "x", "scope": "write", "devices": "-gh*"}).to_string(),
             400,
             "matches no device",
@@ -430,7 +440,39 @@ async fn the_admin_api_creates_lists_and_revokes_and_needs_the_admin_token() {
             problem["detail"].as_str().unwrap().contains(says),
             "{problem}"
         );
+        if status == 413 {
+            assert_eq!(problem["type"], "urn:sluice:payload-too-large");
+        }
     }
+    // Twenty creates of one name at once: one token.
+    let creates = (0..20).map(|_| {
+        app.client
+            .post(app.url("/v1/admin/tokens"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "racer", "scope": "read"}))
+            .send()
+    });
+    let mut statuses = Vec::new();
+    let mut racer = Vec::new();
+    for res in futures_util::future::join_all(creates).await {
+        let res = res.unwrap();
+        statuses.push(res.status().as_u16());
+        if res.status() == 201 {
+            racer.push(
+                res.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(racer.len(), 1, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        19,
+        "{statuses:?}"
+    );
+    assert_eq!(revoke(&app, &racer[0]).await, 204);
 
     // Use it once: the list shows when (written in batches, so wait for it).
     let (status, _, _) = post(

@@ -702,6 +702,10 @@ async fn devices_come_a_page_at_a_time() {
             ("/v1/devices?limit=0", "limit"),
             ("/v1/devices?limit=10001", "limit"),
             ("/v1/devices?prefix=a%20b", "prefix"),
+            ("/v1/devices?prefix=-x", "prefix"),
+            ("/v1/devices?prefix=a.b", "prefix"),
+            ("/v1/devices?cursor=-", "cursor"),
+            ("/v1/devices?cursor=a.b", "cursor"),
         ] {
             let (status, body) = app.get_json(path).await;
             assert_eq!(status, 400, "{path}: {body}");

@@ -118,6 +118,11 @@ async fn http_rejects_by_index_then_429_with_headers_of_the_configured_policy() 
         .unwrap();
     assert_eq!(res.status(), 429);
     assert!(res.headers().contains_key("retry-after"));
+    let retry_after: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let body: Value = res.json().await.unwrap();
     assert!(
         body["message"]
@@ -144,9 +149,55 @@ async fn http_rejects_by_index_then_429_with_headers_of_the_configured_policy() 
         9.0
     );
     assert!(app.stored_seqs("d-fresh").await.is_empty());
+    // The client's side: after Retry-After the same batch goes through whole.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let res = app
+        .client
+        .post(app.url("/write?db=x&precision=ms"))
+        .body(format!(
+            "m,device_id=d-1 t=1,seq=21i {now}\nm,device_id=d-fresh t=1,seq=1i {now}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "{:?}", res.text().await);
+    assert_eq!(app.stored_seqs("d-fresh").await, BTreeSet::from([1]));
+    // More lines of one device than its burst can never go through whole: 413 (Telegraf then
+    // splits the batch), nothing stored, no allowance taken.
+    let six: Vec<String> = (30..36)
+        .map(|seq| format!("m,device_id=d-big t=1,seq={seq}i {now}"))
+        .collect();
+    let res = app
+        .client
+        .post(app.url("/api/v2/write?precision=ms"))
+        .body(six.join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate_limit.burst (5)"),
+        "{body}"
+    );
+    let res = app
+        .client
+        .post(app.url("/api/v2/write?precision=ms"))
+        .body(six[..5].join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "the 413 took no allowance");
+    assert_eq!(
+        app.stored_seqs("d-big").await,
+        (30..35).collect::<BTreeSet<_>>()
+    );
     assert_eq!(
         app.stored_seqs("d-1").await,
-        (1..6).collect::<BTreeSet<_>>()
+        (1..6).chain([21]).collect::<BTreeSet<_>>()
     );
     app.shutdown().await.unwrap();
 }
@@ -375,6 +426,15 @@ async fn an_mqtt_backlog_beyond_mqtt_max_wait_is_dead_lettered_and_others_still_
     };
     let mut messages: Vec<_> = (0..300u64).map(|seq| message("m-1", seq)).collect();
     messages.extend((0..5u64).map(|seq| message("q-1", seq)));
+    // One message of more readings than the burst, from a device with its allowance whole:
+    // the burst at once, the rest within mqtt_max_wait, all stored.
+    let big: Vec<Value> = (0..15u64)
+        .map(|seq| json!({"seq": seq, "metrics": {"t": seq}}))
+        .collect();
+    messages.push((
+        "devices/big-1/readings".to_owned(),
+        Value::Array(big).to_string().into_bytes(),
+    ));
     publisher.publish_all(messages).await;
     wait_until(
         Duration::from_secs(30),
@@ -383,6 +443,7 @@ async fn an_mqtt_backlog_beyond_mqtt_max_wait_is_dead_lettered_and_others_still_
             let dead = app.metric("sluice_mqtt_dead_letters_total", &[]).await as usize;
             app.stored_seqs("m-1").await.len() + dead == 300
                 && app.stored_seqs("q-1").await.len() == 5
+                && app.stored_seqs("big-1").await.len() == 15
         },
     )
     .await;

@@ -651,4 +651,10 @@ async fn mqtts_with_a_ca_file_that_is_not_one_stops_the_start() {
         stderr.contains("mqtt.ca_file") && stderr.contains("no usable CA certificate"),
         "{stderr}"
     );
+    // With MQTT off the file is never opened, by the start or by --check-config.
+    let (code, stderr) = check_config(&[
+        ("SLUICE__MQTT__URL", "mqtts://127.0.0.1:8883".into()),
+        ("SLUICE__MQTT__CA_FILE", "/nonexistent/ca.pem".into()),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
 }

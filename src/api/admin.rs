@@ -103,7 +103,7 @@ pub async fn create(
             || name.chars().any(|c| c.is_control() || is_bidi_control(c))
         {
             return Err(Problem::bad_request(format!(
-                "name: must be 1 to {MAX_NAME} characters, without control or bidirectional-override characters"
+                "name: must be 1 to {MAX_NAME} characters, without control or invisible formatting characters (bidirectional marks, zero-width spaces)"
             )));
         }
         let scope = Scope::parse(&new.scope).ok_or_else(|| {
@@ -122,7 +122,10 @@ pub async fn create(
                 "devices: a read token reads every device (SPEC §11), so its devices are `*`, not `{devices}`; a write token reads its own devices"
             )));
         }
-        // Names are how administrators tell tokens apart: one live token per name.
+        // Names are how administrators tell tokens apart: one live token per name. Creates are
+        // serialised on this replica so that two at once cannot both pass the check.
+        static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _creating = CREATING.lock().await;
         let taken = name.clone();
         let clash = with_store(&state, move |r| r.tokens())
             .await?
@@ -217,8 +220,20 @@ pub async fn revoke(
     }
 }
 
-/// Unicode's bidirectional embedding, override and isolate characters (U+202A–U+202E,
-/// U+2066–U+2069): they make a listed name display as something else.
+/// Unicode's invisible format characters: bidirectional marks, embeddings, overrides and
+/// isolates (U+061C, U+200E–U+200F, U+202A–U+202E, U+2066–U+2069), zero-width and joining
+/// characters (U+200B–U+200D, U+2060–U+2064, U+FEFF), the soft hyphen and the Mongolian vowel
+/// separator. They make a listed name display as another one.
 fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }

@@ -95,6 +95,9 @@ impl Problem {
             StatusCode::BAD_REQUEST => Self::bad_request(detail),
             StatusCode::NOT_FOUND => Self::not_found(detail),
             StatusCode::METHOD_NOT_ALLOWED => Self::method_not_allowed(detail),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::new(status, "payload-too-large", "Payload too large", detail)
+            }
             StatusCode::UPGRADE_REQUIRED => {
                 Self::new(status, "upgrade-required", "Upgrade required", detail)
             }

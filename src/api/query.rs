@@ -81,18 +81,26 @@ pub async fn list_devices(
 ) -> Response {
     let result = async {
         let limit = parse_limit(p.limit)?;
-        for (name, value) in [("prefix", &p.prefix), ("cursor", &p.cursor)] {
-            if let Some(v) = value {
-                if v.len() > 128
-                    || !v
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-                {
-                    return Err(Problem::bad_request(format!(
-                        "{name}: `{v}` cannot be part of a device id (1-128 of A-Z a-z 0-9 . _ : -)"
-                    )));
-                }
+        // A prefix is the start of a device id (SPEC §1: a letter or digit, then letters,
+        // digits, `_`, `:`, `-`, at most 128); a cursor is a whole one, the last of a page.
+        if let Some(v) = p.prefix.as_deref().filter(|v| !v.is_empty()) {
+            if v.len() > crate::reading::MAX_DEVICE_ID_LEN
+                || !v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b))
+            {
+                return Err(Problem::bad_request(format!(
+                    "prefix: no device id starts with `{v}` (a letter or digit, then A-Z a-z 0-9 _ : -, at most 128)"
+                )));
             }
+        }
+        if let Some(v) = p.cursor.as_deref().filter(|v| !v.is_empty()) {
+            DeviceId::parse(v).map_err(|e| {
+                Problem::bad_request(format!(
+                    "cursor: `{v}` is not a cursor this server gave (the `next` of a page): {e}"
+                ))
+            })?;
         }
         let q = DevicesQuery {
             device: None,

@@ -239,6 +239,39 @@ async fn write_inner(
     // whole request a 429 with Retry-After, and nothing of it is stored: Telegraf and the
     // InfluxDB clients retry a 429 with the whole batch and drop a 400's, so storing the other
     // lines would store them twice on the retry, and a partial 400 would lose the limited ones.
+    // A device with more lines than its burst can never go through whole, however long the
+    // client waits: 413, before any allowance is taken, so that Telegraf splits the batch
+    // (its v2 output halves a batch on 413) instead of resending it forever.
+    let mut per_device: Option<(usize, &str)> = None;
+    if let Some(limiter) = &state.access.limiter {
+        let mut counts: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
+        for r in &lines.batch.readings {
+            let n = counts.entry(r.device_id.as_str()).or_default();
+            *n += 1;
+            if per_device.is_none_or(|(most, _)| *n > most) {
+                per_device = Some((*n, r.device_id.as_str()));
+            }
+        }
+        let burst = limiter.rate().burst.max(1) as usize;
+        if let Some((most, device)) = per_device.filter(|(most, _)| *most > burst) {
+            let total = lines.batch.readings.len() as u64;
+            state.metrics.rejected(t, RejectReason::RateLimited, total);
+            state
+                .metrics
+                .readings_rate_limited
+                .with_label_values(&[t.as_str()])
+                .inc_by(total);
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Too large for the rate limit",
+                format!(
+                    "device `{device}` has {most} lines in this batch, more than rate_limit.burst ({burst}) lets through at once; nothing was written: send at most {burst} lines per device per batch"
+                ),
+            ));
+        }
+    }
+    let busiest = per_device.map_or(1, |(most, _)| most);
     let screened = state.access.screen(caller, t, &mut lines.batch);
     if screened.limited > 0 {
         let total = lines.batch.readings.len() + lines.batch.rejected.len();
@@ -261,7 +294,14 @@ async fn write_inner(
                 screened.limited
             ),
         );
-        p.retry_after = screened.retry;
+        // Long enough for the busiest device of the batch to have all its lines' allowance
+        // again (every device's allowance is then whole too), not just the next reading's.
+        let whole = state
+            .access
+            .limiter
+            .as_ref()
+            .map(|l| l.rate().interval() * busiest as u32);
+        p.retry_after = screened.retry.max(whole);
         let mut response = influx_error(p);
         state.access.rate_headers(&screened, response.headers_mut());
         return Ok(response);

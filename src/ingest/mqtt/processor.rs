@@ -454,28 +454,40 @@ enum Gate {
 /// with it, while other devices' messages are parsed and committed meanwhile. Bounding it
 /// keeps one device with a deep backlog from filling `mqtt.max_unacked` and stalling the
 /// connection for everyone else (the bound is what SPEC §11's "PUBACK withheld" can give on a
-/// connection that all devices share).
+/// connection that all devices share). A message of more readings than the burst, from a
+/// device with nothing waiting, takes what the allowance has at once and waits for the rest;
+/// if the rest would take too long, the allowance taken is spent and the whole message is
+/// dead-lettered.
 async fn rate_gate(ctx: &Ctx, device: &DeviceId, n: usize) -> Gate {
     let Some(limiter) = &ctx.limiter else {
         return Gate::Go;
     };
-    let wait = {
+    let (wait, n) = {
         let mut waiting = ctx.rate_waiting.lock().unwrap_or_else(|e| e.into_inner());
         let ahead = waiting.get(device.as_str()).copied().unwrap_or(0);
-        // Nothing of this device waiting: take the allowance now if it is there. Otherwise
-        // behind those waiting, in turn.
-        if ahead == 0 && limiter.try_take(device.as_str(), n) {
+        // Nothing of this device waiting: take what the allowance has now, up to the burst
+        // (a message of more readings than the burst takes a whole burst, and waits for the
+        // rest). Otherwise behind those waiting, in turn.
+        let burst = limiter.rate().burst.max(1) as usize;
+        let now = n.min(burst);
+        let left = if ahead == 0 && limiter.try_take(device.as_str(), now) {
+            n - now
+        } else {
+            n
+        };
+        if left == 0 {
             return Gate::Go;
         }
+        // At most this long: from an empty allowance, one interval per reading.
         let wait = limiter
             .rate()
             .interval()
-            .saturating_mul(u32::try_from(ahead + n).unwrap_or(u32::MAX));
+            .saturating_mul(u32::try_from(ahead + left).unwrap_or(u32::MAX));
         if wait > ctx.settings.rate_limit.mqtt_max_wait {
             return Gate::Refused(wait);
         }
-        *waiting.entry(device.as_str().to_owned()).or_default() += n;
-        wait
+        *waiting.entry(device.as_str().to_owned()).or_default() += left;
+        (wait, left)
     };
     // Whatever happens next (taken, shutdown, this future dropped), the readings stop waiting.
     struct Waiting<'a>(&'a Ctx, &'a str, usize);
