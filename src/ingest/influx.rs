@@ -245,7 +245,13 @@ async fn write_inner(
     let mut per_device: Option<(usize, &str)> = None;
     if let Some(limiter) = &state.access.limiter {
         let mut counts: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
-        for r in &lines.batch.readings {
+        // Devices the token may not write are refused as forbidden below, whatever their count.
+        for r in lines
+            .batch
+            .readings
+            .iter()
+            .filter(|r| caller.may_write(r.device_id.as_str()))
+        {
             let n = counts.entry(r.device_id.as_str()).or_default();
             *n += 1;
             if per_device.is_none_or(|(most, _)| *n > most) {
