@@ -301,14 +301,18 @@ impl Engine {
                     .set(firing);
             }
         }
-        let (loud, quiet): (Vec<Step>, Vec<Step>) =
-            steps.into_iter().partition(|s| s.event.is_some());
-        for s in quiet {
-            self.quiet.replace(ByKey(s.change));
-        }
-        for s in &loud {
-            // Events are rare: a copy to look the (rule, device) up is cheap enough.
-            self.quiet.remove(&ByKey(s.change.clone()));
+        // In order, one pass: a quiet change (most of them, when rules flap) replaces the
+        // earlier one of its (rule, device); a loud one, written now, supersedes the quiet
+        // ones before it, not those after it.
+        let mut loud: Vec<Step> = Vec::new();
+        for s in steps {
+            if s.event.is_some() {
+                // Events are rare: a copy to look the (rule, device) up is cheap enough.
+                self.quiet.remove(&ByKey(s.change.clone()));
+                loud.push(s);
+            } else {
+                self.quiet.replace(ByKey(s.change));
+            }
         }
         let extra: Vec<AlertChange> = if flush {
             self.quiet.drain().map(|c| c.0).collect()

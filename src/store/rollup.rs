@@ -93,7 +93,21 @@ impl Agg {
 
     /// Adds one reading's value.
     pub fn add(&mut self, value: MetricValue, ts_ms: i64, rid: u64) {
-        self.merge(&Agg::of(value, ts_ms, rid));
+        // `merge` of `Agg::of(value, …)`, without building it: once per value in compaction.
+        self.count += 1;
+        self.sum += numeric(value);
+        if compare(value, self.min) == Ordering::Less {
+            self.min = value;
+        }
+        if compare(value, self.max) == Ordering::Greater {
+            self.max = value;
+        }
+        if (ts_ms, rid) < (self.first.0, self.first.1) {
+            self.first = (ts_ms, rid, value);
+        }
+        if (ts_ms, rid) > (self.last.0, self.last.1) {
+            self.last = (ts_ms, rid, value);
+        }
     }
 
     /// Merges the aggregate of a disjoint set of readings.
