@@ -339,8 +339,9 @@ impl Handshake {
 
 /// Opens and checks every TLS file the configuration names, as a start would: the server's
 /// certificate and key (`server.tls.cert_file`, `key_file`: readable, PEM, and a pair) and
-/// `mqtt.ca_file` when `mqtt.enabled` (a PEM bundle with at least one usable CA). For `--check-config`, so that a
-/// configuration it passes does not then stop the start with exit 2. The error names the key.
+/// `mqtt.ca_file` when `mqtt.enabled` (a PEM bundle with at least one usable CA). For
+/// `--check-config`, so that a configuration it passes does not then stop the start with exit
+/// 2. The error names the key.
 pub fn check_files(settings: &crate::config::Settings) -> Result<(), ConfigError> {
     if let Some((cert, key)) = settings.server.tls.files() {
         let files = Files {

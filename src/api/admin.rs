@@ -100,7 +100,9 @@ pub async fn create(
         let name = new.name.trim().to_owned();
         if name.is_empty()
             || name.chars().count() > MAX_NAME
-            || name.chars().any(|c| c.is_control() || is_bidi_control(c))
+            || name
+                .chars()
+                .any(|c| c.is_control() || is_invisible_format(c))
         {
             return Err(Problem::bad_request(format!(
                 "name: must be 1 to {MAX_NAME} characters, without control or invisible formatting characters (bidirectional marks, zero-width spaces)"
@@ -224,7 +226,7 @@ pub async fn revoke(
 /// isolates (U+061C, U+200E–U+200F, U+202A–U+202E, U+2066–U+2069), zero-width and joining
 /// characters (U+200B–U+200D, U+2060–U+2064, U+FEFF), the soft hyphen and the Mongolian vowel
 /// separator. They make a listed name display as another one.
-fn is_bidi_control(c: char) -> bool {
+fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'

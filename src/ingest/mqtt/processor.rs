@@ -510,11 +510,13 @@ async fn rate_gate(ctx: &Ctx, device: &DeviceId, n: usize) -> Gate {
     tracing::trace!(device = %device, readings = n, wait_ms = wait.as_millis() as u64, "MQTT message waits for its device's rate limit");
     let mut stop = ctx.stop.clone();
     tokio::select! {
-        _ = limiter.until_ready(device.as_str(), n) => {
-            ctx.metrics
-                .readings_rate_limited
-                .with_label_values(&[Transport::Mqtt.as_str()])
-                .inc_by(n as u64);
+        waited = limiter.until_ready(device.as_str(), n) => {
+            if waited {
+                ctx.metrics
+                    .readings_rate_limited
+                    .with_label_values(&[Transport::Mqtt.as_str()])
+                    .inc_by(n as u64);
+            }
             Gate::Go
         }
         _ = stop.wait_for(|s| *s) => Gate::Stopped,
