@@ -93,38 +93,6 @@ struct Engine {
     loaded: bool,
     /// Changes the store has not taken yet (a failed save), tried again first.
     unsaved: Vec<AlertChange>,
-    /// Changes without an event (pending, and back), by (rule, device), written at the next
-    /// timer tick.
-    quiet: foldhash::HashSet<ByKey>,
-}
-
-/// The (rule, device) a change is about.
-fn key(c: &AlertChange) -> (&str, &str) {
-    match c {
-        AlertChange::Set(r) => (&r.rule, &r.device_id),
-        AlertChange::Clear {
-            rule, device_id, ..
-        } => (rule, device_id),
-    }
-}
-
-/// A change, equal to another of the same (rule, device) and hashed by it: the later of two
-/// quiet changes of a (rule, device) replaces the earlier without copying the key (a
-/// flapping rule makes thousands of them a second).
-struct ByKey(AlertChange);
-
-impl PartialEq for ByKey {
-    fn eq(&self, other: &Self) -> bool {
-        key(&self.0) == key(&other.0)
-    }
-}
-
-impl Eq for ByKey {}
-
-impl std::hash::Hash for ByKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        key(&self.0).hash(state);
-    }
 }
 
 impl AlertsOutput {
@@ -174,7 +142,6 @@ impl AlertsOutput {
             metrics,
             loaded: false,
             unsaved: Vec::new(),
-            quiet: foldhash::HashSet::default(),
         };
         let task = engine.run(rx, settings.alerts.evaluation_interval, stop.clone());
         Ok(Self {
@@ -281,11 +248,14 @@ impl Engine {
                 // The gauges follow the timer: a scrape needs no fresher figure, and one
                 // update per batch cost a label lookup per rule.
                 let counts = timer.then(|| ev.counts());
-                (out, counts)
+                // Changes without an event (pending, and back) are saved with the timer,
+                // one per (rule, device), from the state then.
+                let quiet = if flush { ev.take_quiet() } else { Vec::new() };
+                (out, counts, quiet)
             })
         })
         .await;
-        let Ok((steps, counts)) = evaluated else {
+        let Ok((loud, counts, extra)) = evaluated else {
             tracing::error!("rule evaluation panicked; batch skipped");
             return;
         };
@@ -301,24 +271,6 @@ impl Engine {
                     .set(firing);
             }
         }
-        // In order, one pass: a quiet change (most of them, when rules flap) replaces the
-        // earlier one of its (rule, device); a loud one, written now, supersedes the quiet
-        // ones before it, not those after it.
-        let mut loud: Vec<Step> = Vec::new();
-        for s in steps {
-            if s.event.is_some() {
-                // Events are rare: a copy to look the (rule, device) up is cheap enough.
-                self.quiet.remove(&ByKey(s.change.clone()));
-                loud.push(s);
-            } else {
-                self.quiet.replace(ByKey(s.change));
-            }
-        }
-        let extra: Vec<AlertChange> = if flush {
-            self.quiet.drain().map(|c| c.0).collect()
-        } else {
-            Vec::new()
-        };
         if loud.is_empty() && extra.is_empty() && self.unsaved.is_empty() {
             return;
         }
@@ -413,10 +365,13 @@ impl Engine {
     /// transaction; per step, whether its change applied. When the store fails, every step
     /// counts as applied (announced) and the changes are kept for the next save.
     async fn save(&mut self, extra: Vec<AlertChange>, steps: &[Step]) -> Vec<bool> {
+        // Older failures first, then the step's changes with events, then the quiet ones: a
+        // quiet change is the state after the step, so it goes after an event's (a resolve
+        // followed by pending again must delete the firing row, then write the pending one).
         let mut changes = std::mem::take(&mut self.unsaved);
-        changes.extend(extra);
         let earlier = changes.len();
         changes.extend(steps.iter().map(|s| s.change.clone()));
+        changes.extend(extra);
         let reader = self.reader.clone();
         let attempt = changes.clone();
         let result =
@@ -426,7 +381,11 @@ impl Engine {
                 if let Some(failures) = STATE_FAILED.recovered() {
                     tracing::info!(failures, "alert states saved again");
                 }
-                applied.into_iter().skip(earlier).collect()
+                applied
+                    .into_iter()
+                    .skip(earlier)
+                    .take(steps.len())
+                    .collect()
             }
             Ok(Err(e)) => {
                 self.state_failed("save", &e.to_string());

@@ -210,9 +210,26 @@ struct Device {
     regions: Box<[u32]>,
     /// Details of the positions that are not inactive, sorted by rule; usually empty.
     slots: Vec<Slot>,
+    /// Rules whose state changed without an event (to pending, or from pending back to
+    /// inactive) since the last [`Evaluator::take_quiet`]: saved then, from the state then.
+    quiet: Vec<u16>,
+    /// Whether the device is in [`Evaluator::quiet_devices`].
+    listed: bool,
 }
 
 impl Device {
+    /// Notes a quiet change of `rule`, to be saved at the next [`Evaluator::take_quiet`].
+    fn mark_quiet(&mut self, rule: u16) {
+        if !self.quiet.contains(&rule) {
+            self.quiet.push(rule);
+        }
+    }
+
+    /// A change of `rule` with an event is saved at once: it supersedes the quiet ones before.
+    fn unmark_quiet(&mut self, rule: u16) {
+        self.quiet.retain(|r| *r != rule);
+    }
+
     fn slot(&mut self, rule: u16) -> Option<&mut Slot> {
         let i = self.slots.binary_search_by_key(&rule, |s| s.rule).ok()?;
         Some(&mut self.slots[i])
@@ -341,6 +358,8 @@ pub struct Evaluator {
     sets: HashMap<Vec<u16>, Arc<RuleSet>>,
     /// Devices with at least one pending or firing rule (the timer looks at pending ones).
     active: HashMap<String, ()>,
+    /// Devices with quiet changes not yet taken ([`Device::quiet`]).
+    quiet_devices: Vec<String>,
     /// Per rule, how many devices are pending and firing (`sluice_alerts`), kept as states
     /// change.
     tally: Vec<[i64; 2]>,
@@ -409,6 +428,7 @@ impl Evaluator {
             devices: HashMap::default(),
             sets: HashMap::default(),
             active: HashMap::default(),
+            quiet_devices: Vec::new(),
         }
     }
 
@@ -484,7 +504,7 @@ impl Evaluator {
     pub fn observe(&mut self, batch: &Committed, out: &mut Vec<Step>) {
         for (id, values) in batch.devices() {
             // One lookup for a known device; a new one is built, evaluated, then inserted.
-            let changed = match self.devices.get_mut(id) {
+            let (changed, listed) = match self.devices.get_mut(id) {
                 Some(dev) => observe_device(
                     dev,
                     &self.rules,
@@ -509,6 +529,9 @@ impl Evaluator {
                     changed
                 }
             };
+            if listed {
+                self.quiet_devices.push(id.to_owned());
+            }
             match changed {
                 Activity::Began => {
                     self.active.insert(id.to_owned(), ());
@@ -519,6 +542,36 @@ impl Evaluator {
                 Activity::Same => {}
             }
         }
+    }
+
+    /// The changes without an event since the last call (to pending, or from pending back to
+    /// inactive), one per (rule, device), from the state now: `Set` of the pending row, or
+    /// `Clear` of a pending one. A (rule, device) that fired or resolved since had its change
+    /// saved with the event and is not repeated. Called at each `alerts.evaluation_interval`
+    /// and at shutdown: a value flapping around a threshold costs a mark, not a write.
+    pub fn take_quiet(&mut self) -> Vec<Change> {
+        let mut out = Vec::new();
+        for id in std::mem::take(&mut self.quiet_devices) {
+            let Some(dev) = self.devices.get_mut(&id) else {
+                continue;
+            };
+            dev.listed = false;
+            for rule in std::mem::take(&mut dev.quiet) {
+                let c = &self.rules[rule as usize];
+                match dev.slot(rule) {
+                    Some(slot) if slot.state == AlertState::Pending => {
+                        out.push(Change::Set(row(c, &id, slot)));
+                    }
+                    Some(_) => {}
+                    None => out.push(Change::Clear {
+                        rule: c.name.to_string(),
+                        device_id: id.clone(),
+                        was: AlertState::Pending,
+                    }),
+                }
+            }
+        }
+        out
     }
 
     /// Devices whose absence rule would fire at `now_ms`: with a store whose device table
@@ -559,17 +612,22 @@ impl Evaluator {
                 continue;
             };
             let set = dev.set.clone();
+            let mut fired = Vec::new();
             for slot in dev.slots.iter_mut() {
                 let c = &self.rules[slot.rule as usize];
                 if let Some((_, _, hold_ms)) = c.threshold {
                     if slot.state == AlertState::Pending && now_ms - slot.since_ms >= hold_ms {
                         out.push(fire(c, &id, slot, now_ms));
+                        fired.push(slot.rule);
                         if let Some(pos) = position(&set, slot.rule) {
                             shift(&mut self.tally, slot.rule, dev.state[pos], FIRING);
                             dev.state[pos] = FIRING;
                         }
                     }
                 }
+            }
+            for rule in fired {
+                dev.unmark_quiet(rule);
             }
         }
         if !self.has_absence {
@@ -695,6 +753,8 @@ fn new_device(
         regions: vec![NO_REGION; n_metrics].into_boxed_slice(),
         set,
         slots: Vec::new(),
+        quiet: Vec::new(),
+        listed: false,
     }
 }
 
@@ -714,7 +774,7 @@ fn observe_device(
     values: &[Option<(MetricValue, i64)>],
     now: i64,
     out: &mut Vec<Step>,
-) -> Activity {
+) -> (Activity, bool) {
     dev.last_seen_ms = dev.last_seen_ms.max(now);
     let before = dev.slots.len();
     let set = dev.set.clone();
@@ -774,13 +834,11 @@ fn observe_device(
                     };
                     if hold_ms <= 0 {
                         out.push(fire(c, device_id, &mut slot, now));
+                        dev.unmark_quiet(ri);
                         shift(tally, ri, INACTIVE, FIRING);
                         dev.state[pos] = FIRING;
                     } else {
-                        out.push(Step {
-                            change: Change::Set(row(c, device_id, &slot)),
-                            event: None,
-                        });
+                        dev.mark_quiet(ri);
                         shift(tally, ri, INACTIVE, PENDING);
                         dev.state[pos] = PENDING;
                     }
@@ -798,6 +856,7 @@ fn observe_device(
                     slot.ts_ms = ts;
                     if now - slot.since_ms >= hold_ms {
                         out.push(fire(c, device_id, slot, now));
+                        dev.unmark_quiet(ri);
                         shift(tally, ri, PENDING, FIRING);
                         dev.state[pos] = FIRING;
                     }
@@ -810,29 +869,29 @@ fn observe_device(
                     shift(tally, ri, state, INACTIVE);
                     dev.state[pos] = INACTIVE;
                     let Some(slot) = dev.remove(ri) else { continue };
-                    out.push(match slot.state {
-                        AlertState::Firing => resolve(c, device_id, &slot, Some(value), now),
-                        AlertState::Pending => Step {
-                            change: Change::Clear {
-                                rule: c.name.to_string(),
-                                device_id: device_id.to_owned(),
-                                was: AlertState::Pending,
-                            },
-                            event: None,
-                        },
-                    });
+                    match slot.state {
+                        AlertState::Firing => {
+                            out.push(resolve(c, device_id, &slot, Some(value), now));
+                            dev.unmark_quiet(ri);
+                        }
+                        AlertState::Pending => dev.mark_quiet(ri),
+                    }
                 }
             }
         }
     }
     let after = dev.slots.len();
-    if after == 0 && before > 0 {
+    let activity = if after == 0 && before > 0 {
         Activity::Ended
     } else if after > 0 && before == 0 {
         Activity::Began
     } else {
         Activity::Same
-    }
+    };
+    // Newly with quiet changes: the caller lists the device for the next take.
+    let listed = !dev.quiet.is_empty() && !dev.listed;
+    dev.listed |= listed;
+    (activity, listed)
 }
 
 /// The position of `rule` in a device's state, if the device's set holds it.
@@ -1143,6 +1202,15 @@ mod tests {
             if i % 7 == 0 {
                 fast.tick(now + 25, &mut a);
                 full.tick(now + 25, &mut b);
+                let quiet = |ev: &mut Evaluator| {
+                    let mut v: Vec<String> =
+                        ev.take_quiet().iter().map(|c| format!("{c:?}")).collect();
+                    v.sort();
+                    v
+                };
+                let (qa, qb) = (quiet(&mut fast), quiet(&mut full));
+                assert_eq!(qa, qb, "quiet changes at batch {i}");
+                total += qa.len();
             }
             // The timer visits devices in hash order, which differs between two maps.
             let sorted = |steps: &[Step]| {
@@ -1179,8 +1247,14 @@ mod tests {
         );
         assert!(events(&out).is_empty());
         assert_eq!(ev.active()[0].state, AlertState::Pending);
-        assert!(matches!(out[0].change, Change::Set(ref r) if r.state == AlertState::Pending));
-        out.clear();
+        // Pending is a quiet change: no step, saved when the timer takes it.
+        assert!(out.is_empty(), "{out:?}");
+        let quiet = ev.take_quiet();
+        assert!(
+            matches!(quiet[..], [Change::Set(ref r)] if r.state == AlertState::Pending),
+            "{quiet:?}"
+        );
+        assert!(ev.take_quiet().is_empty(), "taken once");
         ev.observe(&batch(2000, &[("g-1", 2, MetricValue::Int(35))]), &mut out);
         ev.tick(2999, &mut out);
         assert!(out.is_empty(), "not before `for`: {out:?}");
@@ -1250,16 +1324,30 @@ mod tests {
         let mut ev = Evaluator::new(&[threshold("hot", "*", ">= 30", 1000)]);
         let mut out = Vec::new();
         ev.observe(&batch(0, &[("d", 1, MetricValue::Int(30))]), &mut out);
+        // Saved while pending...
+        assert!(matches!(ev.take_quiet()[..], [Change::Set(_)]));
         ev.observe(&batch(500, &[("d", 2, MetricValue::Int(29))]), &mut out);
         ev.tick(5000, &mut out);
-        assert!(events(&out).is_empty());
-        assert!(matches!(
-            out[1].change,
-            Change::Clear {
-                was: AlertState::Pending,
-                ..
-            }
-        ));
+        assert!(out.is_empty(), "no event: {out:?}");
+        // ...then cleared, once, however often it flapped in between.
+        for (i, v) in [31, 29, 30, 28].into_iter().enumerate() {
+            ev.observe(
+                &batch(600 + i as i64, &[("d", 3 + i as i64, MetricValue::Int(v))]),
+                &mut out,
+            );
+        }
+        let quiet = ev.take_quiet();
+        assert!(
+            matches!(
+                quiet[..],
+                [Change::Clear {
+                    was: AlertState::Pending,
+                    ..
+                }]
+            ),
+            "{quiet:?}"
+        );
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
