@@ -3,9 +3,11 @@
 //!
 //! This module only evaluates: no I/O, no clock, no task. [`Evaluator`] is a state machine
 //! per (rule, device), fed by the task in `outputs::alerts` with what was committed and with
-//! the time, and it answers with [`Step`]s: a state change to persist and, for a transition to
-//! `firing` or back to `inactive`, the event to announce. [`RulesFeed`] is the service in the
-//! commit chain that hands committed readings to that task without waiting.
+//! the time, and it answers with [`Step`]s for each transition to `firing` or back to
+//! `inactive`: the state change to persist and the event to announce. Transitions without an
+//! event (to `pending`, and back) are only marked, and [`Evaluator::take_quiet`] turns the
+//! marks into changes when the task saves them, once per timer tick. [`RulesFeed`] is the
+//! service in the commit chain that hands committed readings to that task without waiting.
 //!
 //! - **Threshold rules** (`metric`, `condition`, `for`): each committed reading of a matching
 //!   device that carries the metric is compared. `inactive` → `pending` when the condition
@@ -105,7 +107,8 @@ pub type Change = AlertChange;
 pub struct Step {
     /// What to persist.
     pub change: Change,
-    /// What to announce, if the change applies.
+    /// What to announce, if the change applies (every step the evaluator makes has one; the
+    /// changes without an event come from [`Evaluator::take_quiet`]).
     pub event: Option<AlertEvent>,
 }
 
