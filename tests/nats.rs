@@ -526,6 +526,11 @@ async fn sigterm_publishes_the_backlog_before_exiting() {
     assert_eq!(post_to(&client, &proc.url(), &one).await["accepted"], 1);
     acked.seqs.get_mut("term-0").unwrap().insert(1_000_000);
     wait_published(&js, acked.total(), Duration::from_secs(30)).await;
+    // The counter follows the PubAck a moment after the stream has the message.
+    wait_until(Duration::from_secs(10), "the PubAck counted", || async {
+        common::scrape_metric(&client, &proc.url(), "sluice_nats_published_total", &[]).await >= 1.0
+    })
+    .await;
     assert_eq!(
         common::scrape_metric(&client, &proc.url(), "sluice_nats_published_total", &[]).await,
         1.0,
@@ -635,6 +640,13 @@ async fn postgres_replicas_publish_every_reading_once_and_take_over() {
     post_batches(&a, &mut acked, 4, &mut next).await;
     let js = nats.jetstream().await;
     wait_published(&js, acked.total(), Duration::from_secs(30)).await;
+    // The counter follows the PubAck a moment after the stream has the message.
+    wait_until(Duration::from_secs(10), "every PubAck counted", || async {
+        a.metric("sluice_nats_published_total", &[]).await
+            + b.metric("sluice_nats_published_total", &[]).await
+            >= acked.total() as f64
+    })
+    .await;
     // Exactly one replica published, each reading once (a window of 8 in flight: rows in
     // flight are not read and sent again).
     let published = [
