@@ -366,8 +366,9 @@ async fn kill_9_mid_publish_leaves_no_gap_and_no_duplicate() {
     nats.create_stream(PREFIX).await;
     nats.stop();
     let client = reqwest::Client::new();
-    // A backlog built while NATS is down, then published slowly (8 in flight).
-    let proc = SluiceProcess::start(data.path(), &process_env(&nats, 8));
+    // A backlog built while NATS is down, then published slowly (one in flight: 10 000
+    // PubAck round trips, so the kill lands mid-publish even on a fast machine).
+    let proc = SluiceProcess::start(data.path(), &process_env(&nats, 1));
     let base = proc.url();
     common::wait_ready(&client, &format!("{base}/readyz")).await;
     let acked = post_backlog(&client, &base, "k9", 10, 100).await;
