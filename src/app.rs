@@ -311,13 +311,13 @@ impl Application {
                 backend = "sqlite",
                 data_dir = %settings.storage.data_dir.display(),
                 synchronous = settings.storage.synchronous.as_sql(),
-                retention = %humantime::format_duration(settings.storage.retention),
+                retention = %crate::config::duration::format(settings.storage.retention),
                 "store configured"
             ),
             Backend::Postgres => tracing::info!(
                 backend = "postgres",
                 url = %settings.storage.postgres.url,
-                retention = %humantime::format_duration(settings.storage.retention),
+                retention = %crate::config::duration::format(settings.storage.retention),
                 "store configured"
             ),
         }
@@ -413,7 +413,7 @@ impl Application {
         tokio::time::timeout(timeout, drain).await.map_err(|_| {
             anyhow::anyhow!(
                 "shutdown took longer than server.shutdown_timeout ({})",
-                humantime::format_duration(timeout)
+                crate::config::duration::format(timeout)
             )
         })?;
         drop(runtime);
@@ -624,8 +624,8 @@ pub async fn shutdown_signal() {
 async fn preflight_store(settings: &Settings) -> anyhow::Result<()> {
     if settings.limits.max_age > settings.storage.retention {
         tracing::warn!(
-            max_age = %humantime::format_duration(settings.limits.max_age),
-            retention = %humantime::format_duration(settings.storage.retention),
+            max_age = %crate::config::duration::format(settings.limits.max_age),
+            retention = %crate::config::duration::format(settings.storage.retention),
             "limits.max_age is longer than storage.retention: a reading older than the retention is acknowledged, then deleted by the next sweep"
         );
     }

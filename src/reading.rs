@@ -465,7 +465,7 @@ impl<'a> WireReading<'a> {
                 format!(
                     "{} is more than {} in the future",
                     format_ts(ts_ms),
-                    humantime::format_duration(ctx.max_future_skew)
+                    crate::config::duration::format(ctx.max_future_skew)
                 ),
                 InvalidTs,
             ));
@@ -477,7 +477,7 @@ impl<'a> WireReading<'a> {
                 format!(
                     "{} is more than {} old",
                     format_ts(ts_ms),
-                    humantime::format_duration(ctx.max_age)
+                    crate::config::duration::format(ctx.max_age)
                 ),
                 InvalidTs,
             ));

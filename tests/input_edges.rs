@@ -642,7 +642,7 @@ async fn every_error_answer_is_a_problem_document() {
             c.get(app.url(path)).send().await.unwrap(),
             400,
             "urn:sluice:malformed",
-            &["upgrade"],
+            &["not a WebSocket handshake", "upgrade"],
         )
         .await;
     }

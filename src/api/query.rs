@@ -456,7 +456,7 @@ async fn aggregate(
             .await
             .map_err(|e| unavailable(e.to_string()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let step_text = humantime::format_duration(std::time::Duration::from_millis(step_ms as u64)).to_string();
+        let step_text = crate::config::duration::format(std::time::Duration::from_millis(step_ms as u64));
         match answer {
             None => Err(Problem::not_found(format!(
                 "device `{}` has no stored readings",

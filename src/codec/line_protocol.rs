@@ -277,6 +277,7 @@ fn parse_line<'a>(
         .iter()
         .position(|(k, _)| k == opts.device_tag)
         .or_else(|| tags.iter().position(|(k, _)| k == "host"));
+    let device_tag = device_at.map(|at| tags[at].0.clone());
     let device_id = device_at.map(|at| tags.remove(at).1);
     if device_id.is_none() && ctx.default_device().is_none() {
         return Err(ReadingError::new(
@@ -323,6 +324,16 @@ fn parse_line<'a>(
         tags,
     }
     .validate(ctx)
+    .map_err(|mut e| {
+        // The model names JSON's fields; name the line's own parts instead: the tag the device
+        // id came from, and the timestamp.
+        match (&device_tag, e.field.as_str()) {
+            (Some(tag), "device_id") => e.field = format!("tags.{tag}"),
+            (_, "ts") => e.field = "timestamp".into(),
+            _ => {}
+        }
+        e
+    })
 }
 
 /// A field value starting at `from`: returns it and the position after it.
@@ -543,6 +554,19 @@ mod tests {
         assert!(errs[4].2.contains("in the future"), "{errs:?}");
         assert!(errs[5].2.contains("only string fields"), "{errs:?}");
         assert_eq!(errs[6].1, RejectReason::InvalidDeviceId);
+    }
+
+    /// A bad device id names the tag it came from, `host` included, not the JSON field.
+    #[test]
+    fn a_bad_device_id_names_its_tag() {
+        let e = one(&format!("cpu,host=bad/id usage=1 {NOW}")).unwrap_err();
+        assert_eq!(e.kind, RejectReason::InvalidDeviceId, "{e}");
+        assert_eq!(e.field, "tags.host", "{e}");
+        let e = one(&format!("cpu,device_id=bad/id usage=1 {NOW}")).unwrap_err();
+        assert_eq!(e.field, "tags.device_id", "{e}");
+        // Errors on other fields keep their names.
+        let e = one(&format!("cpu,host=ok usage=1 {}", NOW + 3_600_000)).unwrap_err();
+        assert_eq!(e.field, "timestamp", "{e}");
     }
 
     /// Found by `cargo fuzz run line_protocol`: `235u` was kept as `UInt(235)`, which the

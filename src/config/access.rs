@@ -78,14 +78,14 @@ pub struct RateLimitSettings {
     pub burst: u32,
     /// How often devices whose allowance has fully refilled are forgotten, which bounds the
     /// limiter's memory to the devices active within `burst / rate` plus this interval.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub sweep_interval: Duration,
     /// The longest an MQTT message may wait for its device's allowance, counting that device's
     /// messages already waiting. Its PUBACK, and every later one (MQTT acks in order), waits
     /// with it, so this bounds how long one device over its limit can hold up the others on the
     /// connection. A message that would wait longer is dead-lettered with reason
     /// `rate_limited` and PUBACKed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub mqtt_max_wait: Duration,
 }
 

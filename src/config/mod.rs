@@ -6,6 +6,7 @@
 //! [`Settings::validate`] checks the relations between keys that serde cannot see.
 
 pub mod access;
+pub mod duration;
 pub mod mqtt;
 pub mod rollups;
 pub mod rules;
@@ -95,12 +96,12 @@ pub struct ServerSettings {
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Longest time a graceful shutdown may take before Sluice gives up and exits non-zero.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub shutdown_timeout: Duration,
     /// Longest time to receive a request's headers (from the moment the connection is ready
     /// for them), and then, separately, its body. Slow headers close the connection; a slow
     /// body gets 408. Bounds what a slow client (slowloris) can hold.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub request_timeout: Duration,
     /// Most open HTTP connections (WebSocket connections leave this count once upgraded; they
     /// have `ws.max_connections`). Past it, new connections wait in the listen backlog.
@@ -108,7 +109,7 @@ pub struct ServerSettings {
     /// An idle keep-alive connection is closed after this long, or after `request_timeout`
     /// if that is shorter: hyper runs one timer from the end of a response to the end of the
     /// next request's headers.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub keep_alive_timeout: Duration,
     /// `[server.tls]`: HTTPS and WSS, see [`tls`].
     pub tls: tls::ServerTlsSettings,
@@ -145,10 +146,10 @@ pub struct LimitSettings {
     /// Most readings one request (or frame, or MQTT message) may carry.
     pub max_readings_per_request: usize,
     /// How far in the future a reading's `ts` may be.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_future_skew: Duration,
     /// How far in the past a reading's `ts` may be.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_age: Duration,
 }
 
@@ -172,10 +173,10 @@ pub struct PipelineSettings {
     /// The batcher flushes once a batch holds this many readings.
     pub batch_max: usize,
     /// ... or once the oldest reading in the batch has waited this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub batch_max_delay: Duration,
     /// The `Retry-After` given to shed clients.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub retry_after: Duration,
 }
 
@@ -251,18 +252,18 @@ pub struct StorageSettings {
     /// Durability of each commit. See [`Synchronous`].
     pub synchronous: Synchronous,
     /// Readings whose `ts` is older than this are deleted.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub retention: Duration,
     /// How often the retention sweep runs.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub retention_interval: Duration,
     /// Fault injection: an artificial pause before each commit. Zero in production; tests and
     /// demos use it to show what a slow disk does to the pipeline.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub commit_delay: Duration,
     /// The journal's active generation is sealed and compacted into chunks at least this
     /// often (when it holds anything).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub compaction_interval: Duration,
     /// ...or as soon as it holds this many readings. Bigger generations make bigger, better
     /// compressed chunks, and cost this many readings' worth of memory (about 130 bytes each
@@ -273,7 +274,7 @@ pub struct StorageSettings {
     pub journal_max_readings: u64,
     /// Fault injection: a pause between the steps of each compaction (chunks written, then
     /// committed, then the segment deleted), so that tests can kill Sluice inside one.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub compaction_pause: Duration,
     /// Keep committed readings for the NATS publisher until it has published them (the
     /// outbox, SPEC §13). Not a configuration key: set from `nats.enabled` at start.
@@ -314,12 +315,12 @@ pub struct PostgresSettings {
     pub pool_size: usize,
     /// Longest wait to connect (and to get a pooled connection) before the attempt fails and
     /// the store is marked down.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// Longest time one statement of a commit or a query may take (PostgreSQL's
     /// `statement_timeout`), lock waits included: a table locked by someone else fails the
     /// commit (503, the store is probed) instead of holding ingest indefinitely.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub statement_timeout: Duration,
 }
 
@@ -469,10 +470,10 @@ pub struct WsSettings {
     /// Open WebSocket connections (device and live together); the next one is closed with 1013.
     pub max_connections: usize,
     /// How often the server pings.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub ping_interval: Duration,
     /// A peer silent this long (no frame, no pong) is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub idle_timeout: Duration,
     /// Per-connection read buffer. tungstenite's default of 128 KiB, allocated up front,
     /// would make 10 000 idle connections cost over a gigabyte.
@@ -596,7 +597,7 @@ pub struct TelemetrySettings {
     pub runtime: bool,
     /// A poll longer than this counts in `sluice_task_slow_polls_total`: it held a worker from
     /// every other task for that long.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub slow_poll_threshold: Duration,
 }
 

@@ -30,7 +30,7 @@ pub struct MqttSettings {
     /// Shared-subscription group (`$share/<group>/<topic>`); empty for a plain subscription.
     pub shared_group: String,
     /// MQTT keep-alive interval.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub keep_alive: Duration,
     /// Broker user name, if the broker wants one.
     pub username: Option<String>,
@@ -233,7 +233,7 @@ pub fn validate(mqtt: &MqttSettings, limits: &LimitSettings) -> Result<(), (&'st
             "mqtt.keep_alive",
             format!(
                 "{} must be from 1s to 65535s",
-                humantime::format_duration(ka)
+                crate::config::duration::format(ka)
             ),
         ));
     }

@@ -30,7 +30,7 @@ pub struct RollupSettings {
     /// Rollup buckets that ended longer ago than this are deleted (by the same sweep as raw
     /// retention, every `storage.retention_interval`). Separate from `storage.retention`, so
     /// a year of hourly rollups can outlive a week of raw readings.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub retention: Duration,
     /// The largest `limit` an `agg` query may ask for: the most buckets in one answer (the
     /// default `limit` is 1000, as for readings). 43 200 is 30 days of minutes.

@@ -47,12 +47,17 @@ pub struct RuleSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,
     /// How long the condition must hold (server time) before the rule fires. Default 0s.
-    #[serde(rename = "for", default, with = "humantime_serde")]
+    #[serde(
+        rename = "for",
+        default,
+        with = "crate::config::duration",
+        skip_serializing_if = "Duration::is_zero"
+    )]
     pub hold_for: Duration,
     /// An absence rule: fires for a known device that has committed nothing for this long.
     #[serde(
         default,
-        with = "humantime_serde",
+        with = "crate::config::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub absent_for: Option<Duration>,
@@ -188,13 +193,13 @@ pub enum RuleKind {
         /// The comparison.
         condition: Condition,
         /// How long it must hold before firing.
-        #[serde(rename = "for", with = "humantime_serde")]
+        #[serde(rename = "for", with = "crate::config::duration")]
         hold_for: Duration,
     },
     /// No reading committed for `absent_for`.
     Absence {
         /// The silence that fires the rule.
-        #[serde(with = "humantime_serde")]
+        #[serde(with = "crate::config::duration")]
         absent_for: Duration,
     },
 }
@@ -305,13 +310,13 @@ pub struct AlertsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<Secret>,
     /// Longest time one POST may take (connect, send, answer) before it counts as failed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub webhook_timeout: Duration,
     /// Wait before the first retry of a failed POST; doubled at each failure ...
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub webhook_backoff_initial: Duration,
     /// ... up to this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub webhook_backoff_max: Duration,
     /// With MQTT enabled (`mqtt.enabled`), events are published (QoS 1) to
     /// `<mqtt_topic>/<rule>/<device_id>` on a connection of their own. Empty: none.
@@ -326,7 +331,7 @@ pub struct AlertsSettings {
     pub evaluation_queue_readings: usize,
     /// How often absence rules, and the `for` of pending threshold rules, are checked
     /// without waiting for a reading.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub evaluation_interval: Duration,
 }
 

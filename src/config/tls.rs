@@ -18,7 +18,7 @@ pub struct ServerTlsSettings {
     pub key_file: Option<PathBuf>,
     /// How often the two files are read again to see whether they changed (cert-manager
     /// rotates them in place): a changed pair is served to new connections from then on.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub reload_interval: Duration,
 }
 
@@ -62,7 +62,7 @@ pub fn validate(tls: &ServerTlsSettings) -> Result<(), (&'static str, String)> {
             "server.tls.reload_interval",
             format!(
                 "is {}; must be at least 1s",
-                humantime::format_duration(tls.reload_interval)
+                crate::config::duration::format(tls.reload_interval)
             ),
         ));
     }

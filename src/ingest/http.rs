@@ -193,7 +193,7 @@ pub(super) async fn read_body(
         Err(_) => {
             return Err(Problem::request_timeout(format!(
                 "the body did not arrive within {} (server.request_timeout)",
-                humantime::format_duration(request_timeout)
+                crate::config::duration::format(request_timeout)
             )))
         }
     };

@@ -214,7 +214,7 @@ impl Delivery {
                 self.conn = None;
                 Outcome::Retry(format!(
                     "no answer within {}",
-                    humantime::format_duration(timeout)
+                    crate::config::duration::format(timeout)
                 ))
             }
         }
