@@ -136,14 +136,16 @@ where
 {
     let ws = match ws {
         Ok(ws) => ws,
-        Err(e) => return Problem::rejected(
-            e.status(),
-            format!(
+        Err(e) => {
+            return Problem::rejected(
+                e.status(),
+                format!(
                 "not a WebSocket handshake (RFC 6455 §4.1; connect with a WebSocket client): {}",
                 e.body_text()
             ),
-        )
-        .into_response(),
+            )
+            .into_response()
+        }
     };
     let permit = state.ws.connections.clone().try_acquire_owned().ok();
     let tracker = state.ws.tracker.clone();

@@ -423,12 +423,33 @@ pub fn encode(aggs: &Aggs, start_ms: i64) -> Vec<u8> {
 
 /// The inverse of [`encode`]; every read is bounds-checked.
 pub fn decode(data: &[u8], start_ms: i64) -> Result<Aggs, StoreError> {
-    let mut d = Reader { b: data, pos: 0 };
-    let n = d.varint()? as usize;
-    if n > data.len() {
-        return Err(d.err("metric count beyond the row"));
+    let mut out = Vec::new();
+    decode_into(data, start_ms, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode`] into `out` (cleared first), so that a scan over many rows reuses one buffer.
+fn decode_into(data: &[u8], start_ms: i64, out: &mut Aggs) -> Result<(), StoreError> {
+    out.clear();
+    let mut d = Reader {
+        b: data,
+        pos: 0,
+        why: "truncated",
+    };
+    // The reader's steps return `Option` (small, in registers); the error is built once here.
+    match decode_rows(&mut d, start_ms, out) {
+        Some(()) => Ok(()),
+        None => Err(d.err()),
     }
-    let mut out = Vec::with_capacity(n);
+}
+
+fn decode_rows(d: &mut Reader<'_>, start_ms: i64, out: &mut Aggs) -> Option<()> {
+    let n = d.varint()? as usize;
+    if n > d.b.len() {
+        d.why = "metric count beyond the row";
+        return None;
+    }
+    out.reserve(n);
     for _ in 0..n {
         let mid = d.varint()? as i64;
         let count = d.varint()?;
@@ -451,7 +472,7 @@ pub fn decode(data: &[u8], start_ms: i64) -> Result<Aggs, StoreError> {
             },
         ));
     }
-    Ok(out)
+    Some(())
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -480,52 +501,54 @@ fn put_value(out: &mut Vec<u8>, v: MetricValue) {
     }
 }
 
-/// A bounds-checked reader of [`encode`]'s bytes.
+/// A bounds-checked reader of [`encode`]'s bytes. A step that fails returns `None` and leaves
+/// `why` and `pos` for [`Reader::err`].
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
+    why: &'static str,
 }
 
 impl Reader<'_> {
-    fn err(&self, what: &str) -> StoreError {
-        StoreError::Corrupt(format!("rollup row at byte {}: {what}", self.pos))
+    fn err(&self) -> StoreError {
+        StoreError::Corrupt(format!("rollup row at byte {}: {}", self.pos, self.why))
     }
 
-    fn u8(&mut self) -> Result<u8, StoreError> {
-        let v = *self.b.get(self.pos).ok_or_else(|| self.err("truncated"))?;
+    #[inline]
+    fn u8(&mut self) -> Option<u8> {
+        let v = *self.b.get(self.pos)?;
         self.pos += 1;
-        Ok(v)
+        Some(v)
     }
 
-    fn take8(&mut self) -> Result<[u8; 8], StoreError> {
-        let s = self
-            .b
-            .get(self.pos..self.pos + 8)
-            .ok_or_else(|| self.err("truncated"))?;
+    #[inline]
+    fn take8(&mut self) -> Option<[u8; 8]> {
+        let a: [u8; 8] = self.b.get(self.pos..self.pos + 8)?.try_into().ok()?;
         self.pos += 8;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(s);
-        Ok(a)
+        Some(a)
     }
 
-    fn varint(&mut self) -> Result<u64, StoreError> {
+    #[inline(always)]
+    fn varint(&mut self) -> Option<u64> {
         let mut v = 0u64;
         let mut shift = 0u32;
         loop {
             let b = self.u8()?;
             if shift == 63 && b > 1 {
-                return Err(self.err("varint overflows 64 bits"));
+                self.why = "varint overflows 64 bits";
+                return None;
             }
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
-                return Ok(v);
+                return Some(v);
             }
             shift += 7;
         }
     }
 
-    fn value(&mut self) -> Result<MetricValue, StoreError> {
-        Ok(match self.u8()? {
+    #[inline(always)]
+    fn value(&mut self) -> Option<MetricValue> {
+        Some(match self.u8()? {
             0 => {
                 let z = self.varint()?;
                 MetricValue::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
@@ -534,7 +557,10 @@ impl Reader<'_> {
             2 => MetricValue::Float(f64::from_le_bytes(self.take8()?)),
             3 => MetricValue::Bool(false),
             4 => MetricValue::Bool(true),
-            k => return Err(self.err(&format!("unknown value kind {k}"))),
+            _ => {
+                self.why = "unknown value kind";
+                return None;
+            }
         })
     }
 }
@@ -646,10 +672,16 @@ fn level_rows(
         from.div_euclid(level),
         plan.to_ms.div_euclid(level)
     ])?;
+    let mut aggs = Vec::new();
     while let Some(r) = rows.next()? {
         let bucket: i64 = r.get(0)?;
         let start = bucket.saturating_mul(level);
-        for (mid, agg) in decode(r.get_ref(1)?.as_blob().map_err(corrupt_row)?, start)? {
+        decode_into(
+            r.get_ref(1)?.as_blob().map_err(corrupt_row)?,
+            start,
+            &mut aggs,
+        )?;
+        for &(mid, ref agg) in &aggs {
             let ix = match names.get(&mid) {
                 Some(ix) => *ix,
                 None => {
@@ -664,7 +696,7 @@ fn level_rows(
                 }
             };
             if let Some(ix) = ix {
-                series.add_agg(bucket_start(start, level), ix, &agg);
+                series.add_agg(bucket_start(start, level), ix, agg);
             }
         }
     }
