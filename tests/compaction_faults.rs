@@ -16,36 +16,6 @@ use serde_json::{json, Value};
 /// Devices posting; each request mixes all of them, as a gateway would.
 const DEVICES: usize = 6;
 
-/// A tiny deterministic generator (xorshift), seeded from the clock and printed, so a failing
-/// run can be replayed with `SLUICE_TEST_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let seed = std::env::var("SLUICE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-                    | 1
-            });
-        eprintln!("SLUICE_TEST_SEED={seed}");
-        Self(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn env(pause_ms: u64) -> Vec<(&'static str, String)> {
     vec![
         ("SLUICE__STORAGE__COMPACTION_INTERVAL", "30ms".into()),

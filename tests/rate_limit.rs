@@ -330,25 +330,33 @@ async fn a_websocket_ack_lists_other_rejections_beside_rate_limited_ones() {
     app.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_mqtt_flood_within_mqtt_max_wait_is_stored_completely_with_pubacks_withheld() {
-    let broker = mqtt_broker::Mosquitto::start(false, "");
+/// Sluice subscribed to `broker` with 100 readings/s per device, a burst of 10,
+/// `rate_limit.mqtt_max_wait = max_wait` and dead letters on the topic `dead`.
+async fn rate_limited_mqtt_app(broker: &mqtt_broker::Mosquitto, max_wait: Duration) -> TestApp {
     let url = broker.url();
     let app = spawn_app_with(|s| {
         s.mqtt.enabled = true;
         s.mqtt.url = url;
         s.mqtt.client_id = mqtt_broker::client_id("sluice");
         s.mqtt.keep_alive = Duration::from_secs(5);
+        s.mqtt.dead_letter_topic = "dead".into();
         s.rate_limit.per_device = "100/s".into();
         s.rate_limit.burst = 10;
-        // The whole flood fits: 290 readings past the burst wait at most 2.9 s.
-        s.rate_limit.mqtt_max_wait = Duration::from_secs(10);
+        s.rate_limit.mqtt_max_wait = max_wait;
     })
     .await;
     wait_until(Duration::from_secs(10), "sluice subscribed", || async {
         app.metric("sluice_mqtt_connected", &[]).await == 1.0
     })
     .await;
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_flood_within_mqtt_max_wait_is_stored_completely_with_pubacks_withheld() {
+    let broker = mqtt_broker::Mosquitto::start(false, "");
+    // The whole flood fits: 290 readings past the burst wait at most 2.9 s.
+    let app = rate_limited_mqtt_app(&broker, Duration::from_secs(10)).await;
     let mut publisher =
         mqtt_broker::TestClient::connect(broker.port, &mqtt_broker::client_id("flood")).await;
     // 300 messages of one device at once: three seconds' worth at its limit.
@@ -385,7 +393,6 @@ async fn an_mqtt_flood_within_mqtt_max_wait_is_stored_completely_with_pubacks_wi
         .await
             > 0.0
     );
-    // Another device's messages are not held behind it for long.
     app.shutdown().await.unwrap();
 }
 
@@ -397,22 +404,7 @@ async fn an_mqtt_flood_within_mqtt_max_wait_is_stored_completely_with_pubacks_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_backlog_beyond_mqtt_max_wait_is_dead_lettered_and_others_still_stored() {
     let broker = mqtt_broker::Mosquitto::start(false, "");
-    let url = broker.url();
-    let app = spawn_app_with(|s| {
-        s.mqtt.enabled = true;
-        s.mqtt.url = url;
-        s.mqtt.client_id = mqtt_broker::client_id("sluice");
-        s.mqtt.keep_alive = Duration::from_secs(5);
-        s.mqtt.dead_letter_topic = "dead".into();
-        s.rate_limit.per_device = "100/s".into();
-        s.rate_limit.burst = 10;
-        s.rate_limit.mqtt_max_wait = Duration::from_millis(300);
-    })
-    .await;
-    wait_until(Duration::from_secs(10), "sluice subscribed", || async {
-        app.metric("sluice_mqtt_connected", &[]).await == 1.0
-    })
-    .await;
+    let app = rate_limited_mqtt_app(&broker, Duration::from_millis(300)).await;
     let mut watcher =
         mqtt_broker::TestClient::connect(broker.port, &mqtt_broker::client_id("watch")).await;
     watcher.subscribe("dead/#").await;

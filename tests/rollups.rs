@@ -174,32 +174,6 @@ fn reading_at(device: &str, seq: u64, ts: i64) -> Value {
     })
 }
 
-/// A deterministic generator (xorshift), seeded from the clock and printed.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let seed = std::env::var("SLUICE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-                    | 1
-            });
-        eprintln!("SLUICE_TEST_SEED={seed}");
-        Self(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 async fn post(client: &reqwest::Client, base: &str, body: &[Value]) -> Option<Value> {
     let res = client
         .post(format!("{base}/v1/readings"))

@@ -531,45 +531,14 @@ async fn read_back_pages_past_ten_thousand_rows() {
 /// device in the topic; QoS 1 counts broker PUBACKs, QoS 0 only sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_publishes_every_reading_to_its_device_topic() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
     let broker = Mosquitto::start();
     for qos in ["1", "0"] {
-        let mut opts = MqttOptions::new(format!("test-sub-{qos}"), "127.0.0.1", broker.port);
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = AsyncClient::new(opts, 100);
-        client
-            .subscribe("devices/+/readings", QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<Value>)>();
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let sub = tokio::spawn(async move {
-            let mut subscribed_tx = Some(subscribed_tx);
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = subscribed_tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let v: Value = serde_json::from_slice(&p.payload).unwrap();
-                        let readings = match v {
-                            Value::Array(a) => a,
-                            one => vec![one],
-                        };
-                        let _ = tx.send((p.topic.clone(), readings));
-                    }
-                    Ok(_) => {}
-                    Err(e) => panic!("subscriber: {e}"),
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), subscribed)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut rx, sub) = subscribe(
+            broker.port,
+            &format!("test-sub-{qos}"),
+            "devices/+/readings",
+        )
+        .await;
 
         let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
         let prefix = format!("mq{qos}");
@@ -607,10 +576,14 @@ async fn mqtt_publishes_every_reading_to_its_device_topic() {
         let mut total = 0u64;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while total < s.sent {
-            let (topic, readings) = tokio::time::timeout_at(deadline, rx.recv())
+            let (topic, payload) = tokio::time::timeout_at(deadline, rx.recv())
                 .await
                 .unwrap_or_else(|_| panic!("only {total} of {} readings arrived", s.sent))
                 .unwrap();
+            let readings = match serde_json::from_slice::<Value>(&payload).unwrap() {
+                Value::Array(a) => a,
+                one => vec![one],
+            };
             for r in readings {
                 let id = r["device_id"].as_str().unwrap().to_string();
                 assert_eq!(topic, format!("devices/{id}/readings"));
@@ -858,40 +831,8 @@ async fn a_format_the_transport_does_not_carry_is_a_usage_error() {
 /// `<device>/<metric>`, with the seq record; every publish is PUBACKed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_senml_packs_name_the_device_of_the_topic() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
     let broker = Mosquitto::start();
-    let mut opts = MqttOptions::new("test-sub-senml", "127.0.0.1", broker.port);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 100);
-    client
-        .subscribe("devices/+/readings", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<Value>)>();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let sub = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(t) = subscribed_tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v: Vec<Value> = serde_json::from_slice(&p.payload).unwrap();
-                    let _ = tx.send((p.topic.clone(), v));
-                }
-                Ok(_) => {}
-                Err(e) => panic!("subscriber: {e}"),
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed)
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut rx, sub) = subscribe(broker.port, "test-sub-senml", "devices/+/readings").await;
     let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
     let s = sim(&[
         "--transport",
@@ -918,10 +859,11 @@ async fn mqtt_senml_packs_name_the_device_of_the_topic() {
     let mut total = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while total < s.sent {
-        let (topic, pack) = tokio::time::timeout_at(deadline, rx.recv())
+        let (topic, payload) = tokio::time::timeout_at(deadline, rx.recv())
             .await
             .expect("every payload arrives")
             .unwrap();
+        let pack: Vec<Value> = serde_json::from_slice(&payload).unwrap();
         let device = topic
             .strip_prefix("devices/")
             .and_then(|t| t.strip_suffix("/readings"))

@@ -432,3 +432,44 @@ pub fn unhex(v: &serde_json::Value) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
         .collect()
 }
+
+/// A tiny deterministic generator (xorshift64), seeded from the clock and printed, so a failing
+/// randomised run can be replayed with `SLUICE_TEST_SEED=<seed>`.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `SLUICE_TEST_SEED`, else the clock; prints the seed to stderr.
+    pub fn new() -> Self {
+        let seed = std::env::var("SLUICE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        eprintln!("SLUICE_TEST_SEED={seed}");
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}

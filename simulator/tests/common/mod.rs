@@ -211,3 +211,48 @@ impl Drop for Mosquitto {
         let _ = self.child.wait();
     }
 }
+
+/// A subscriber on the broker at `127.0.0.1:port` to `filter`, subscribed (SUBACK received)
+/// when this returns: each message arrives on the receiver as (topic, payload). Abort the
+/// handle when done.
+pub async fn subscribe(
+    port: u16,
+    client_id: &str,
+    filter: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    tokio::task::JoinHandle<()>,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        // Keeps the client (and so the connection) alive with the task.
+        let _client = client;
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = subscribed_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
+    (rx, task)
+}
