@@ -11,6 +11,7 @@
 //!
 //! [`app::Application`] wires it together; `main.rs` only parses the command line.
 //! See ARCHITECTURE.md for the invariants.
+#![warn(missing_docs)]
 
 pub mod access;
 pub mod api;

@@ -13,6 +13,7 @@
 //! verifier, and mints tokens (`sluice-sim tokens`). [`null_sink`] is the other end for
 //! measuring the simulator alone. [`run_cli`] is what the
 //! binary does; tests call [`run()`] with a [`RunConfig`] built from the same command line.
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;
