@@ -57,6 +57,7 @@ async fn the_official_v2_client_writes_every_type_and_precision() {
     assert_eq!(out["partial"]["body"]["line"], 2);
     let msg = out["partial"]["body"]["message"].as_str().unwrap();
     assert!(msg.contains("fields.v") && msg.contains("1.5i"), "{msg}");
+    assert!(msg.contains("the other 2 written"), "{msg}");
     // String fields were ignored and counted: one per point of the four precisions.
     assert_eq!(
         app.metric("sluice_line_protocol_ignored_fields_total", &[])
@@ -163,6 +164,22 @@ async fn answers_as_influxdb_clients_expect() {
     }
     let (status, _) = app.get_json("/v1/devices/p/readings").await;
     assert_eq!(status, 404, "nothing stored from a refused request");
+    // Every line bad: a 400 that says nothing was written, and a timestamp out of range
+    // names the precision as the client wrote it.
+    let (status, _, text) = post(
+        &app,
+        "/write?precision=h",
+        b"m,sensor=far v=1 9999999999999".to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("nothing written") && !msg.contains("partial") && msg.contains("precision h"),
+        "{msg}"
+    );
     // Duplicates (same seq) are a success: 204, stored once.
     for _ in 0..2 {
         let (status, _, text) = post(

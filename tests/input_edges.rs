@@ -645,6 +645,10 @@ async fn every_error_answer_is_a_problem_document() {
             &["not a WebSocket handshake", "upgrade"],
         )
         .await;
+        // HEAD is no handshake either: 405 saying what is allowed (RFC 9110 §15.5.6).
+        let res = c.head(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 405, "HEAD {path}");
+        assert_eq!(res.headers()["allow"], "GET", "HEAD {path}");
     }
     // A path segment that does not decode.
     for path in ["/v1/devices/%FF", "/v1/devices/%FF/readings"] {

@@ -431,6 +431,12 @@ async fn bad_aggregation_queries_are_refused() {
             "must be one of avg, min, max, sum, count, first, last",
         ),
         ("agg=avg&step=soon".to_string(), "step: `soon`"),
+        ("agg=avg&step=500us".to_string(), "whole milliseconds"),
+        ("agg=avg&step=60".to_string(), "has no unit"),
+        (
+            "agg=avg&step=18446744073709551615s".to_string(),
+            "longer than 36525days",
+        ),
         ("agg=avg&step=1m&cursor=5.5".to_string(), "never paged"),
     ] {
         let (status, problem) = app

@@ -400,15 +400,17 @@ async fn aggregate(
         let func = AggFn::parse(&agg).ok_or_else(|| {
             Problem::bad_request(format!("agg: `{agg}` must be one of {}", accepted()))
         })?;
-        let step_ms = match humantime::parse_duration(step.trim()) {
+        // At most 100 years (config::duration::MAX), so the step is always the one asked for.
+        let step_ms = match crate::config::duration::parse(&step) {
             Ok(d) if d.as_millis() >= 1 && d.subsec_nanos() % 1_000_000 == 0 => {
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
             }
-            _ => {
+            Ok(_) => {
                 return Err(Problem::bad_request(format!(
                     "step: `{step}` must be a duration of whole milliseconds, at least 1ms (e.g. 7s, 5m, 1h)"
                 )))
             }
+            Err(e) => return Err(Problem::bad_request(format!("step: {e}"))),
         };
         if p.cursor.is_some() {
             return Err(Problem::bad_request(

@@ -47,6 +47,18 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The query parameter's value for this precision (`ns`, `us`, `ms`, `s`, `m`, `h`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ns => "ns",
+            Self::Us => "us",
+            Self::Ms => "ms",
+            Self::S => "s",
+            Self::M => "m",
+            Self::H => "h",
+        }
+    }
+
     /// The v2 API's values: `ns`, `us`, `ms`, `s`.
     pub fn parse_v2(s: &str) -> Option<Self> {
         match s {
@@ -265,7 +277,10 @@ fn parse_line<'a>(
             ts_ms = Some(opts.precision.to_ms(ts).ok_or_else(|| {
                 ReadingError::new(
                     "timestamp",
-                    format!("{ts} is out of range for precision {:?}", opts.precision),
+                    format!(
+                        "{ts} is out of range for precision {}",
+                        opts.precision.as_str()
+                    ),
                     RejectReason::InvalidTs,
                 )
             })?);

@@ -5,10 +5,18 @@
 //! the value exactly: `400days`, `90m`, `1500ms`, not humantime's own rendering
 //! (`1year 1month 4days 7h 26m 24s` for 400 days, whose year is 365.25 days). Both read back to
 //! the same value.
+//!
+//! Every duration key takes at most [`MAX`] (100 years): longer values overflow the clock
+//! arithmetic they feed (an `Instant` plus the value, or milliseconds in an `i64`), so they
+//! stop the start with exit code 2 and the key's name, like any other bad value.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serializer};
+use serde::{Deserializer, Serializer};
+
+/// The longest duration any key takes: 100 years as humantime counts them (365.25 days each),
+/// `36525days`, so that `"100years"` is taken.
+pub const MAX: Duration = Duration::from_secs(36_525 * 86_400);
 
 /// `d` as one whole number and unit (`days`, `h`, `m`, `s`, `ms`, `us`, `ns`); `0s` for zero.
 pub fn format(d: Duration) -> String {
@@ -41,9 +49,57 @@ pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(*d))
 }
 
-/// For `#[serde(with = "crate::config::duration")]`: humantime text, e.g. `"5m"`.
+/// Reads one duration's text: humantime (`"5m"`, `"1h 30m"`, `"400days"`), at most [`MAX`].
+/// `Err` is the reason, for the key's error message.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if !t.is_empty() && t.parse::<f64>().is_ok() {
+        return Err(format!(
+            "`{t}` has no unit; write a whole number and a unit, e.g. \"30s\", \"1500ms\", \"5m\", \"400days\""
+        ));
+    }
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!("`{t}` is not a duration ({e}); write e.g. \"30s\", \"1h 30m\", \"400days\"")
+    })?;
+    if d > MAX {
+        return Err(format!(
+            "`{t}` is longer than {} (100 years), the longest duration Sluice takes",
+            format(MAX)
+        ));
+    }
+    Ok(d)
+}
+
+struct Text;
+
+impl serde::de::Visitor<'_> for Text {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a duration with a unit, e.g. \"30s\", \"5m\" or \"400days\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+        parse(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+        self.visit_str(&v.to_string())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+        self.visit_str(&v.to_string())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
+        self.visit_str(&v.to_string())
+    }
+}
+
+/// For `#[serde(with = "crate::config::duration")]`: [`parse`]'s text. A bare number is refused
+/// with a hint to add a unit.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    humantime_serde::deserialize(d)
+    d.deserialize_any(Text)
 }
 
 /// The same for an `Option<Duration>` (`#[serde(with = "crate::config::duration::option")]`).
@@ -58,10 +114,25 @@ pub mod option {
         }
     }
 
-    /// Humantime text, when present.
+    /// [`super::parse`]'s text, when present.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<humantime_serde::Serde<Duration>>::deserialize(d)
-            .map(|o| o.map(humantime_serde::Serde::into_inner))
+        struct Maybe;
+        impl<'de> serde::de::Visitor<'de> for Maybe {
+            type Value = Option<Duration>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                Text.expecting(f)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                super::deserialize(d).map(Some)
+            }
+        }
+        d.deserialize_option(Maybe)
     }
 }
 
@@ -82,7 +153,24 @@ mod tests {
             (Duration::from_nanos(1_000_001), "1000001ns"),
         ] {
             assert_eq!(format(d), text);
-            assert_eq!(humantime::parse_duration(text).unwrap(), d, "{text}");
+            assert_eq!(parse(text).unwrap(), d, "{text}");
         }
+    }
+
+    #[test]
+    fn at_most_a_hundred_years_and_bare_numbers_get_a_hint() {
+        assert_eq!(parse("36525days").unwrap(), MAX);
+        assert_eq!(parse("100years").unwrap(), MAX);
+        assert_eq!(parse(" 1h 30m ").unwrap(), Duration::from_secs(5400));
+        let e = parse("36526days").unwrap_err();
+        assert!(e.contains("longer than 36525days"), "{e}");
+        assert!(parse("18446744073709551615s").is_err());
+        // Every accepted value prints as a whole number that reads back (ns fit in a u64).
+        let odd = MAX - Duration::from_nanos(1);
+        assert_eq!(parse(&format(odd)).unwrap(), odd);
+        let e = parse("30").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("\"30s\""), "{e}");
+        let e = parse("soon").unwrap_err();
+        assert!(e.contains("`soon` is not a duration"), "{e}");
     }
 }

@@ -779,6 +779,14 @@ impl Settings {
                 );
             }
         }
+        if self.server.shutdown_timeout.is_zero() {
+            return invalid(
+                "server.shutdown_timeout",
+                "is 0s; must be a duration of more than 0s, e.g. 25s (a graceful shutdown drains \
+                 in-flight readings and needs a moment)"
+                    .into(),
+            );
+        }
         if self.server.request_timeout.is_zero() {
             return invalid(
                 "server.request_timeout",
@@ -1061,6 +1069,17 @@ mod tests {
                 "server.keep_alive_timeout",
             ),
             ("SLUICE__SERVER__REQUEST_TIMEOUT", "soon", "request_timeout"),
+            (
+                "SLUICE__SERVER__SHUTDOWN_TIMEOUT",
+                "0s",
+                "server.shutdown_timeout",
+            ),
+            (
+                "SLUICE__PIPELINE__BATCH_MAX_DELAY",
+                "18446744073709551615s",
+                "batch_max_delay",
+            ),
+            ("SLUICE__LIMITS__MAX_AGE", "101years", "max_age"),
             ("SLUICE__SERVER__MAX_CONNECTIONS", "-1", "max_connections"),
         ] {
             let err = Settings::load_from(None, env(&[(key, value)]))

@@ -319,7 +319,8 @@ async fn write_inner(
             "every line names a device this token may not write",
         ));
     }
-    if !lines.batch.readings.is_empty() {
+    let written = lines.batch.readings.len();
+    if written > 0 {
         submit(state, t, lines.batch.readings).await?;
     }
     let mut response = match first_error {
@@ -328,9 +329,13 @@ async fn write_inner(
             StatusCode::BAD_REQUEST,
             Json(InfluxError {
                 code: "invalid",
-                message: format!(
-                    "partial write: line {line}: {message} ({rejected} line(s) rejected, the others stored)"
-                ),
+                message: if written == 0 {
+                    format!("line {line}: {message} ({rejected} line(s) rejected, nothing written)")
+                } else {
+                    format!(
+                        "partial write: line {line}: {message} ({rejected} line(s) rejected, the other {written} written)"
+                    )
+                },
                 line: Some(line),
             }),
         )

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -137,14 +138,28 @@ where
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
-            return Problem::rejected(
-                e.status(),
+            let status = e.status();
+            let mut response = Problem::rejected(
+                status,
                 format!(
-                "not a WebSocket handshake (RFC 6455 §4.1; connect with a WebSocket client): {}",
-                e.body_text()
-            ),
+                    "not a WebSocket handshake (RFC 6455 §4.1; connect with a WebSocket client): {}",
+                    e.body_text()
+                ),
             )
-            .into_response()
+            .into_response();
+            // What RFC 9110 asks of these answers: 405 says what is allowed (§15.5.6), 426 what
+            // to upgrade to (§15.5.22).
+            let header = match status {
+                StatusCode::METHOD_NOT_ALLOWED => Some((header::ALLOW, "GET")),
+                StatusCode::UPGRADE_REQUIRED => Some((header::UPGRADE, "websocket")),
+                _ => None,
+            };
+            if let Some((name, value)) = header {
+                response
+                    .headers_mut()
+                    .insert(name, HeaderValue::from_static(value));
+            }
+            return response;
         }
     };
     let permit = state.ws.connections.clone().try_acquire_owned().ok();

@@ -15,7 +15,7 @@ use crate::reading::{format_ts, MetricValue, PairsAsMap, Reading};
 use crate::store::{merge_latest, DeviceLatest, DevicesQuery};
 
 /// What is known about one device.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Entry {
     /// Server time (epoch ms) when a reading of this device was last committed.
     last_seen_ms: i64,
@@ -23,6 +23,17 @@ struct Entry {
     last_ts_ms: i64,
     /// Latest value per metric, with the `ts` it was measured at.
     metrics: Vec<(String, MetricValue, i64)>,
+}
+
+impl Default for Entry {
+    /// Before its first reading: any `ts`, 1970 or earlier included, is newer.
+    fn default() -> Self {
+        Self {
+            last_seen_ms: 0,
+            last_ts_ms: i64::MIN,
+            metrics: Vec::new(),
+        }
+    }
 }
 
 /// A device as the API shows it.
@@ -249,6 +260,21 @@ mod tests {
         assert_eq!(listed.len(), 500);
         assert!(listed.windows(2).all(|w| w[0] < w[1]));
         assert!(ids(&DevicesQuery { limit: 0, ..all }).is_empty());
+    }
+
+    /// A device whose only readings are from before 1970 shows the newest of them.
+    #[test]
+    fn last_ts_may_be_before_1970() {
+        let state = DeviceState::new();
+        let mut old = reading("old");
+        old.ts_ms = -1_500;
+        let mut older = reading("old");
+        older.ts_ms = -86_400_000;
+        state.after_commit(&[&older, &old], 10);
+        assert_eq!(
+            state.get("old").unwrap().last_ts,
+            "1969-12-31T23:59:58.500Z"
+        );
     }
 
     #[test]
