@@ -56,6 +56,18 @@ pub fn parse<T: DeserializeOwned>(uri: &Uri) -> Result<T, Problem> {
     if !unknown.is_empty() {
         return Err(Problem::unknown_parameter(unknown_detail(&unknown, known)));
     }
+    // Named before the decoder sees it, which would say "Failed to deserialize query string:
+    // duplicate field `step`".
+    if let Some((name, _)) = pairs
+        .iter()
+        .enumerate()
+        .find(|(i, (n, _))| pairs[..*i].iter().any(|(m, _)| m == n))
+        .map(|(_, p)| p)
+    {
+        return Err(Problem::bad_request(format!(
+            "query parameter `{name}` is given more than once; give it once"
+        )));
+    }
     Query::<T>::try_from_uri(uri)
         .map(|Query(t)| t)
         .map_err(|e| Problem::bad_request(e.body_text()))
@@ -203,9 +215,13 @@ mod tests {
             p.detail,
             "unknown query parameter `v`; unknown query parameter `y`; this endpoint takes none"
         );
-        // A known name with a value serde refuses (here: given twice) is a plain 400.
+        // A known name given twice is a plain 400 that names it.
         let p = parse::<Two>(&uri("?limit=1&limit=2")).unwrap_err();
         assert_eq!(p.kind, "urn:sluice:malformed");
+        assert_eq!(
+            p.detail,
+            "query parameter `limit` is given more than once; give it once"
+        );
     }
 
     #[test]

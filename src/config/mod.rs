@@ -713,12 +713,19 @@ impl Settings {
                 .prefix_separator(ENV_SEPARATOR)
                 .separator(ENV_SEPARATOR)
                 .try_parsing(true)
+                // The one list key: SLUICE__ROLLUPS__LEVELS=1m,1h (empty for none).
+                .list_separator(",")
+                .with_list_parse_key("rollups.levels")
                 .source(Some(env)),
         );
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(explain(&e.to_string())))?;
+        // `SLUICE__ROLLUPS__LEVELS=` splits into one empty level: no levels.
+        if settings.rollups.levels.iter().all(|l| l.trim().is_empty()) {
+            settings.rollups.levels.clear();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -1043,6 +1050,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn rollup_levels_come_from_the_environment_as_a_comma_separated_list() {
+        let s =
+            Settings::load_from(None, env(&[("SLUICE__ROLLUPS__LEVELS", "1m,1h,1day")])).unwrap();
+        assert_eq!(s.rollups.levels, ["1m", "1h", "1day"]);
+        let s = Settings::load_from(None, env(&[("SLUICE__ROLLUPS__LEVELS", "")])).unwrap();
+        assert!(s.rollups.levels.is_empty());
+        let err = Settings::load_from(None, env(&[("SLUICE__ROLLUPS__LEVELS", "1m,7s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rollups.levels"), "{err}");
+        // Other string keys stay strings, commas and all.
+        let s = Settings::load_from(
+            None,
+            env(&[("SLUICE__MQTT__TOPIC", "devices/+/readings,x")]),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.topic, "devices/+/readings,x");
     }
 
     #[test]
