@@ -43,6 +43,11 @@ async fn main() {
                 eprintln!("nats_stream: cannot create {}: {e}", args[2]);
                 std::process::exit(1);
             });
+            // On stderr: scripts read only `count`'s stdout.
+            eprintln!(
+                "nats_stream: created stream {} over {} (file storage, 2-minute duplicate window)",
+                args[2], args[3]
+            );
         }
         "count" => {
             let mut stream = js.get_stream(&args[2]).await.unwrap_or_else(|e| {

@@ -143,6 +143,7 @@ impl Application {
             &settings.telemetry,
         )));
         metrics.mqtt_enabled.set(i64::from(settings.mqtt.enabled));
+        metrics.for_store(settings.storage.backend.as_str());
         // Unreadable or unusable certificate files stop the start (exit 2, naming the key).
         let tls = ServerTls::load(&settings.server, &metrics).await?;
         let runtime = if settings.telemetry.runtime {

@@ -1,6 +1,6 @@
 // Sluice status page: polls GET /v1/status every second, keeps a bounded history for the
 // charts, and tails committed readings over the /v1/live WebSocket. Served from the binary
-// (src/handlers/status.rs); no build step, no dependency but the vendored uPlot.
+// (src/api/status.rs); no build step, no dependency but the vendored uPlot.
 "use strict";
 
 (() => {

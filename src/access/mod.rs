@@ -562,7 +562,7 @@ fn unauthorized(reason: AuthFailure, influx: bool) -> Response {
             "Bearer realm=\"sluice\"",
         ),
         AuthFailure::Missing => (
-            "this endpoint needs a token (auth.mode = \"token\"): send Authorization: Bearer <token>",
+            "this endpoint needs a token (auth.mode = \"token\"): send Authorization: Bearer <token> (a ?token= query parameter is taken only on the WebSocket upgrades, /v1/ws and /v1/live)",
             "Bearer realm=\"sluice\"",
         ),
         _ => (

@@ -531,6 +531,38 @@ fn explain(message: &str) -> String {
             "`{value}` is not one of: {accepted}, for key {key}"
         ))
     });
+    // serde's "unknown field `listn`, expected one of `listen`, … for key `server`" names the
+    // section; name the key itself, as written in the file (`server.listn`) or the environment
+    // (SLUICE__SERVER__LISTN).
+    let rewritten = rewritten.or_else(|| {
+        let rest = message.strip_prefix("unknown field `")?;
+        let (field, rest) = rest.split_once('`')?;
+        let expected = rest.strip_prefix(", ")?;
+        let (expected, section) = match expected.rsplit_once(" for key `") {
+            Some((e, key)) => (e, Some(key.trim_end_matches('`'))),
+            None => (expected, None),
+        };
+        let key = section.map_or(field.to_owned(), |s| format!("{s}.{field}"));
+        let env = format!(
+            "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+            key.replace('.', ENV_SEPARATOR).to_ascii_uppercase()
+        );
+        // Array entries (`rules[0]`) exist only in the file.
+        let (place, from) = match section {
+            None => (
+                "the top level".to_owned(),
+                format!(" (from the file, or {env})"),
+            ),
+            Some(s) if s.contains('[') => (s.to_owned(), String::new()),
+            Some(s) => (format!("[{s}]"), format!(" (from the file, or {env})")),
+        };
+        Some(format!(
+            "unknown key `{key}`{from}: {place} takes {}",
+            expected
+                .strip_prefix("expected one of ")
+                .unwrap_or(expected)
+        ))
+    });
     rewritten.unwrap_or_else(|| message.to_string())
 }
 
@@ -1050,6 +1082,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_in_full() {
+        let err = Settings::load_from(None, env(&[("SLUICE__SERVER__LISTN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown key `server.listn`")
+                && err.contains("SLUICE__SERVER__LISTN")
+                && err.contains("[server] takes `listen`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -174,17 +174,25 @@ impl NatsOutput {
         };
         let replica = replica.to_owned();
         let connected = metrics.nats_connected.clone();
+        let draining = CancellationToken::new();
+        let shutting_down = draining.clone();
         options = options
             .name(format!("sluice-{replica}"))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .event_callback(move |event| {
                 let connected = connected.clone();
+                let shutting_down = shutting_down.clone();
                 async move {
                     match event {
                         Event::Connected => {
                             connected.set(1);
                             tracing::info!("NATS connected");
+                        }
+                        // Expected at shutdown, once the outbox is drained or its budget spent.
+                        Event::Disconnected | Event::Closed if shutting_down.is_cancelled() => {
+                            connected.set(0);
+                            tracing::info!("NATS connection closed at shutdown");
                         }
                         Event::Disconnected | Event::Closed => {
                             connected.set(0);
@@ -198,7 +206,6 @@ impl NatsOutput {
         metrics
             .nats_outbox_limit
             .set(settings.max_outbox.min(i64::MAX as u64) as i64);
-        let draining = CancellationToken::new();
         let stop_live = CancellationToken::new();
         let publisher = Publisher {
             settings: settings.clone(),

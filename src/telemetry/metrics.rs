@@ -161,6 +161,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Creates the series of the store backend in use (`sqlite` or `postgres`, the `store`
+    /// label) at zero, so that dashboards and `increase()` alerts see the first error or
+    /// retry, and a PostgreSQL deployment shows no `sqlite` series.
+    pub fn for_store(&self, backend: &str) {
+        self.store_errors.with_label_values(&[backend]);
+        self.store_commit_retries.with_label_values(&[backend]);
+        self.store_commit_seconds.with_label_values(&[backend]);
+    }
+
     /// Creates and registers every metric, with task families measured by default.
     pub fn new() -> Self {
         Self::with_tasks(TaskMonitors::default())
@@ -509,10 +518,8 @@ impl Metrics {
                 m.auth_failures.with_label_values(&[t, reason]);
             }
         }
-        m.store_errors.with_label_values(&["sqlite"]);
         m.ws_connections.with_label_values(&["device"]);
         m.ws_connections.with_label_values(&["live"]);
-        m.store_commit_seconds.with_label_values(&["sqlite"]);
         for source in ["level", "raw"] {
             m.rollup_queries.with_label_values(&[source]);
         }
