@@ -623,22 +623,12 @@ pub async fn shutdown_signal() {
 /// Before anything listens: what the store can never recover from is a configuration error
 /// ([`ConfigError`], exit code 2), not an endless "not ready".
 async fn preflight_store(settings: &Settings) -> anyhow::Result<()> {
-    if settings.limits.max_age > settings.storage.retention {
-        tracing::warn!(
-            max_age = %crate::config::duration::format(settings.limits.max_age),
-            retention = %crate::config::duration::format(settings.storage.retention),
-            "limits.max_age is longer than storage.retention: a reading older than the retention is acknowledged, then deleted by the next sweep"
-        );
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
     }
     let storage = settings.storage.clone();
     match storage.backend {
         Backend::Sqlite => {
-            if !storage.postgres.url.is_empty() {
-                tracing::warn!(
-                    url = %storage.postgres.url,
-                    "storage.postgres.url is set but storage.backend is \"sqlite\": the URL is not used"
-                );
-            }
             // A directory that cannot be created or written now will not heal by retrying:
             // refuse to start, naming the key. (A store that fails later gives 503 and is
             // reopened; that is the writer's.) The probe file is named after the process, so

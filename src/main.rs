@@ -57,6 +57,9 @@ fn main() -> ExitCode {
             eprintln!("sluice: invalid configuration: {e}");
             return ExitCode::from(2);
         }
+        for warning in settings.warnings() {
+            eprintln!("sluice: warning: {warning}");
+        }
         print!("{}", settings.to_toml());
         return ExitCode::SUCCESS;
     }

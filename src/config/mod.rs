@@ -1017,6 +1017,27 @@ impl Settings {
         Ok(())
     }
 
+    /// Valid but probably not meant: one sentence each, naming the keys. Logged as warnings at
+    /// start, and printed to stderr by `--check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.limits.max_age > self.storage.retention {
+            out.push(format!(
+                "limits.max_age ({}) is longer than storage.retention ({}): a reading older than \
+                 the retention is acknowledged, then deleted by the next sweep",
+                duration::format(self.limits.max_age),
+                duration::format(self.storage.retention)
+            ));
+        }
+        if self.storage.backend == Backend::Sqlite && !self.storage.postgres.url.is_empty() {
+            out.push(
+                "storage.postgres.url is set but storage.backend is \"sqlite\": the URL is not used"
+                    .into(),
+            );
+        }
+        out
+    }
+
     /// The effective configuration as TOML, with secrets redacted, for `--check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -1082,6 +1103,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn warnings_name_the_keys_that_conflict() {
+        assert!(Settings::load_from(None, env(&[]))
+            .unwrap()
+            .warnings()
+            .is_empty());
+        let s = Settings::load_from(None, env(&[("SLUICE__STORAGE__RETENTION", "1day")])).unwrap();
+        let w = s.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("limits.max_age (30days)") && w[0].contains("storage.retention (1day)"),
+            "{w:?}"
+        );
     }
 
     #[test]
