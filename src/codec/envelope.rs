@@ -29,7 +29,7 @@ pub struct Envelope {
 #[derive(Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     readings: Option<&'a RawValue>,
 }
@@ -51,7 +51,19 @@ pub fn split(text: &str) -> Result<Option<Envelope>, BatchError> {
     let Some(readings) = probe.readings else {
         return Ok(None);
     };
-    if let Some(id) = &probe.id {
+    let id = match probe.id.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                let shown: String = raw.chars().take(40).collect();
+                return Err(BatchError::Malformed(format!(
+                    "id: must be a string (the client's reference, up to {MAX_ID_LEN} characters), not `{shown}`"
+                )));
+            }
+        },
+    };
+    if let Some(id) = &id {
         if id.chars().count() > MAX_ID_LEN {
             return Err(BatchError::Malformed(format!(
                 "id: longer than {MAX_ID_LEN} characters"
@@ -61,7 +73,7 @@ pub fn split(text: &str) -> Result<Option<Envelope>, BatchError> {
     let raw = readings.get();
     let start = raw.as_ptr() as usize - text.as_ptr() as usize;
     Ok(Some(Envelope {
-        id: probe.id.map(Cow::into_owned),
+        id: id.map(Cow::into_owned),
         readings: start..start + raw.len(),
     }))
 }
@@ -95,5 +107,23 @@ mod tests {
         );
         let ok = format!("{{\"id\":\"{}\",\"readings\":[]}}", "é".repeat(64));
         assert!(split(&ok).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_id_that_is_no_string_is_named() {
+        let e = split("{\"id\":5,\"readings\":[]}").unwrap_err();
+        assert_eq!(
+            e,
+            BatchError::Malformed(
+                "id: must be a string (the client's reference, up to 64 characters), not `5`"
+                    .into()
+            )
+        );
+        let env = split("{\"id\":null,\"readings\":[]}").unwrap().unwrap();
+        assert_eq!(env.id, None);
+        let env = split("{\"id\":\"a\\u0062\",\"readings\":[]}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(env.id.as_deref(), Some("ab"));
     }
 }
