@@ -319,14 +319,18 @@ async fn progress(ctx: Arc<Ctx>, done: CancellationToken) {
         } else {
             ""
         };
+        // HTTP connections are the client's pool, which does not report them.
+        let conns = match ctx.cfg.transport {
+            Transport::Http => String::new(),
+            _ => format!(" conns {}", s.connections.get()),
+        };
         let msg = format!(
-            "{phase}sent {} acked {} rejected {} errors {} shed {} conns {} · {}/s · p99 {:.1} ms",
+            "{phase}sent {} acked {} rejected {} errors {} shed {}{conns} · {}/s · p99 {:.1} ms",
             s.sent.get(),
             acked,
             s.rejected.get(),
             s.errors.get(),
             s.shed.get(),
-            s.connections.get(),
             fmt_rate(rate),
             p.p99
         );

@@ -357,10 +357,16 @@ impl Summary {
         }
         row(
             "connections",
-            format!(
-                "{} connects, {} failed, {} open at most",
-                self.connects, self.connect_errors, self.connections_peak
-            ),
+            match self.transport {
+                // reqwest pools its connections and does not report them.
+                Transport::Http => {
+                    "HTTP keep-alive, pooled by the client (not counted)".to_string()
+                }
+                _ => format!(
+                    "{} connects, {} failed, {} open at most",
+                    self.connects, self.connect_errors, self.connections_peak
+                ),
+            },
         );
         let mut throughput = format!(
             "{}/s acknowledged, {}/s sent",
