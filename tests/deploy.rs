@@ -815,7 +815,7 @@ async fn check_overlay(name: &str) -> Backend {
     if backend == Backend::Postgres {
         let db = db.expect("the database URL came from the pod's environment");
         assert_eq!(
-            db.sql("SELECT count(*) FROM pg_tables WHERE tablename IN ('readings', 'devices', 'refinery_schema_history')"),
+            db.sql("SELECT count(*) FROM pg_tables WHERE tablename IN ('chunks', 'devices', 'refinery_schema_history')"),
             "3",
             "{name}: sluice did not create its tables in the database of SLUICE__STORAGE__POSTGRES__URL"
         );

@@ -380,22 +380,57 @@ async fn stop_load(load: &Load, tasks: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Every row of `readings` as `(device_id, seq, metrics.req)`, through `sql` (psql on the
-/// test's database).
-fn stored_rows(sql: impl Fn(&str) -> String) -> Vec<(String, u64, u64)> {
-    let out = sql("SELECT device_id, seq, metrics->>'req' FROM readings");
-    out.lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('|').collect();
-            assert_eq!(f.len(), 3, "unexpected row {l:?}");
-            (
-                f[0].to_string(),
-                f[1].parse().expect("seq"),
-                f[2].parse().expect("metrics.req"),
-            )
-        })
-        .collect()
+/// Every stored reading as `(device_id, seq, metrics.req)` in the database at `url`, read
+/// through Sluice's own PostgreSQL reader (readings are chunk blobs that only Sluice decodes),
+/// page by page, on a thread of its own (the reader blocks on its own runtime).
+fn stored_rows(url: &str) -> Vec<(String, u64, u64)> {
+    use sluice::store::{Order, ReadingsQuery};
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut settings = sluice::config::StorageSettings {
+            backend: sluice::config::Backend::Postgres,
+            ..Default::default()
+        };
+        settings.postgres.url = sluice::config::DbUrl::new(url);
+        let metrics = Arc::new(sluice::telemetry::metrics::Metrics::new());
+        let opened = sluice::store::open(&settings, &metrics).expect("store opens");
+        let reader = opened.store.reader();
+        let mut rows = Vec::new();
+        for device in &opened.devices {
+            let mut q = ReadingsQuery {
+                device_id: device.device_id.clone(),
+                from_ms: i64::MIN,
+                to_ms: i64::MAX,
+                metric: None,
+                limit: 10_000,
+                order: Order::Asc,
+                after: None,
+            };
+            loop {
+                let page = reader.readings(&q).expect("query").expect("known device");
+                for r in &page {
+                    let req = r
+                        .metrics
+                        .iter()
+                        .find(|(n, _)| n == "req")
+                        .and_then(|(_, v)| match v {
+                            sluice::reading::MetricValue::Int(i) => u64::try_from(*i).ok(),
+                            sluice::reading::MetricValue::UInt(u) => Some(*u),
+                            _ => None,
+                        })
+                        .expect("metrics.req");
+                    rows.push((device.device_id.clone(), r.seq.expect("seq"), req));
+                }
+                match page.last() {
+                    Some(last) if page.len() == q.limit => q.after = Some((last.ts_ms, last.rid)),
+                    _ => break,
+                }
+            }
+        }
+        rows
+    })
+    .join()
+    .expect("reader thread")
 }
 
 /// What the final comparison found.
@@ -623,7 +658,7 @@ async fn http_replicas_survive_kill_9_and_store_every_ack_once() {
         in_flight_at_kill >= 1,
         "the kill found no request in flight at a1"
     );
-    let rows = tokio::task::block_in_place(|| stored_rows(|q| db.sql(q)));
+    let rows = tokio::task::block_in_place(|| stored_rows(&db.url()));
     let tally = verify(&load, &rows, false);
     assert_eq!(
         db.sql("SELECT count(*) = count(DISTINCT (device_id, seq)) FROM readings"),
@@ -1117,7 +1152,7 @@ async fn postgres_restart_under_load_loses_no_ack_and_recovers_by_itself() {
     .await;
     stop_load(&load, tasks).await;
 
-    let rows = tokio::task::block_in_place(|| stored_rows(|q| psql(&server, "fleet", q)));
+    let rows = tokio::task::block_in_place(|| stored_rows(&format!("{server}/fleet")));
     let tally = verify(&load, &rows, true);
     let per_device = by_device(&rows);
     assert_eq!(per_device.len(), 8, "four clients of two devices each");

@@ -618,8 +618,9 @@ impl ReadingsQuery {
 pub struct StoredRow {
     /// Store-assigned reading id, unique in the store and never reused. It orders readings
     /// with equal `ts` (a stable order) and names readings that have no `seq`. SQLite assigns
-    /// it in commit order; PostgreSQL's connections draw ids from cached blocks, so there it
-    /// follows commit order only within one connection.
+    /// it in commit order; PostgreSQL numbers a commit's readings from a sequence value drawn
+    /// by the commit (`value × 2^24 + position`), so there it follows commit order only
+    /// within one replica.
     pub rid: u64,
     /// Device timestamp, Unix epoch milliseconds.
     pub ts_ms: i64,

@@ -1,20 +1,23 @@
 //! The PostgreSQL backend (`storage.backend = "postgres"`, SPEC §13): batcher → services →
 //! **store** → ack, where the store is one database shared by every replica.
 //!
-//! - **Commit.** One transaction per group commit: the batch goes by binary `COPY` into a
-//!   per-connection temporary staging table, then `INSERT … SELECT … ON CONFLICT (device_id,
-//!   seq) DO NOTHING RETURNING device_id, seq` moves it into `readings` and says exactly which
-//!   readings were new. (A `COPY` straight into `readings` would abort on the first duplicate.)
-//!   The device table is upserted in the same transaction. The ack follows `COMMIT`.
-//! - **Order.** Rows are inserted and devices upserted sorted by key, so two replicas committing
-//!   overlapping batches take their row locks in the same order; a deadlock or serialization
-//!   failure that happens anyway is retried (up to [`MAX_ATTEMPTS`] times).
+//! - **Commit.** One transaction per group commit, or two side by side on their own
+//!   connections when it holds [`SHARD_MIN_READINGS`] or more, split by a hash of the device
+//!   id ([`COMMIT_SHARDS`]). Each locks its devices' rows (`SELECT … FOR UPDATE` in id order,
+//!   inserting rows for new devices first), decides which readings are new against each row's
+//!   seq high-water mark and, for seqs at or below it, the device's chunks; binary-`COPY`s one
+//!   `chunks` row per device and minute holding the new readings in the embedded store's chunk
+//!   format ([`chunks`]); and updates the device rows (latest values merged here, under the
+//!   lock). The ack follows `COMMIT` (of every shard).
+//! - **Order.** Device rows are locked in id order, so replicas committing overlapping
+//!   devices wait rather than deadlock; a deadlock or serialization failure that happens
+//!   anyway is retried (up to [`MAX_ATTEMPTS`] times).
 //! - **Unknown outcome.** A connection lost during `COMMIT` is an error: not acked. If it did
 //!   commit, the client's retry finds its readings as duplicates.
 //! - **Schema.** Versioned migrations (`migrations/`, run by refinery at open) under a
 //!   session advisory lock, so replicas starting together migrate once.
-//! - **Retention** deletes expired readings a few hundred devices per transaction, from a
-//!   background task, one replica at a time (a transaction-scoped advisory lock).
+//! - **Retention** deletes expired minutes of chunks a few hundred devices per transaction,
+//!   from a background task, one replica at a time (a transaction-scoped advisory lock).
 //! - **Health.** An idle writer checks once a second that the server answers, so `/readyz`
 //!   turns 503 in an outage even when nothing is being committed.
 //!
@@ -38,7 +41,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 
 use super::{
-    merge_latest, metric_value_from_json, metrics_from_json, tags_from_json, DeviceGlob,
+    merge_latest, metric_value_from_json, metrics_from_json, seq_key, tags_from_json, DeviceGlob,
     DeviceLatest, DevicesQuery, Order, OrderedPairs, ReadingsQuery, Store, StoreError, StoreRead,
     StoredRow,
 };
@@ -76,6 +79,7 @@ const PG_MIN_MICROS: i64 = -211_813_488_000_000_000;
 const PG_END_MICROS: i64 = 9_223_371_331_200_000_000;
 
 mod alerts;
+mod chunks;
 mod outbox;
 mod rollups;
 mod tokens;
@@ -184,67 +188,65 @@ async fn stored_schema_version(client: &tokio_postgres::Client) -> Result<Option
         .map(|row| row.get(0))
 }
 
-/// Created on every pooled connection: where a group commit lands before its dedupe. Emptied
-/// by each transaction's end.
-const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS sluice_staging (
-        idx       int4        NOT NULL,
-        device_id text        NOT NULL,
-        seq       int8,
-        ts        timestamptz NOT NULL,
-        metrics   json        NOT NULL,
-        tags      json
-    ) ON COMMIT DELETE ROWS";
+/// Locks the commit's device rows, in id order (so replicas committing overlapping devices
+/// lock them in the same order), and reads what the commit decides against: the seq
+/// high-water mark (a [`seq_key`]), the newest ts and the latest values.
+const LOCK_DEVICES: &str = "SELECT device_id, max_seq, last_ts_ms, latest FROM devices
+     WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE";
 
-const COPY_STAGING: &str =
-    "COPY sluice_staging (idx, device_id, seq, ts, metrics, tags) FROM STDIN (FORMAT binary)";
+/// Rows for devices seen for the first time, in id order, so that [`LOCK_DEVICES`] can lock
+/// them. Filled in by [`UPDATE_DEVICES`] before the same commit ends; another replica that
+/// inserts the same device at the same time waits for this transaction, then skips it.
+const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
+     SELECT id, 0, -9223372036854775808, '{}' FROM unnest($1::text[]) AS u(id) ORDER BY id
+     ON CONFLICT (device_id) DO NOTHING";
 
-const STAGING_TYPES: [Type; 6] = [
-    Type::INT4,
+/// Which of these `(device, seq key)` pairs a stored chunk already holds: the dedupe of
+/// readings at or below their device's high-water mark (late ones and re-sends). The
+/// device rows are locked, so every chunk of these devices committed before is visible.
+/// A lateral subquery per pair, so that each is an index scan of `chunks_device_seq` from its
+/// seq up (a semi-join would let the planner scan the whole table).
+const STORED_SEQS: &str = "SELECT q.id, q.k FROM unnest($1::text[], $2::int8[]) AS q(id, k)
+     CROSS JOIN LATERAL (SELECT 1 FROM chunks c
+                         WHERE c.device_id = q.id AND c.max_seq >= q.k AND c.min_seq <= q.k
+                           AND (q.k # (-9223372036854775808)) = ANY (c.seqs)
+                         LIMIT 1) AS hit";
+
+/// The device rows after the commit, as Sluice merged them under the row locks.
+const UPDATE_DEVICES: &str = "UPDATE devices AS d SET
+         last_seen_ms = greatest(d.last_seen_ms, $1),
+         last_ts_ms = u.last_ts,
+         latest = u.latest,
+         max_seq = u.max_seq
+     FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[])
+         AS u(id, last_ts, latest, max_seq)
+     WHERE d.device_id = u.id";
+
+/// The NATS outbox rows of a commit's new readings, in rid order.
+const COPY_OUTBOX: &str =
+    "COPY outbox (rid, device_id, seq, ts, metrics, tags, origin) FROM STDIN (FORMAT binary)";
+
+const OUTBOX_TYPES: [Type; 7] = [
+    Type::INT8,
     Type::TEXT,
     Type::INT8,
     Type::TIMESTAMPTZ,
     Type::JSON,
     Type::JSON,
+    Type::TEXT,
 ];
 
-/// Moves the batch in; the first of equal keys (lowest `idx`) wins, as in every backend.
-const INSERT_READINGS: &str = "INSERT INTO readings (device_id, seq, ts, metrics, tags)
-     SELECT device_id, seq, ts, metrics, tags FROM sluice_staging
-     ORDER BY device_id, seq, idx
-     ON CONFLICT (device_id, seq) DO NOTHING
-     RETURNING device_id, seq";
+/// Transactions one group commit is split into, by a hash of the device id, committed side by
+/// side on their own connections: their device sets are disjoint, so they never wait for each
+/// other, and PostgreSQL works on them with as many backends (one core each). Shards of
+/// successive commits meet on the same devices and follow each other in lock order.
+const COMMIT_SHARDS: usize = 2;
 
-/// [`INSERT_READINGS`] with the NATS outbox on: the new readings are also copied to `outbox`,
-/// in the same statement (and so the same transaction), in `rid` order.
-const INSERT_READINGS_OUTBOX: &str = "WITH ins AS (
-         INSERT INTO readings (device_id, seq, ts, metrics, tags)
-         SELECT device_id, seq, ts, metrics, tags FROM sluice_staging
-         ORDER BY device_id, seq, idx
-         ON CONFLICT (device_id, seq) DO NOTHING
-         RETURNING rid, device_id, seq, ts, metrics, tags),
-     copied AS (
-         INSERT INTO outbox (rid, device_id, seq, ts, metrics, tags, origin)
-         SELECT rid, device_id, seq, ts, metrics, tags, $1::text FROM ins ORDER BY rid)
-     SELECT device_id, seq FROM ins";
+/// A commit of fewer readings stays one transaction.
+const SHARD_MIN_READINGS: usize = 256;
 
-/// The device table, in the same transaction: one row per device of the commit (its newest
-/// `ts`, its new latest values and the oldest `ts` among them), upserted in id order in one
-/// statement, so that replicas
-/// committing overlapping devices lock their rows in the same order. (An earlier version
-/// updated existing rows first and inserted new ones second: two lock phases, and replicas
-/// deadlocked under load with late readings.)
-const UPSERT_DEVICES: &str = "INSERT INTO devices
-         (device_id, last_seen_ms, last_ts_ms, latest, commit_min_ts_ms)
-     SELECT id, $1, max_ts, latest::jsonb, min_ts
-     FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[]) AS u(id, max_ts, latest, min_ts)
-     ORDER BY id
-     ON CONFLICT (device_id) DO UPDATE SET
-         last_seen_ms = greatest(devices.last_seen_ms, excluded.last_seen_ms),
-         last_ts_ms = greatest(devices.last_ts_ms, excluded.last_ts_ms),
-         latest = CASE WHEN excluded.commit_min_ts_ms >= devices.last_ts_ms
-                       THEN devices.latest || excluded.latest
-                       ELSE sluice_merge_latest(devices.latest, excluded.latest) END,
-         commit_min_ts_ms = excluded.commit_min_ts_ms";
+/// Readings one commit may number: its rids are `commit number × 2^24 + position`.
+const COMMIT_RIDS: usize = 1 << 24;
 
 /// Owns the runtime that drives this backend's connections. Dropping it never blocks (so the
 /// store may be dropped anywhere, also inside async code).
@@ -361,9 +363,9 @@ impl PgStore {
         // (and the writer's health checks) get their own two; queries and the retention sweep
         // share `pool_size`.
         let timeout_ms = pg.statement_timeout.as_millis();
-        let commit_setup = format!("{STAGING_DDL}; SET statement_timeout = {timeout_ms}");
+        let commit_setup = format!("SET statement_timeout = {timeout_ms}");
         let query_setup = format!("SET statement_timeout = {timeout_ms}");
-        let pool = build_pool(&config, 2, pg.connect_timeout, commit_setup)?;
+        let pool = build_pool(&config, COMMIT_SHARDS + 1, pg.connect_timeout, commit_setup)?;
         let query_pool = build_pool(&config, pg.pool_size, pg.connect_timeout, query_setup)?;
         let outbox = settings.outbox.then(|| {
             Arc::new(outbox::PgOutbox::new(
@@ -451,25 +453,31 @@ async fn migrate(config: &tokio_postgres::Config, target: Option<i32>) -> Result
     if let Some(v) = target {
         runner = runner.set_target(refinery::Target::Version(v));
     }
-    let report = runner.run_async(&mut client).await;
+    let mut report = runner
+        .run_async(&mut client)
+        .await
+        .map_err(|e| StoreError::Postgres(format!("schema migration failed: {}", pg_err(e))));
+    // Version 6's rows into chunks (once; version 7 renamed their table), still under the lock.
+    if report.is_ok() && target.is_none_or(|v| v >= 7) {
+        match chunks::convert_v6(&mut client).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                readings = n,
+                "postgres: moved version 6 readings into chunks"
+            ),
+            Err(e) => report = Err(e),
+        }
+    }
     // Closing the connection releases the lock in any case; unlocking is only tidier.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
     drop(client);
     let _ = connection.await;
-    match report {
-        Ok(report) => {
-            for m in report.applied_migrations() {
-                tracing::info!(version = m.version(), name = m.name(), "postgres: migrated");
-            }
-            Ok(())
-        }
-        Err(e) => Err(StoreError::Postgres(format!(
-            "schema migration failed: {}",
-            pg_err(e)
-        ))),
+    for m in report?.applied_migrations() {
+        tracing::info!(version = m.version(), name = m.name(), "postgres: migrated");
     }
+    Ok(())
 }
 
 /// A reading's metrics and tags, as the JSON text they are stored as.
@@ -506,98 +514,266 @@ impl From<tokio_postgres::Error> for Attempt {
     }
 }
 
+/// What one commit knows and decides about one of its devices.
+struct DeviceCommit {
+    /// The locked row's seq high-water mark (a [`seq_key`]), `None` before any seq.
+    max_seq: Option<i64>,
+    /// The locked row's newest ts, raised by the new readings.
+    last_ts: i64,
+    /// The locked row's latest values as stored, parsed only if the device gets new readings.
+    stored_latest: String,
+    /// The new readings, numbered.
+    new: Vec<StoredRow>,
+    /// Positions in the commit of readings whose seq is at or below `max_seq`: stored already
+    /// unless no chunk holds them.
+    late: Vec<usize>,
+}
+
 impl PgStore {
     async fn try_commit(
         &self,
         readings: &[&Reading],
-        encoded: &[Encoded],
         commit_ms: i64,
     ) -> Result<Vec<bool>, Attempt> {
+        if readings.len() > COMMIT_RIDS {
+            return Err(Attempt::Failed(StoreError::Postgres(format!(
+                "a commit of {} readings is over the {COMMIT_RIDS} one commit can number",
+                readings.len()
+            ))));
+        }
         let mut client = self
             .pool
             .get()
             .await
             .map_err(|e| Attempt::Failed(pg_err(e)))?;
         let tx = client.transaction().await?;
-        let sink = tx.copy_in(COPY_STAGING).await?;
-        let writer = BinaryCopyInWriter::new(sink, &STAGING_TYPES);
-        tokio::pin!(writer);
-        for (i, (r, e)) in readings.iter().zip(encoded).enumerate() {
-            let idx = i as i32;
-            let seq = r.seq.map(|s| s as i64);
-            let ts = Timestamp(r.ts_ms);
-            let metrics = JsonText(&e.metrics);
-            let tags = e.tags.as_deref().map(JsonText);
-            writer
-                .as_mut()
-                .write(&[&idx, &r.device_id.as_str(), &seq, &ts, &metrics, &tags])
-                .await?;
-        }
-        writer.as_mut().finish().await?;
-        let inserted = if self.settings.outbox {
-            tx.query(INSERT_READINGS_OUTBOX, &[&self.settings.replica])
-                .await?
-        } else {
-            tx.query(INSERT_READINGS, &[]).await?
-        };
+        // Prepared once per connection: each statement is then one round trip, not two.
+        let lock_devices = tx.prepare_cached(LOCK_DEVICES).await?;
 
-        // Which readings were new: each returned key claims its first occurrence.
-        let mut new_keys: foldhash::HashMap<(&str, i64), u32> = foldhash::HashMap::default();
-        for row in &inserted {
-            let seq: Option<i64> = row.get(1);
-            if let Some(seq) = seq {
-                let device: &str = row.get(0);
-                *new_keys.entry((device, seq)).or_default() += 1;
+        // Lock every device of the commit, in id order (rows for new devices first), and
+        // draw the commit's number, in one round trip.
+        let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let next_commit = tx
+            .prepare_cached("SELECT nextval('reading_commits')")
+            .await?;
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let (locked, number) = tokio::join!(
+            tx.query(&lock_devices, &lock_params),
+            tx.query_one(&next_commit, &[])
+        );
+        let mut locked = locked?;
+        let rid_base = number?.get::<_, i64>(0).saturating_mul(COMMIT_RIDS as i64);
+        if locked.len() < ids.len() {
+            let found: foldhash::HashSet<&str> = locked.iter().map(|r| r.get(0)).collect();
+            let missing: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|id| !found.contains(id))
+                .collect();
+            let insert = tx.prepare_cached(INSERT_DEVICES).await?;
+            tx.execute(&insert, &[&missing]).await?;
+            locked.extend(tx.query(&lock_devices, &[&missing]).await?);
+        }
+        let mut devices: foldhash::HashMap<&str, DeviceCommit> =
+            foldhash::HashMap::with_capacity_and_hasher(ids.len(), Default::default());
+        for row in &locked {
+            let Ok(at) = ids.binary_search(&row.get::<_, &str>(0)) else {
+                continue;
+            };
+            devices.insert(
+                ids[at],
+                DeviceCommit {
+                    max_seq: row.get(1),
+                    last_ts: row.get(2),
+                    stored_latest: row.get(3),
+                    new: Vec::new(),
+                    late: Vec::new(),
+                },
+            );
+        }
+
+        // Which readings are new: above the high-water mark, or not in any chunk; the first
+        // of equal keys in the commit wins, as in every backend.
+        let mut flags = vec![false; readings.len()];
+        let mut seen: foldhash::HashSet<(&str, u64)> =
+            foldhash::HashSet::with_capacity_and_hasher(readings.len(), Default::default());
+        for (i, r) in readings.iter().enumerate() {
+            let id = r.device_id.as_str();
+            let Some(device) = devices.get_mut(id) else {
+                return Err(Attempt::Failed(StoreError::Postgres(format!(
+                    "device {id} has no row after it was inserted"
+                ))));
+            };
+            match r.seq {
+                Some(seq) if !seen.insert((id, seq)) => {}
+                Some(seq) if device.max_seq.is_some_and(|m| seq_key(seq) <= m) => {
+                    device.late.push(i)
+                }
+                _ => flags[i] = true,
             }
         }
-        let flags: Vec<bool> = readings
+        let late: Vec<(&str, i64)> = devices
             .iter()
-            .map(|r| match r.seq {
-                None => true,
-                Some(seq) => match new_keys.get_mut(&(r.device_id.as_str(), seq as i64)) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        true
-                    }
-                    _ => false,
-                },
+            .flat_map(|(id, d)| {
+                d.late
+                    .iter()
+                    .map(|&i| (*id, seq_key(readings[i].seq.unwrap_or(0))))
             })
             .collect();
-
-        // The device table, in the same transaction, in key order.
-        let mut devices: std::collections::BTreeMap<&str, (i64, Latest)> =
-            std::collections::BTreeMap::new();
-        for (r, _) in readings.iter().zip(&flags).filter(|(_, stored)| **stored) {
-            let (last_ts, latest) = devices
-                .entry(r.device_id.as_str())
-                .or_insert((i64::MIN, Vec::new()));
-            *last_ts = (*last_ts).max(r.ts_ms);
-            merge_latest(latest, r.ts_ms, &r.metrics);
-        }
-        if !devices.is_empty() {
-            let mut ids = Vec::with_capacity(devices.len());
-            let mut max_ts = Vec::with_capacity(devices.len());
-            let mut min_ts = Vec::with_capacity(devices.len());
-            let mut latest = Vec::with_capacity(devices.len());
-            for (id, (ts, values)) in &devices {
-                ids.push(*id);
-                max_ts.push(*ts);
-                min_ts.push(values.iter().map(|v| v.2).min().unwrap_or(*ts));
-                latest.push(latest_json(values));
+        if !late.is_empty() {
+            let (late_ids, late_keys): (Vec<&str>, Vec<i64>) = late.into_iter().unzip();
+            let stored_seqs = tx.prepare_cached(STORED_SEQS).await?;
+            let stored: foldhash::HashSet<(String, i64)> = tx
+                .query(&stored_seqs, &[&late_ids, &late_keys])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            for d in devices.values() {
+                for &i in &d.late {
+                    let r = readings[i];
+                    let key = (r.device_id.to_string(), seq_key(r.seq.unwrap_or(0)));
+                    flags[i] = !stored.contains(&key);
+                }
             }
+        }
+
+        // The new readings, numbered in commit order.
+        for (i, r) in readings.iter().enumerate().filter(|(i, _)| flags[*i]) {
+            if let Some(d) = devices.get_mut(r.device_id.as_str()) {
+                d.new.push(StoredRow {
+                    rid: (rid_base + i as i64) as u64,
+                    ts_ms: r.ts_ms,
+                    seq: r.seq,
+                    metrics: r.metrics.clone(),
+                    tags: r.tags.clone(),
+                });
+            }
+        }
+        if self.settings.outbox {
+            self.copy_outbox(&tx, readings, &flags, rid_base).await?;
+        }
+        // Chunks per device and minute, each sent as soon as it is encoded, so PostgreSQL
+        // inserts while Sluice encodes the next; device rows merged on the way.
+        let copy = tx.prepare_cached(chunks::COPY_CHUNKS).await?;
+        let mut writer = chunks::Writer::new(tx.copy_in(&copy).await?);
+        let mut update = DeviceUpdate::default();
+        let mut chunk_rows = Vec::new();
+        for id in &ids {
+            let Some(d) = devices.remove(id) else {
+                continue;
+            };
+            if d.new.is_empty() {
+                continue;
+            }
+            let mut latest = latest_from_json(&d.stored_latest).unwrap_or_default();
+            let mut last_ts = d.last_ts;
+            let mut max_seq = d.max_seq;
+            for r in &d.new {
+                last_ts = last_ts.max(r.ts_ms);
+                merge_latest(&mut latest, r.ts_ms, &r.metrics);
+                if let Some(seq) = r.seq {
+                    max_seq = max_seq.max(Some(seq_key(seq)));
+                }
+            }
+            update.ids.push(*id);
+            update.last_ts.push(last_ts);
+            update.latest.push(latest_json(&latest));
+            update.max_seq.push(max_seq);
+            chunk_rows.clear();
+            chunks::build(id, d.new, &mut chunk_rows);
+            for c in &chunk_rows {
+                writer.write(c).await?;
+            }
+        }
+        writer.finish().await?;
+        if !update.ids.is_empty() {
+            let update_devices = tx.prepare_cached(UPDATE_DEVICES).await?;
             tx.execute(
-                UPSERT_DEVICES,
-                &[&commit_ms, &ids, &max_ts, &latest, &min_ts],
+                &update_devices,
+                &[
+                    &commit_ms,
+                    &update.ids,
+                    &update.last_ts,
+                    &update.latest,
+                    &update.max_seq,
+                ],
             )
             .await?;
         }
         tx.commit().await?;
         Ok(flags)
     }
+
+    /// Commits one shard of a group commit, retrying what PostgreSQL asks to retry.
+    async fn commit_shard(
+        &self,
+        readings: &[&Reading],
+        commit_ms: i64,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.try_commit(readings, commit_ms).await {
+                Ok(flags) => return Ok(flags),
+                Err(Attempt::Retry(e)) if attempt < MAX_ATTEMPTS => {
+                    self.metrics
+                        .store_commit_retries
+                        .with_label_values(&[BACKEND])
+                        .inc();
+                    tracing::info!(attempt, error = %e, "postgres: commit aborted; retrying");
+                    attempt += 1;
+                }
+                Err(Attempt::Retry(e)) => return Err(pg_err(e)),
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Copies a commit's new readings into the NATS outbox, in the same transaction.
+    async fn copy_outbox(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        readings: &[&Reading],
+        flags: &[bool],
+        rid_base: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        let copy = tx.prepare_cached(COPY_OUTBOX).await?;
+        let sink = tx.copy_in(&copy).await?;
+        let writer = BinaryCopyInWriter::new(sink, &OUTBOX_TYPES);
+        tokio::pin!(writer);
+        for (i, r) in readings.iter().enumerate().filter(|(i, _)| flags[*i]) {
+            let e = encode(r);
+            let rid = rid_base + i as i64;
+            let seq = r.seq.map(|s| s as i64);
+            let tags = e.tags.as_deref().map(JsonText);
+            writer
+                .as_mut()
+                .write(&[
+                    &rid,
+                    &r.device_id.as_str(),
+                    &seq,
+                    &Timestamp(r.ts_ms),
+                    &JsonText(&e.metrics),
+                    &tags,
+                    &self.settings.replica,
+                ])
+                .await?;
+        }
+        writer.as_mut().finish().await?;
+        Ok(())
+    }
 }
 
-/// A device's latest value of each metric, with the `ts` it was measured at.
-type Latest = Vec<(String, MetricValue, i64)>;
+/// The `UPDATE_DEVICES` parameters, one entry per device with new readings, in id order.
+#[derive(Default)]
+struct DeviceUpdate<'a> {
+    ids: Vec<&'a str>,
+    last_ts: Vec<i64>,
+    latest: Vec<String>,
+    max_seq: Vec<Option<i64>>,
+}
 
 /// A device's latest values as the device table keeps them:
 /// `{"<metric>": ["<exact JSON text of the value>", <ts ms>], ...}`.
@@ -636,29 +812,50 @@ impl Store for PgStore {
         if readings.is_empty() {
             return Ok(Vec::new());
         }
-        let encoded: Vec<Encoded> = readings.iter().map(|r| encode(r)).collect();
-        let mut attempt = 1;
-        loop {
-            match self
-                .driver
-                .block_on(self.try_commit(readings, &encoded, commit_ms))
-            {
-                Ok(flags) => return Ok(flags),
-                Err(Attempt::Retry(e)) if attempt < MAX_ATTEMPTS => {
-                    self.metrics
-                        .store_commit_retries
-                        .with_label_values(&[BACKEND])
-                        .inc();
-                    tracing::info!(attempt, error = %e, "postgres: commit aborted; retrying");
-                    attempt += 1;
+        // Shards by device, committed side by side on their own connections (see
+        // [`COMMIT_SHARDS`]); a commit of few devices stays one transaction.
+        let shards = if readings.len() >= SHARD_MIN_READINGS {
+            COMMIT_SHARDS
+        } else {
+            1
+        };
+        let mut parts: Vec<(Vec<usize>, Vec<&Reading>)> = vec![Default::default(); shards];
+        for (i, r) in readings.iter().enumerate() {
+            let shard = (std::hash::BuildHasher::hash_one(
+                &foldhash::fast::FixedState::with_seed(0),
+                r.device_id.as_str(),
+            ) as usize)
+                % shards;
+            parts[shard].0.push(i);
+            parts[shard].1.push(r);
+        }
+        let results = self.driver.block_on(futures_util::future::join_all(
+            parts
+                .iter()
+                .filter(|(at, _)| !at.is_empty())
+                .map(|(_, part)| self.commit_shard(part, commit_ms)),
+        ));
+        let mut flags = vec![false; readings.len()];
+        let mut failed = None;
+        for ((at, _), result) in parts.iter().filter(|(at, _)| !at.is_empty()).zip(results) {
+            match result {
+                Ok(part_flags) => {
+                    for (i, stored) in at.iter().zip(part_flags) {
+                        flags[*i] = stored;
+                    }
                 }
-                Err(Attempt::Retry(e)) => return Err(pg_err(e)),
-                Err(Attempt::Failed(e)) => {
-                    // The server may have restarted: the idle connections are likely dead too.
-                    forget_idle(&self.pool);
-                    forget_idle(&self.reader.pool);
-                    return Err(e);
-                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            None => Ok(flags),
+            // What the other shards committed is stored and not acked: retries find it as
+            // duplicates, as after a commit whose outcome is unknown.
+            Some(e) => {
+                // The server may have restarted: the idle connections are likely dead too.
+                forget_idle(&self.pool);
+                forget_idle(&self.reader.pool);
+                Err(e)
             }
         }
     }
@@ -776,13 +973,18 @@ async fn sweep(pool: &Pool, cutoff_ms: i64, metrics: &Metrics) -> Result<u64, St
             .iter()
             .map(|row| row.get(0))
             .collect();
-        let n = tx
-            .execute(
-                "DELETE FROM readings WHERE device_id = ANY($1) AND ts < $2",
-                &[&devices, &Timestamp(cutoff_ms)],
+        // Whole minutes: a reading outlives the cutoff by less than a minute.
+        let n: i64 = tx
+            .query_one(
+                "WITH gone AS (DELETE FROM chunks WHERE device_id = ANY($1) AND bucket < $2
+                               RETURNING n)
+                 SELECT coalesce(sum(n), 0)::int8 FROM gone",
+                &[&devices, &chunks::bucket_of(cutoff_ms)],
             )
             .await
-            .map_err(pg_err)?;
+            .map_err(pg_err)?
+            .get(0);
+        let n = n as u64;
         tx.commit().await.map_err(pg_err)?;
         metrics.retention_deleted.inc_by(n);
         deleted += n;
@@ -855,58 +1057,56 @@ impl PgReader {
 
 impl StoreRead for PgReader {
     fn readings(&self, q: &ReadingsQuery) -> Result<Option<Vec<StoredRow>>, StoreError> {
-        let sql = match q.order {
-            Order::Asc => {
-                "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
-                 WHERE device_id = $1 AND ts >= $2 AND ts < $3
-                   AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
-                   AND ($6::bigint IS NULL OR (ts, rid) > ($7, $6))
-                 ORDER BY ts, rid LIMIT $5"
-            }
-            Order::Desc => {
-                "SELECT rid, ts, seq, metrics::text, tags::text FROM readings
-                 WHERE device_id = $1 AND ts >= $2 AND ts < $3
-                   AND ($4::text IS NULL OR metrics -> $4 IS NOT NULL)
-                   AND ($6::bigint IS NULL OR (ts, rid) < ($7, $6))
-                 ORDER BY ts DESC, rid DESC LIMIT $5"
-            }
+        let (from_ms, to_ms) = q.ts_range();
+        let dir = match q.order {
+            Order::Asc => chunks::Direction::Forward,
+            Order::Desc => chunks::Direction::Backward,
         };
         self.driver.block_on(async {
-            let client = self.pool.get().await.map_err(pg_err)?;
-            let limit = q.limit as i64;
-            let (from_ms, to_ms) = q.ts_range();
-            // The cursor's rid is the column's own bigint, given back bit for bit.
-            let after_rid = q.after.map(|(_, rid)| rid as i64);
-            let after_ts = Timestamp(q.after.map_or(0, |(ts, _)| ts));
-            let rows = client
-                .query(
-                    sql,
-                    &[
-                        &q.device_id,
-                        &Timestamp(from_ms),
-                        &Timestamp(to_ms),
-                        &q.metric,
-                        &limit,
-                        &after_rid,
-                        &after_ts,
-                    ],
-                )
+            let mut client = self.pool.get().await.map_err(pg_err)?;
+            // One snapshot for every page of chunks.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
                 .await
                 .map_err(pg_err)?;
+            let mut rows = Vec::new();
+            if from_ms < to_ms {
+                // Chunks come a minute at a time in the asked order; once a new minute comes
+                // up, every wanted reading before it is final, so `limit` of those suffice.
+                let mut current = None;
+                let range = (chunks::bucket_of(from_ms), chunks::bucket_of(to_ms - 1));
+                chunks::walk(&tx, &q.device_id, range, dir, |bucket, chunk| {
+                    if current != Some(bucket) {
+                        if rows.len() >= q.limit {
+                            return false;
+                        }
+                        current = Some(bucket);
+                    }
+                    rows.extend(chunk.into_iter().filter(|r| {
+                        q.wanted(r.ts_ms, r.rid)
+                            && q.metric
+                                .as_ref()
+                                .is_none_or(|m| r.metrics.iter().any(|(n, _)| n == m))
+                    }));
+                    true
+                })
+                .await?;
+            }
             if rows.is_empty() {
-                let known = client
+                let known = tx
                     .query_opt(
                         "SELECT 1 FROM devices WHERE device_id = $1",
                         &[&q.device_id],
                     )
                     .await
                     .map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)?;
                 return Ok(known.map(|_| Vec::new()));
             }
-            let rows = rows
-                .iter()
-                .map(|row| stored_row(row, 0))
-                .collect::<Result<Vec<_>, StoreError>>()?;
+            tx.commit().await.map_err(pg_err)?;
             Ok(Some(q.finish(rows)))
         })
     }
@@ -965,7 +1165,7 @@ impl StoreRead for PgReader {
 }
 
 /// A reading from a row whose columns, from `first` on, are `rid, ts, seq, metrics::text,
-/// tags::text` (as `readings` and `outbox` keep them).
+/// tags::text` (as `outbox` keeps them).
 fn stored_row(row: &tokio_postgres::Row, first: usize) -> Result<StoredRow, StoreError> {
     let rid: i64 = row.get(first);
     let corrupt = |e: String| StoreError::Corrupt(format!("reading {rid}: {e}"));
@@ -1101,6 +1301,6 @@ mod tests {
 
     #[test]
     fn schema_version_is_the_newest_migration() {
-        assert_eq!(schema_version(), 6);
+        assert_eq!(schema_version(), 7);
     }
 }

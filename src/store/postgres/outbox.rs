@@ -1,8 +1,8 @@
 //! The PostgreSQL backend's NATS outbox (SPEC §13): commit → `outbox` table → **the one
 //! publishing replica** → NATS.
 //!
-//! Each commit copies its new readings into `outbox` in the same transaction (see
-//! `INSERT_READINGS_OUTBOX`), so a reading is in the outbox exactly when it is committed. Of
+//! Each commit copies its new readings into `outbox` in the same transaction (binary `COPY`,
+//! `PgStore::copy_outbox`), so a reading is in the outbox exactly when it is committed. Of
 //! all replicas, the one that holds the session advisory lock [`OUTBOX_LOCK`] on its own
 //! connection publishes: one publisher keeps the order per device. When it dies, PostgreSQL
 //! releases the lock with its connection and another replica takes over within a second.
