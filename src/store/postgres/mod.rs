@@ -868,7 +868,7 @@ impl Store for PgStore {
             let row = client
                 .query_one(
                     "SELECT pg_is_in_recovery(),
-                            has_table_privilege('readings', 'INSERT'),
+                            has_table_privilege('chunks', 'INSERT'),
                             has_table_privilege('devices', 'INSERT, UPDATE')",
                     &[],
                 )
@@ -881,7 +881,7 @@ impl Store for PgStore {
             }
             if !row.get::<_, bool>(1) || !row.get::<_, bool>(2) {
                 return Err(StoreError::Postgres(
-                    "the user may not insert into readings or update devices".into(),
+                    "the user may not insert into chunks or update devices".into(),
                 ));
             }
             Ok(())
