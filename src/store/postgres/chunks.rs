@@ -226,30 +226,29 @@ pub(super) async fn extent(
     let (Some(first), Some(last)) = (row.get::<_, Option<i64>>(0), row.get(1)) else {
         return Ok(None);
     };
-    let mut lo = i64::MAX;
-    walk(
-        client,
-        device_id,
-        (first, first),
-        Direction::Forward,
-        |_, rows| {
-            lo = rows.iter().map(|r| r.ts_ms).fold(lo, i64::min);
-            true
-        },
-    )
-    .await?;
-    let mut hi = i64::MIN;
-    walk(
-        client,
-        device_id,
-        (last, last),
-        Direction::Forward,
-        |_, rows| {
-            hi = rows.iter().map(|r| r.ts_ms).fold(hi, i64::max);
-            true
-        },
-    )
-    .await?;
+    // The oldest reading is in the first minute, the newest in the last.
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    let ends = if first == last {
+        &[first][..]
+    } else {
+        &[first, last][..]
+    };
+    for &bucket in ends {
+        walk(
+            client,
+            device_id,
+            (bucket, bucket),
+            Direction::Forward,
+            |_, rows| {
+                for r in &rows {
+                    lo = lo.min(r.ts_ms);
+                    hi = hi.max(r.ts_ms);
+                }
+                true
+            },
+        )
+        .await?;
+    }
     Ok((lo <= hi).then_some((lo, hi)))
 }
 
