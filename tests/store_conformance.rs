@@ -499,12 +499,23 @@ fn aggregate(
     range: (i64, i64),
     metric: Option<&str>,
 ) -> Vec<(i64, String, Vec<AggValue>)> {
+    aggregate_over(store, device, step_ms, Some(range), metric)
+}
+
+/// [`aggregate`] over `range`, or with neither bound (the device's whole extent) for `None`.
+fn aggregate_over(
+    store: &dyn Store,
+    device: &str,
+    step_ms: i64,
+    range: Option<(i64, i64)>,
+    metric: Option<&str>,
+) -> Vec<(i64, String, Vec<AggValue>)> {
     let answer = store
         .reader()
         .aggregate(&AggQuery {
             device_id: device.into(),
-            from_ms: Some(range.0),
-            to_ms: Some(range.1),
+            from_ms: range.map(|r| r.0),
+            to_ms: range.map(|r| r.1),
             metric: metric.map(str::to_owned),
             step_ms,
             max_buckets: 100_000,
@@ -577,6 +588,12 @@ fn aggregates_equal_raw_readings(b: &dyn Backend) {
             aggregate(s, "agg", 60_000, range, Some("b")),
             aggregate_raw(s, "agg", 60_000, Some("b")),
             "{when}: metric filter"
+        );
+        // No bounds: the device's oldest to newest reading.
+        assert_eq!(
+            aggregate_over(s, "agg", 7_000, None, None),
+            aggregate_raw(s, "agg", 7_000, None),
+            "{when}: whole extent"
         );
     };
     check(&*s, "in the journal");
