@@ -54,24 +54,36 @@ pub(super) struct ChunkRow<'a> {
     pub body: Vec<u8>,
 }
 
-/// Turns one device's new readings (any order) into chunk rows: one per bucket they fall
-/// in, split every [`CHUNK_ROWS`], each sorted by `(ts, rid)`. Appends them to `out`.
+/// Seq keys per seq block: 2^`SEQ_BLOCK_BITS`.
+pub(super) const SEQ_BLOCK_BITS: u32 = 4;
+
+/// The seq block of a seq: its [`seq_key`] over 16. A chunk's seqs all lie in one block, and
+/// a device stores each seq once, so at most 16 of a device's chunks can have their highest
+/// seq in any block: what bounds a late reading's dedupe lookup (`STORED_SEQS`).
+fn seq_block(seq: u64) -> i64 {
+    seq_key(seq) >> SEQ_BLOCK_BITS
+}
+
+/// Turns one device's new readings (any order) into chunk rows: one per bucket and seq block
+/// they fall in (readings without seq apart), split every [`CHUNK_ROWS`], each sorted by `(ts,
+/// rid)`. Appends them to `out`.
 pub(super) fn build<'a>(device_id: &'a str, mut rows: Vec<StoredRow>, out: &mut Vec<ChunkRow<'a>>) {
-    rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
+    let group = |r: &StoredRow| (bucket_of(r.ts_ms), r.seq.map(seq_block));
+    rows.sort_unstable_by_key(|r| (group(r), r.ts_ms, r.rid));
     let mut rest = &rows[..];
     while let Some(first) = rest.first() {
-        let bucket = bucket_of(first.ts_ms);
+        let key = group(first);
         let same = rest
             .iter()
             .take(CHUNK_ROWS)
-            .take_while(|r| bucket_of(r.ts_ms) == bucket)
+            .take_while(|r| group(r) == key)
             .count();
         let (part, tail) = rest.split_at(same);
         rest = tail;
         let keys = part.iter().filter_map(|r| r.seq.map(seq_key));
         out.push(ChunkRow {
             device_id,
-            bucket,
+            bucket: key.0,
             rid: part.iter().map(|r| r.rid as i64).min().unwrap_or(0),
             min_seq: keys.clone().min(),
             max_seq: keys.max(),

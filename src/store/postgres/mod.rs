@@ -202,13 +202,16 @@ const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last
      ON CONFLICT (device_id) DO NOTHING";
 
 /// Which of these `(device, seq key)` pairs a stored chunk already holds: the dedupe of
-/// readings at or below their device's high-water mark (late ones and re-sends). The
-/// device rows are locked, so every chunk of these devices committed before is visible.
-/// A lateral subquery per pair, so that each is an index scan of `chunks_device_seq` from its
-/// seq up (a semi-join would let the planner scan the whole table).
+/// readings at or below their device's high-water mark (late ones and re-sends). The device
+/// rows are locked, so every chunk of these devices committed before is visible. A lateral
+/// subquery per pair: an index scan of `chunks_device_seq` over the max_seqs from the seq to
+/// the end of its block (`k | 15`), at most 16 chunks (see `chunks::SEQ_BLOCK_BITS`). (As a
+/// semi-join the planner scanned the whole table; bounded by `max_seq >= k` alone, a back-fill
+/// read every chunk above the seq.)
 const STORED_SEQS: &str = "SELECT q.id, q.k FROM unnest($1::text[], $2::int8[]) AS q(id, k)
      CROSS JOIN LATERAL (SELECT 1 FROM chunks c
-                         WHERE c.device_id = q.id AND c.max_seq >= q.k AND c.min_seq <= q.k
+                         WHERE c.device_id = q.id AND c.max_seq >= q.k
+                           AND c.max_seq <= (q.k | $3) AND c.min_seq <= q.k
                            AND (q.k # (-9223372036854775808)) = ANY (c.seqs)
                          LIMIT 1) AS hit";
 
@@ -624,9 +627,10 @@ impl PgStore {
             .collect();
         if !late.is_empty() {
             let (late_ids, late_keys): (Vec<&str>, Vec<i64>) = late.into_iter().unzip();
+            let block_mask: i64 = (1 << chunks::SEQ_BLOCK_BITS) - 1;
             let stored_seqs = tx.prepare_cached(STORED_SEQS).await?;
             let stored: foldhash::HashSet<(String, i64)> = tx
-                .query(&stored_seqs, &[&late_ids, &late_keys])
+                .query(&stored_seqs, &[&late_ids, &late_keys, &block_mask])
                 .await?
                 .iter()
                 .map(|row| (row.get(0), row.get(1)))

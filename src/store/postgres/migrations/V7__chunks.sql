@@ -10,9 +10,10 @@
 --
 -- Dedupe stays exact across replicas and all time, without a unique index: every commit locks
 -- its devices' rows (SELECT ... FOR UPDATE, in id order) before it decides which readings are
--- new. A seq above the device's `max_seq` is new; one at or below it is looked up in the
--- device's chunks whose seq range covers it (`chunks_device_seq`), which only late readings
--- and re-sends need. Whoever commits a device's chunk holds that device's row lock until its
+-- new. A seq at or below it (a late reading or a re-send) is looked up through
+-- `chunks_device_seq`: every chunk's seqs lie in one block of 16 seq keys, so a chunk holding
+-- seq k has its max_seq between k and the end of k's block, and a device stores each seq once,
+-- so that range holds at most 16 chunks however long the device's history. Whoever commits a device's chunk holds that device's row lock until its
 -- COMMIT, so the lookup sees every chunk committed before.
 CREATE TABLE chunks (
     device_id text   COLLATE "C" NOT NULL,
@@ -22,7 +23,8 @@ CREATE TABLE chunks (
     -- The smallest reading id in the chunk: unique, and the order of chunks within a minute.
     rid       bigint NOT NULL,
     -- The lowest and highest seq of the chunk as order-preserving keys (the u64 with its top
-    -- bit flipped, so bigint order is u64 order); NULL when no reading of it has a seq.
+    -- bit flipped, so bigint order is u64 order), both in one block of 16 keys (key >> 4);
+    -- NULL when no reading of the chunk has a seq (then none has).
     min_seq   bigint,
     max_seq   bigint,
     -- Every reading's seq, in the chunk's row order, bit-cast from u64 as version 6 stored it
@@ -38,7 +40,8 @@ ALTER TABLE chunks ALTER COLUMN body SET STORAGE EXTERNAL;
 
 -- A device's minutes in order: queries (both directions, paged by (bucket, rid)) and retention.
 CREATE INDEX chunks_device_bucket ON chunks (device_id, bucket, rid);
--- Dedupe of late readings and re-sends: the chunks whose seq range may hold a given seq.
+-- Dedupe of late readings and re-sends: the chunks whose max_seq lies between a seq and the
+-- end of its block (at most 16 per device).
 CREATE INDEX chunks_device_seq ON chunks (device_id, max_seq) WHERE max_seq IS NOT NULL;
 
 -- Reading ids: each commit draws one value and numbers its readings below it
