@@ -553,8 +553,8 @@ impl PgStore {
         // Prepared once per connection: each statement is then one round trip, not two.
         let lock_devices = tx.prepare_cached(LOCK_DEVICES).await?;
 
-        // Lock every device of the commit, in id order (rows for new devices first), and
-        // draw the commit's number, in one round trip.
+        // Lock every known device of the commit, in id order, and draw the commit's number,
+        // in one round trip; then insert and lock rows for the devices seen for the first time.
         let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -672,7 +672,15 @@ impl PgStore {
             if d.new.is_empty() {
                 continue;
             }
-            let mut latest = latest_from_json(&d.stored_latest).unwrap_or_default();
+            // A row written by hand that does not parse starts afresh, said in the log.
+            let mut latest = latest_from_json(&d.stored_latest).unwrap_or_else(|e| {
+                static LATEST: crate::telemetry::log_limit::LogLimit =
+                    crate::telemetry::log_limit::LogLimit::new();
+                if let Some(suppressed) = LATEST.event() {
+                    tracing::warn!(device = %id, error = %e, suppressed, "postgres: unreadable devices.latest; replaced by this commit's values");
+                }
+                Vec::new()
+            });
             let mut last_ts = d.last_ts;
             let mut max_seq = d.max_seq;
             for r in &d.new {
