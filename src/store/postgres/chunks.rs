@@ -1,9 +1,9 @@
 //! The `chunks` table of the PostgreSQL backend (schema version 7): commit → **chunk rows** →
 //! queries, aggregation and retention.
 //!
-//! A group commit writes one row per device and minute it brings new readings for, holding
-//! those readings in the embedded store's chunk format ([`chunk::encode`], sorted by `(ts,
-//! rid)`), instead of one row per reading. Reading a device's range walks its chunk rows in
+//! A group commit writes one row per device and minute it brings new readings for (and per
+//! block of 16 seqs, see [`SEQ_BLOCK_BITS`]), holding those readings in the embedded store's
+//! chunk format ([`chunk::encode`], sorted by `(ts, rid)`), instead of one row per reading. Reading a device's range walks its chunk rows in
 //! `(bucket, rid)` order through the `(device_id, bucket, rid)` index, a page at a time, and
 //! decodes them; every reading of a bucket lies in that minute, so once a later bucket comes
 //! up, everything before it is complete.
