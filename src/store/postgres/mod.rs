@@ -194,9 +194,10 @@ async fn stored_schema_version(client: &tokio_postgres::Client) -> Result<Option
 const LOCK_DEVICES: &str = "SELECT device_id, max_seq, last_ts_ms, latest FROM devices
      WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE";
 
-/// Rows for devices seen for the first time, in id order, so that [`LOCK_DEVICES`] can lock
-/// them. Filled in by [`UPDATE_DEVICES`] before the same commit ends; another replica that
-/// inserts the same device at the same time waits for this transaction, then skips it.
+/// Rows for devices not known to exist, in id order, inserted before [`LOCK_DEVICES`] locks
+/// them with the others. Filled in by [`UPDATE_DEVICES`] before the same commit ends; another
+/// replica that inserts the same device at the same time waits for this transaction, then
+/// skips it.
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, last_seen_ms, last_ts_ms, latest)
      SELECT id, 0, -9223372036854775808, '{}' FROM unnest($1::text[]) AS u(id) ORDER BY id
      ON CONFLICT (device_id) DO NOTHING";
@@ -293,8 +294,13 @@ impl Drop for Driver {
 pub struct PgStore {
     /// Drives the pool's connections.
     driver: Arc<Driver>,
-    /// The commits' own two connections (one commit at a time, and the health check).
+    /// The commits' own connections (one per shard of a commit, and the health check).
     pool: Pool,
+    /// Hashes of the device ids known to have a row (read at open, or committed since): a
+    /// commit inserts the rows of the others before it locks any, so that all its locks are
+    /// taken in id order. A hash collision only sends a new device down the slower path that
+    /// inserts after locking (deadlock-prone with other replicas, retried).
+    known: std::sync::Mutex<foldhash::HashSet<u64>>,
     /// Retention settings.
     settings: StorageSettings,
     /// Retention and commit-retry counters.
@@ -396,6 +402,9 @@ impl PgStore {
                 next_retention: Instant::now(),
                 sweeping: Arc::new(AtomicBool::new(false)),
                 last_health: Instant::now(),
+                known: std::sync::Mutex::new(
+                    devices.iter().map(|d| id_hash(&d.device_id)).collect(),
+                ),
             },
             devices,
         ))
@@ -517,6 +526,11 @@ impl From<tokio_postgres::Error> for Attempt {
     }
 }
 
+/// A device id's hash in [`PgStore::known`].
+fn id_hash(id: &str) -> u64 {
+    std::hash::BuildHasher::hash_one(&foldhash::fast::FixedState::with_seed(0), id)
+}
+
 /// What one commit knows and decides about one of its devices.
 struct DeviceCommit {
     /// The locked row's seq high-water mark (a [`seq_key`]), `None` before any seq.
@@ -553,11 +567,25 @@ impl PgStore {
         // Prepared once per connection: each statement is then one round trip, not two.
         let lock_devices = tx.prepare_cached(LOCK_DEVICES).await?;
 
-        // Lock every known device of the commit, in id order, and draw the commit's number,
-        // in one round trip; then insert and lock rows for the devices seen for the first time.
+        // Lock every device of the commit, in id order, and draw the commit's number, in one
+        // round trip.
         let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
+        // Rows for devices not known to exist, inserted before any lock is taken (in id
+        // order, like the locks): a row inserted after locking others could be one another
+        // replica has just inserted and locked, and the two would deadlock.
+        let unknown: Vec<&str> = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter()
+                .copied()
+                .filter(|id| !known.contains(&id_hash(id)))
+                .collect()
+        };
+        if !unknown.is_empty() {
+            let insert = tx.prepare_cached(INSERT_DEVICES).await?;
+            tx.execute(&insert, &[&unknown]).await?;
+        }
         let next_commit = tx
             .prepare_cached("SELECT nextval('reading_commits')")
             .await?;
@@ -569,6 +597,7 @@ impl PgStore {
         let mut locked = locked?;
         let rid_base = number?.get::<_, i64>(0).saturating_mul(COMMIT_RIDS as i64);
         if locked.len() < ids.len() {
+            // Only after a hash collision in `known`: insert after locking.
             let found: foldhash::HashSet<&str> = locked.iter().map(|r| r.get(0)).collect();
             let missing: Vec<&str> = ids
                 .iter()
@@ -716,6 +745,10 @@ impl PgStore {
             .await?;
         }
         tx.commit().await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids.iter().map(|id| id_hash(id)));
         Ok(flags)
     }
 
@@ -833,11 +866,7 @@ impl Store for PgStore {
         };
         let mut parts: Vec<(Vec<usize>, Vec<&Reading>)> = vec![Default::default(); shards];
         for (i, r) in readings.iter().enumerate() {
-            let shard = (std::hash::BuildHasher::hash_one(
-                &foldhash::fast::FixedState::with_seed(0),
-                r.device_id.as_str(),
-            ) as usize)
-                % shards;
+            let shard = (id_hash(r.device_id.as_str()) as usize) % shards;
             parts[shard].0.push(i);
             parts[shard].1.push(r);
         }
