@@ -1151,32 +1151,27 @@ fn postgres_retention_deletes_expired_readings() {
     );
 }
 
-/// Replicas committing overlapping devices with late (out-of-order) readings at the same time
-/// never deadlock: every commit succeeds, and device state ends as the per-metric newest value.
-/// (Device rows used to be locked in two phases, update then insert, and deadlocked here.)
-#[test]
-fn postgres_replicas_with_late_readings_do_not_deadlock() {
-    const REPLICAS: u64 = 6;
-    const ROUNDS: u64 = 25;
-    let b = Arc::new(Postgres::new());
-    let handles: Vec<_> = (0..REPLICAS)
+/// `replicas` stores on `b`'s database, each on its own thread, committing `batch(replica,
+/// round)` for every round; each commit's answer goes to `check(round, flags)`.
+fn replicas_commit(
+    b: &Arc<Postgres>,
+    replicas: u64,
+    rounds: u64,
+    batch: fn(u64, u64) -> Vec<Reading>,
+    check: fn(u64, &[bool]),
+) {
+    let handles: Vec<_> = (0..replicas)
         .map(|r| {
             let b = b.clone();
             std::thread::spawn(move || {
                 let mut s = b.open().store;
-                for round in 0..ROUNDS {
-                    // 20 shared devices, 3 readings each, ts scattered up to an hour back.
-                    let batch: Vec<Reading> = (0..60u64)
-                        .map(|i| {
-                            let seq = (r * 1000 + round) * 100 + i;
-                            let ts = T0 - ((seq * 7919) % 3_600_000) as i64;
-                            let dev = format!("shared{}", (i * 7 + r * 3 + round) % 20);
-                            reading(&dev, Some(seq), ts, vec![("v", MetricValue::Int(ts))])
-                        })
-                        .collect();
-                    let refs: Vec<&Reading> = batch.iter().collect();
-                    s.commit(&refs, sluice::reading::now_ms())
+                for round in 0..rounds {
+                    let readings = batch(r, round);
+                    let refs: Vec<&Reading> = readings.iter().collect();
+                    let flags = s
+                        .commit(&refs, sluice::reading::now_ms())
                         .expect("no deadlock, no failed commit");
+                    check(round, &flags);
                 }
             })
         })
@@ -1184,6 +1179,28 @@ fn postgres_replicas_with_late_readings_do_not_deadlock() {
     for h in handles {
         h.join().expect("replica thread");
     }
+}
+
+/// Replicas committing overlapping devices with late (out-of-order) readings at the same time
+/// never deadlock: every commit succeeds, and device state ends as the per-metric newest value.
+/// (Device rows used to be locked in two phases, update then insert, and deadlocked here.)
+#[test]
+fn postgres_replicas_with_late_readings_do_not_deadlock() {
+    const REPLICAS: u64 = 6;
+    const ROUNDS: u64 = 25;
+    // 20 shared devices, 3 readings each, ts scattered up to an hour back.
+    fn batch(r: u64, round: u64) -> Vec<Reading> {
+        (0..60u64)
+            .map(|i| {
+                let seq = (r * 1000 + round) * 100 + i;
+                let ts = T0 - ((seq * 7919) % 3_600_000) as i64;
+                let dev = format!("shared{}", (i * 7 + r * 3 + round) % 20);
+                reading(&dev, Some(seq), ts, vec![("v", MetricValue::Int(ts))])
+            })
+            .collect()
+    }
+    let b = Arc::new(Postgres::new());
+    replicas_commit(&b, REPLICAS, ROUNDS, batch, |_, _| {});
     assert_eq!(
         b.db.sql("SELECT count(*) FROM readings"),
         (REPLICAS * ROUNDS * 60).to_string()
@@ -1192,12 +1209,11 @@ fn postgres_replicas_with_late_readings_do_not_deadlock() {
     let mut newest: std::collections::BTreeMap<String, i64> = Default::default();
     for r in 0..REPLICAS {
         for round in 0..ROUNDS {
-            for i in 0..60u64 {
-                let seq = (r * 1000 + round) * 100 + i;
-                let ts = T0 - ((seq * 7919) % 3_600_000) as i64;
-                let dev = format!("shared{}", (i * 7 + r * 3 + round) % 20);
-                let slot = newest.entry(dev).or_insert(i64::MIN);
-                *slot = (*slot).max(ts);
+            for reading in batch(r, round) {
+                let slot = newest
+                    .entry(reading.device_id.to_string())
+                    .or_insert(i64::MIN);
+                *slot = (*slot).max(reading.ts_ms);
             }
         }
     }
@@ -1220,43 +1236,32 @@ fn postgres_replicas_with_late_readings_do_not_deadlock() {
 /// out of order, and PostgreSQL broke the cycle after `deadlock_timeout`, a second.)
 #[test]
 fn postgres_replicas_creating_the_same_devices_take_locks_in_order() {
-    const REPLICAS: usize = 8;
-    const ROUNDS: usize = 60;
-    let b = Arc::new(Postgres::new());
-    let handles: Vec<_> = (0..REPLICAS)
-        .map(|r| {
-            let b = b.clone();
-            std::thread::spawn(move || {
-                let mut s = b.open().store;
-                for round in 0..ROUNDS {
-                    // Devices of this round and the next (new to all, and created by whichever
-                    // replica gets there first) and 100 that exist, interleaved, each replica
-                    // its own mix and its own seqs: 200 readings. Replicas run unaligned.
-                    let pick = |i: usize| (i * 7 + r * 31 + round * 13) % 200;
-                    let batch: Vec<Reading> = (0..200usize)
-                        .map(|i| {
-                            let dev = match i % 4 {
-                                0 => format!("n{round}-{}", pick(i)),
-                                1 => format!("n{}-{}", round + 1, pick(i)),
-                                _ => format!("known-{}", pick(i)),
-                            };
-                            let seq = (round * REPLICAS + r) as u64;
-                            reading(&dev, Some(seq), T0, vec![("v", MetricValue::Int(1))])
-                        })
-                        .collect();
-                    let refs: Vec<&Reading> = batch.iter().collect();
-                    let flags = s.commit(&refs, sluice::reading::now_ms()).expect("commit");
-                    assert!(
-                        flags.iter().all(|f| *f),
-                        "round {round}: every reading is new"
-                    );
-                }
+    const REPLICAS: u64 = 8;
+    const ROUNDS: u64 = 60;
+    // Devices of this round and the next (new to all, and created by whichever replica gets
+    // there first) and 100 that exist, interleaved, each replica its own mix and its own
+    // seqs: 200 readings. Replicas run unaligned.
+    fn batch(r: u64, round: u64) -> Vec<Reading> {
+        let pick = |i: u64| (i * 7 + r * 31 + round * 13) % 200;
+        (0..200u64)
+            .map(|i| {
+                let dev = match i % 4 {
+                    0 => format!("n{round}-{}", pick(i)),
+                    1 => format!("n{}-{}", round + 1, pick(i)),
+                    _ => format!("known-{}", pick(i)),
+                };
+                let seq = round * REPLICAS + r;
+                reading(&dev, Some(seq), T0, vec![("v", MetricValue::Int(1))])
             })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("replica thread");
+            .collect()
     }
+    let b = Arc::new(Postgres::new());
+    replicas_commit(&b, REPLICAS, ROUNDS, batch, |round, flags| {
+        assert!(
+            flags.iter().all(|f| *f),
+            "round {round}: every reading is new"
+        );
+    });
     assert_eq!(
         b.metrics
             .store_commit_retries
