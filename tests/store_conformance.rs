@@ -750,6 +750,69 @@ fn sqlite_nothing_committed_on_error() {
     );
 }
 
+/// Generations that queue up behind a slow compaction are compacted together, in one
+/// transaction, and the answer is the same as one by one: every reading once, in order,
+/// duplicates found in the merged chunks, and device state from every generation.
+#[test]
+fn sqlite_compacts_queued_generations_together() {
+    let b = Sqlite::with(|s| {
+        // Each compaction takes at least 2 × 150 ms; sealing every 10 readings makes six
+        // generations in a few ms, so five of them wait behind the first.
+        s.compaction_pause = Duration::from_millis(150);
+        s.journal_seal_readings = 10;
+        s.compaction_interval = Duration::from_secs(3600);
+    });
+    let mut s = b.open().store;
+    let gens = 6u64;
+    // Three devices; each generation holds readings of all three, and device "q2" takes its
+    // newest `hum` from the first generation only.
+    for g in 0..gens {
+        let batch: Vec<Reading> = (0..10u64)
+            .map(|i| {
+                let seq = g * 10 + i + 1;
+                let dev = format!("q{}", seq % 3);
+                let mut metrics = vec![("v", MetricValue::Int(seq as i64))];
+                if g == 0 && dev == "q2" {
+                    metrics.push(("hum", MetricValue::Float(0.5)));
+                }
+                reading(&dev, Some(seq), T0 + seq as i64 * 1000, metrics)
+            })
+            .collect();
+        assert!(commit(&mut *s, &batch).iter().all(|&new| new));
+    }
+    b.settle(&mut *s);
+    let compactions = b.metrics.store_compaction_seconds.get_sample_count();
+    assert!(
+        compactions < gens,
+        "{compactions} compactions for {gens} queued generations: none was batched"
+    );
+    assert_eq!(b.metrics.store_compacted_readings.get(), gens * 10);
+    let expect = |d: u64| -> Vec<u64> { (1..=gens * 10).filter(|q| q % 3 == d).collect() };
+    for d in 0..3 {
+        let rows = query(&*s, &format!("q{d}"), Order::Asc, 1000).expect("known");
+        assert_eq!(seqs(&rows), expect(d), "device q{d}");
+        let desc = query(&*s, &format!("q{d}"), Order::Desc, 5).expect("known");
+        let mut newest = expect(d);
+        newest.reverse();
+        newest.truncate(5);
+        assert_eq!(seqs(&desc), newest, "device q{d}, newest first");
+    }
+    // Resends from the first and last generations are duplicates; a gap is new.
+    let resend = [simple("q1", 1), simple("q0", 60), simple("q2", 58)];
+    assert_eq!(commit(&mut *s, &resend), [false, false, true]);
+    drop(s);
+    let opened = b.open();
+    let q2 = opened
+        .devices
+        .iter()
+        .find(|d| d.device_id == "q2")
+        .expect("restored");
+    let by_name = |n: &str| q2.metrics.iter().find(|m| m.0 == n).map(|m| m.1);
+    assert_eq!(by_name("hum"), Some(MetricValue::Float(0.5)));
+    assert_eq!(by_name("v"), Some(MetricValue::Int(59)));
+    assert_eq!(q2.last_ts_ms, T0 + 59_000);
+}
+
 /// Retention drops old chunks and keeps newer ones. A seq below a dropped one that was never
 /// stored (a device whose counter restarted) is new, not a duplicate.
 #[test]

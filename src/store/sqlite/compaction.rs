@@ -1,14 +1,18 @@
 //! Compaction and retention: journal → **chunks**, in the background, on their own thread and
 //! SQLite connection. Commits never wait for this thread; they do not touch SQLite.
 //!
-//! Compacting a sealed generation is one SQLite transaction:
-//! 1. for each device of the generation (in name order), decode its readings, sort them by
-//!    `(ts, rid)`, and insert them as chunks (`schema::insert_chunks`);
+//! Compacting a sealed generation, or a batch of them (those that queued up while the last
+//! compaction ran, oldest first; see [`MAX_BATCH_GENS`]), is one SQLite transaction:
+//! 1. for each device of the batch (in name order), decode its readings from every generation
+//!    of the batch, sort them by `(ts, rid)`, and insert them as chunks
+//!    (`schema::insert_chunks`), each naming the batch's last generation;
 //! 2. fold them into the device's row: seq high-water, true `last_seen`, newest `ts`, latest
 //!    value of every metric;
-//! 3. set `meta.compacted_gen` to the generation, and commit;
-//! 4. only then drop the generation from memory and delete its segment file (or, while the
-//!    NATS outbox still needs it, move it to the outbox directory first: see [`super::outbox`]).
+//! 3. set `meta.compacted_gen` to the (last) generation, and commit;
+//! 4. only then drop the batch from memory, all of it under one write lock (a query skips
+//!    chunks of generations it found in memory, so it must find all of a batch or none), and
+//!    delete the segment files (or, while the NATS outbox still needs them, move them to the
+//!    outbox directory first: see [`super::outbox`]).
 //!
 //! A crash before 3 leaves the segment, which start-up replays and compacts again; a crash
 //! after 3 leaves a segment at or below `compacted_gen`, which start-up deletes. Either way each
@@ -46,6 +50,14 @@ use crate::telemetry::metrics::Metrics;
 
 /// How long a failed compaction waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// Most sealed generations compacted together. A compaction's cost is mostly per device
+/// (its row read and written, a chunk and its index entries, its rollup buckets), so when
+/// generations queue up behind a compaction, as they do with 100 000 devices of ~3 readings
+/// each per generation, taking them together divides that cost by their number. With one
+/// generation waiting or none, a batch is one generation, as before. Bounded so that one
+/// transaction (which holds SQLite's write lock) stays a few seconds long.
+const MAX_BATCH_GENS: usize = 8;
 
 /// Handle to the compaction thread. Dropping it stops the thread (an unfinished compaction is
 /// rolled back; its segment stays for the next start) and joins it.
@@ -201,8 +213,17 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
+            // Generations that queued up while the last compaction ran join this one: see
+            // `MAX_BATCH_GENS`.
+            let mut batch = vec![gen];
+            while batch.len() < MAX_BATCH_GENS {
+                match rx.try_recv() {
+                    Ok(gen) => batch.push(gen),
+                    Err(_) => break,
+                }
+            }
             loop {
-                match self.compact(&gen) {
+                match self.compact(&batch) {
                     Ok(()) => break,
                     Err(Abandoned::Stopping) => return,
                     Err(Abandoned::Failed(e)) => {
@@ -241,70 +262,94 @@ impl Worker {
         pause(&self.stop, d)
     }
 
-    fn compact(&mut self, gen: &Arc<Gen>) -> Result<(), Abandoned> {
+    /// Compacts `batch` (consecutive sealed generations, oldest first) in one transaction.
+    fn compact(&mut self, batch: &[Arc<Gen>]) -> Result<(), Abandoned> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
         let started = Instant::now();
+        let readings: u64 = batch.iter().map(|g| u64::from(g.readings)).sum();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut names: Vec<&String> = gen.devices.keys().collect();
+        // Every device of the batch once, in name order, with its readings from each
+        // generation.
+        let mut names: Vec<&String> = if let [gen] = batch {
+            gen.devices.keys().collect()
+        } else {
+            let set: foldhash::HashSet<&String> =
+                batch.iter().flat_map(|g| g.devices.keys()).collect();
+            set.into_iter().collect()
+        };
         names.sort_unstable();
         let mut chunks = 0usize;
-        // Per device, the highest seq this generation moves into chunks.
+        // Per device, the highest seq this batch moves into chunks.
         let mut maxima: Vec<(&String, u64)> = Vec::new();
         self.rollups.begin();
         let mut rollup_rows = 0u64;
-        for name in names {
+        let mut rows = Vec::new();
+        for name in &names {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(Abandoned::Stopping);
             }
-            let de = &gen.devices[name];
             let (id, mut state) = DeviceRow::load_or_create(&tx, name)?;
-            let mut rows = de
-                .entries
-                .iter()
-                .map(|e| gen.row(e))
-                .collect::<Result<Vec<_>, _>>()?;
+            rows.clear();
+            let mut last_seen_ms = i64::MIN;
+            for gen in batch {
+                let Some(de) = gen.devices.get(*name) else {
+                    continue;
+                };
+                for e in &de.entries {
+                    rows.push(gen.row(e)?);
+                }
+                last_seen_ms = last_seen_ms.max(de.last_seen_ms);
+            }
             rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
             for r in &rows {
-                state.absorb(r, de.last_seen_ms);
+                state.absorb(r, last_seen_ms);
             }
             if let Some(m) = rows.iter().filter_map(|r| r.seq).max() {
                 maxima.push((name, m));
             }
-            chunks += insert_chunks(&tx, id, gen.id, &rows)?;
+            // A chunk names the batch's last generation: the batch leaves memory as one (see
+            // below), which is what the reader's skip of in-memory generations relies on.
+            chunks += insert_chunks(&tx, id, last.id, &rows)?;
             rollup_rows += self.rollups.derive(&tx, id, &rows)?;
             state.write(&tx, id)?;
         }
         step(&self.stop, self.settings.compaction_pause)?;
         tx.execute(
             "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted_gen'",
-            params![gen.id as i64],
+            params![last.id as i64],
         )?;
         tx.commit()?;
         self.rollups.committed();
         self.metrics.rollup_rows_written.inc_by(rollup_rows);
         step(&self.stop, self.settings.compaction_pause)?;
         let dir = self.settings.journal_dir();
-        let seg = journal::segment_path(&dir, gen.id);
-        // Moved before the generation leaves memory, so the publisher finds it in one place.
-        // The chunks are committed: a failure from here on must not redo this compaction. If
-        // the move fails, the generation stays in memory (queries skip its chunks, and the
-        // publisher reads it there) and start-up moves the segment.
-        let kept = match &self.outbox {
-            Some(o) if !o.published(gen.id, gen.readings) => {
-                if let Err(e) = o.keep(&seg, gen.id, gen.readings) {
-                    // The same for every generation while it lasts.
-                    static KEEP: crate::telemetry::log_limit::LogLimit =
-                        crate::telemetry::log_limit::LogLimit::new();
-                    if let Some(suppressed) = KEEP.event() {
-                        tracing::error!(segment = %seg.display(), error = %e, suppressed, "cannot move a compacted segment to the NATS outbox; it stays in memory until restart");
+        // Each segment is moved before the batch leaves memory, so the publisher finds it in
+        // one place. The chunks are committed: a failure from here on must not redo this
+        // compaction. If a move fails, the whole batch stays in memory (queries skip its
+        // chunks, and the publisher reads it there) and start-up moves the segment.
+        let mut kept = Vec::with_capacity(batch.len());
+        for gen in batch {
+            let seg = journal::segment_path(&dir, gen.id);
+            match &self.outbox {
+                Some(o) if !o.published(gen.id, gen.readings) => {
+                    if let Err(e) = o.keep(&seg, gen.id, gen.readings) {
+                        // The same for every generation while it lasts.
+                        static KEEP: crate::telemetry::log_limit::LogLimit =
+                            crate::telemetry::log_limit::LogLimit::new();
+                        if let Some(suppressed) = KEEP.event() {
+                            tracing::error!(segment = %seg.display(), error = %e, suppressed, "cannot move a compacted segment to the NATS outbox; it stays in memory until restart");
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
+                    kept.push(true);
                 }
-                true
+                _ => kept.push(false),
             }
-            _ => false,
-        };
+        }
         {
             let mut st = self.shared.write().expect("journal lock");
             for (name, m) in &maxima {
@@ -315,11 +360,15 @@ impl Worker {
                     }
                 }
             }
-            st.sealed.retain(|g| g.id != gen.id);
+            st.sealed.retain(|g| !batch.iter().any(|b| b.id == g.id));
             self.metrics.store_journal_readings.set(st.held() as i64);
         }
         // A file left behind is deleted at the next start (its generation is compacted).
-        if !kept {
+        for (gen, kept) in batch.iter().zip(kept) {
+            if kept {
+                continue;
+            }
+            let seg = journal::segment_path(&dir, gen.id);
             if let Err(e) = std::fs::remove_file(&seg) {
                 static REMOVE: crate::telemetry::log_limit::LogLimit =
                     crate::telemetry::log_limit::LogLimit::new();
@@ -332,16 +381,14 @@ impl Worker {
         self.metrics
             .store_compaction_seconds
             .observe(elapsed.as_secs_f64());
-        self.metrics
-            .store_compacted_readings
-            .inc_by(u64::from(gen.readings));
+        self.metrics.store_compacted_readings.inc_by(readings);
         tracing::debug!(
-            gen = gen.id,
-            readings = gen.readings,
-            devices = gen.devices.len(),
+            gens = ?batch.iter().map(|g| g.id).collect::<Vec<_>>(),
+            readings,
+            devices = names.len(),
             chunks,
             elapsed_ms = elapsed.as_millis() as u64,
-            "journal generation compacted"
+            "journal generations compacted"
         );
         Ok(())
     }

@@ -38,17 +38,45 @@ const HEADER: usize = 12;
 /// could make it allocate.
 const MAX_FRAME: usize = 1 << 30;
 
-/// One reading's place in a generation, kept per device.
+/// One reading's place in a generation, kept per device: 24 bytes, since a generation with
+/// 100 000 devices holds one of these for every reading plus each device's `Vec` slack.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     /// Device timestamp, epoch ms.
     pub ts_ms: i64,
-    /// The device's seq, if any.
-    pub seq: Option<u64>,
-    /// Index of the reading in its generation; `rid = gen << 32 | idx`.
-    pub idx: u32,
+    /// The device's seq; meaningful only when [`HAS_SEQ`] is set in `idx_flags`.
+    seq: u64,
+    /// Index of the reading in its generation (`rid = gen << 32 | idx`), with [`HAS_SEQ`] in
+    /// the top bit. A generation holds far fewer than 2^31 readings: it is sealed at
+    /// `storage.journal_seal_readings` or 1 GiB of arena, and a reading takes at least 20 bytes.
+    idx_flags: u32,
     /// Offset of the reading's encoding in the generation's arena.
     pub off: u32,
+}
+
+/// The bit of [`Entry::idx_flags`] that says the reading has a seq.
+const HAS_SEQ: u32 = 1 << 31;
+
+impl Entry {
+    fn new(ts_ms: i64, seq: Option<u64>, idx: u32, off: u32) -> Self {
+        debug_assert!(idx < HAS_SEQ, "generation index {idx} out of range");
+        Self {
+            ts_ms,
+            seq: seq.unwrap_or(0),
+            idx_flags: idx | if seq.is_some() { HAS_SEQ } else { 0 },
+            off,
+        }
+    }
+
+    /// Index of the reading in its generation.
+    pub fn idx(&self) -> u32 {
+        self.idx_flags & !HAS_SEQ
+    }
+
+    /// The device's seq, if it gave one.
+    pub fn seq(&self) -> Option<u64> {
+        (self.idx_flags & HAS_SEQ != 0).then_some(self.seq)
+    }
 }
 
 /// What one generation holds for one device.
@@ -90,8 +118,9 @@ impl Gen {
     /// Decodes the reading at `e` (its device is the key it is filed under).
     pub fn row(&self, e: &Entry) -> Result<StoredRow, StoreError> {
         let mut d = Dec::new(&self.arena[e.off as usize..]);
-        let (_, row) = decode_reading(&mut d, self.rid(e.idx))?;
-        Ok(row)
+        let n = d.u8()? as usize;
+        d.take(n)?; // the device: the caller knows it
+        decode_row(&mut d, self.rid(e.idx()))
     }
 
     /// The encoded bytes of the reading at `e` (to decode later, outside a lock).
@@ -136,7 +165,7 @@ impl Gen {
     pub fn contains(&self, device: &str, seq: u64) -> bool {
         self.devices
             .get(device)
-            .is_some_and(|d| d.entries.iter().any(|e| e.seq == Some(seq)))
+            .is_some_and(|d| d.entries.iter().any(|e| e.seq() == Some(seq)))
     }
 
     /// Files one encoded reading (already in the arena at `off`).
@@ -147,12 +176,7 @@ impl Gen {
             Some(s) => s,
             None => self.devices.entry(device.to_owned()).or_default(),
         };
-        slot.entries.push(Entry {
-            ts_ms,
-            seq,
-            idx,
-            off,
-        });
+        slot.entries.push(Entry::new(ts_ms, seq, idx, off));
         slot.last_seen_ms = slot.last_seen_ms.max(commit_ms);
     }
 }
@@ -488,6 +512,11 @@ fn skip_reading(d: &mut Dec<'_>) -> Result<(), StoreError> {
 /// Decodes one reading: its device and the row (with `rid`).
 fn decode_reading(d: &mut Dec<'_>, rid: u64) -> Result<(String, StoredRow), StoreError> {
     let device = d.str8()?.to_owned();
+    Ok((device, decode_row(d, rid)?))
+}
+
+/// Decodes a reading's encoding after its device.
+fn decode_row(d: &mut Dec<'_>, rid: u64) -> Result<StoredRow, StoreError> {
     let ts_ms = d.i64()?;
     let seq = match d.u8()? {
         0 => None,
@@ -510,16 +539,13 @@ fn decode_reading(d: &mut Dec<'_>, rid: u64) -> Result<(String, StoredRow), Stor
             .to_owned();
         tags.push((k, v));
     }
-    Ok((
-        device,
-        StoredRow {
-            rid,
-            ts_ms,
-            seq,
-            metrics,
-            tags,
-        },
-    ))
+    Ok(StoredRow {
+        rid,
+        ts_ms,
+        seq,
+        metrics,
+        tags,
+    })
 }
 
 /// Appends a string of at most 255 bytes with a one-byte length.

@@ -102,7 +102,7 @@ impl SqliteReader {
                 known = true;
                 for e in picked {
                     let b = st.active.bytes(e)?;
-                    copied.push((st.active.rid(e.idx), bytes.len(), bytes.len() + b.len()));
+                    copied.push((st.active.rid(e.idx()), bytes.len(), bytes.len() + b.len()));
                     bytes.extend_from_slice(b);
                 }
             }
@@ -132,10 +132,10 @@ fn pick<'g>(gen: &'g Gen, q: &ReadingsQuery) -> Option<Vec<&'g Entry>> {
     let mut c: Vec<&Entry> = de
         .entries
         .iter()
-        .filter(|e| q.wanted(e.ts_ms, gen.rid(e.idx)))
+        .filter(|e| q.wanted(e.ts_ms, gen.rid(e.idx())))
         .collect();
     if q.metric.is_none() && c.len() > q.limit {
-        let key = |e: &&Entry| (e.ts_ms, e.idx);
+        let key = |e: &&Entry| (e.ts_ms, e.idx());
         match q.order {
             Order::Asc => c.select_nth_unstable_by_key(q.limit, key),
             Order::Desc => c.select_nth_unstable_by_key(q.limit, |e| std::cmp::Reverse(key(e))),
