@@ -319,7 +319,7 @@ impl Metrics {
                 let h = Histogram::with_opts(
                     HistogramOpts::new(
                         "sluice_store_compaction_seconds",
-                        "Time to compact a batch of journal generations (one, or those that queued up, up to 8) into chunks.",
+                        "Time to compact a batch of journal generations (one, or those that queued up, up to 4) into chunks.",
                     )
                     .buckets(exponential_buckets(0.005, 2.0, 14).expect("valid buckets")),
                 )

@@ -5,7 +5,7 @@
 //! compaction ran, oldest first; see [`MAX_BATCH_GENS`]), is one SQLite transaction:
 //! 1. for each device of the batch (in name order), decode its readings from every generation
 //!    of the batch, sort them by `(ts, rid)`, and insert them as chunks
-//!    (`schema::insert_chunks`), each naming the batch's last generation;
+//!    (`schema::insert_chunks`), each naming the batch's first generation;
 //! 2. fold them into the device's row: seq high-water, true `last_seen`, newest `ts`, latest
 //!    value of every metric;
 //! 3. set `meta.compacted_gen` to the (last) generation, and commit;
@@ -56,8 +56,10 @@ const RETRY: Duration = Duration::from_secs(1);
 /// generations queue up behind a compaction, as they do with 100 000 devices of ~3 readings
 /// each per generation, taking them together divides that cost by their number. With one
 /// generation waiting or none, a batch is one generation, as before. Bounded so that one
-/// transaction (which holds SQLite's write lock) stays a few seconds long.
-const MAX_BATCH_GENS: usize = 8;
+/// transaction, which holds SQLite's write lock, stays under the 5 s `busy_timeout` that the
+/// other writers (tokens, alert states) wait: four generations of 100 000 devices took 3.7 to
+/// 4.3 s on the 2-core bench machine.
+const MAX_BATCH_GENS: usize = 4;
 
 /// Handle to the compaction thread. Dropping it stops the thread (an unfinished compaction is
 /// rolled back; its segment stays for the next start) and joins it.
@@ -264,7 +266,7 @@ impl Worker {
 
     /// Compacts `batch` (consecutive sealed generations, oldest first) in one transaction.
     fn compact(&mut self, batch: &[Arc<Gen>]) -> Result<(), Abandoned> {
-        let Some(last) = batch.last() else {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return Ok(());
         };
         let started = Instant::now();
@@ -311,9 +313,14 @@ impl Worker {
             if let Some(m) = rows.iter().filter_map(|r| r.seq).max() {
                 maxima.push((name, m));
             }
-            // A chunk names the batch's last generation: the batch leaves memory as one (see
-            // below), which is what the reader's skip of in-memory generations relies on.
-            chunks += insert_chunks(&tx, id, last.id, &rows)?;
+            // A chunk names the batch's *first* generation. A query notes the generations in
+            // memory, copies their rows, then reads chunks, skipping those named after a
+            // generation it noted. If it noted the first, it copied every row of the batch
+            // that existed then (the batch leaves memory as one, below); if not, the batch
+            // had left memory before, or was all sealed after it looked. Naming the last
+            // would let a query that noted the first generation while it was still active
+            // read the chunk too, and return those rows twice.
+            chunks += insert_chunks(&tx, id, first.id, &rows)?;
             rollup_rows += self.rollups.derive(&tx, id, &rows)?;
             state.write(&tx, id)?;
         }
