@@ -352,22 +352,24 @@ mod tests {
             metrics.store_compaction_seconds.get_sample_count() < 3,
             "generations 2 and 3 were not compacted in one batch; the test shows nothing"
         );
+        let second_half = |journal, in_memory: &HashSet<u64>, known| -> Vec<u64> {
+            let rows = store
+                .reader
+                .merge_chunks(&q, journal, in_memory, known)
+                .expect("query")
+                .expect("known");
+            rows.iter().map(|r| r.seq.expect("seq")).collect()
+        };
         // The query's second half: the rows it copied, and no chunk holding them again.
-        let rows = store
-            .reader
-            .merge_chunks(&q, journal, &in_memory, known)
-            .expect("query")
-            .expect("known");
-        let seqs: Vec<u64> = rows.iter().map(|r| r.seq.expect("seq")).collect();
-        assert_eq!(seqs, (0..5).collect::<Vec<u64>>());
+        assert_eq!(
+            second_half(journal, &in_memory, known),
+            (0..5).collect::<Vec<u64>>()
+        );
         // A query from now on sees all of them, once.
         let (journal, in_memory, known) = store.reader.journal_rows(&q).expect("journal rows");
-        let rows = store
-            .reader
-            .merge_chunks(&q, journal, &in_memory, known)
-            .expect("query")
-            .expect("known");
-        let seqs: Vec<u64> = rows.iter().map(|r| r.seq.expect("seq")).collect();
-        assert_eq!(seqs, (0..20).collect::<Vec<u64>>());
+        assert_eq!(
+            second_half(journal, &in_memory, known),
+            (0..20).collect::<Vec<u64>>()
+        );
     }
 }
