@@ -394,6 +394,17 @@ async fn kill_9_mid_publish_leaves_no_gap_and_no_duplicate() {
     let proc = SluiceProcess::start(data.path(), &process_env(&nats, 256));
     common::wait_ready(&client, &format!("{}/readyz", proc.url())).await;
     wait_published(&js, acked.total(), Duration::from_secs(60)).await;
+    // The stream can be whole before the restart has finished re-sending: messages the
+    // killed process had sent land after `published_before` was read. Count the restart's
+    // publications once its outbox is empty.
+    wait_until(
+        Duration::from_secs(60),
+        "the restart's outbox drained",
+        || async {
+            common::scrape_metric(&client, &proc.url(), "sluice_nats_outbox_lag", &[]).await == 0.0
+        },
+    )
+    .await;
     let republished =
         common::scrape_metric(&client, &proc.url(), "sluice_nats_published_total", &[]).await;
     // The stream drops re-sends within its duplicate window: exactly one message per reading.
