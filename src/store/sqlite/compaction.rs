@@ -276,17 +276,19 @@ impl Worker {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Every device of the batch once, in name order, with its readings from each
         // generation.
-        let mut names: Vec<&String> = if let [gen] = batch {
-            gen.devices.keys().collect()
+        let mut names: Vec<&str> = if let [gen] = batch {
+            gen.devices().map(|d| d.name()).collect()
         } else {
-            let set: foldhash::HashSet<&String> =
-                batch.iter().flat_map(|g| g.devices.keys()).collect();
+            let set: foldhash::HashSet<&str> = batch
+                .iter()
+                .flat_map(|g| g.devices().map(|d| d.name()))
+                .collect();
             set.into_iter().collect()
         };
         names.sort_unstable();
         let mut chunks = 0usize;
         // Per device, the highest seq this batch moves into chunks.
-        let mut maxima: Vec<(&String, u64)> = Vec::new();
+        let mut maxima: Vec<(&str, u64)> = Vec::new();
         self.rollups.begin();
         let mut rollup_rows = 0u64;
         let mut rows = Vec::new();
@@ -298,13 +300,13 @@ impl Worker {
             rows.clear();
             let mut last_seen_ms = i64::MIN;
             for gen in batch {
-                let Some(de) = gen.devices.get(*name) else {
+                let Some(dev) = gen.device(name) else {
                     continue;
                 };
-                for e in &de.entries {
-                    rows.push(gen.row(e)?);
+                for (idx, _) in dev.entries() {
+                    rows.push(gen.row(idx)?);
                 }
-                last_seen_ms = last_seen_ms.max(de.last_seen_ms);
+                last_seen_ms = last_seen_ms.max(dev.last_seen_ms());
             }
             rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
             for r in &rows {
@@ -363,7 +365,7 @@ impl Worker {
                 match st.compacted_max.get_mut(*name) {
                     Some(c) => *c = (*c).max(*m),
                     None => {
-                        st.compacted_max.insert((*name).clone(), *m);
+                        st.compacted_max.insert((*name).to_owned(), *m);
                     }
                 }
             }

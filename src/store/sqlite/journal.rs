@@ -18,14 +18,18 @@
 //! Integers are little-endian. A frame whose checksum fails, or that was cut short, ends the
 //! segment: it was never synced, so nothing it held was acknowledged, and recovery truncates it.
 //!
-//! In memory, a [`Gen`] (generation: one segment) keeps the readings' encodings in one arena
-//! and, per device, an index of `(ts, seq, rid, offset)`. Queries and duplicate lookups read
-//! this index; compaction turns a sealed generation into chunks, after which its segment file
-//! is deleted.
+//! In memory, a [`Gen`] (generation: one segment) keeps each reading as a compact record in
+//! one arena (metric names replaced by a per-generation dictionary id), an [`Entry`] per
+//! reading with its time, seq and a link to its device's next reading, and one slot per
+//! device. Queries and duplicate lookups follow a device's links; compaction turns sealed
+//! generations into chunks, after which their segment files are deleted.
 
 use std::fs::{File, OpenOptions};
+use std::hash::BuildHasher;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+use hashbrown::HashTable;
 
 use crate::reading::{MetricValue, Reading};
 use crate::store::{StoreError, StoredRow};
@@ -38,67 +42,141 @@ const HEADER: usize = 12;
 /// could make it allocate.
 const MAX_FRAME: usize = 1 << 30;
 
-/// One reading's place in a generation, kept per device: 24 bytes, since a generation with
-/// 100 000 devices holds one of these for every reading plus each device's `Vec` slack.
+/// One reading of a generation: 24 bytes. Entries are kept in arrival order (a reading's
+/// index in its generation is its position), and each links to its device's next reading in
+/// the generation. A per-device `Vec` would cost more than the readings at 100 000 devices,
+/// which hold about three readings each per generation.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     /// Device timestamp, epoch ms.
     pub ts_ms: i64,
-    /// The device's seq; meaningful only when [`HAS_SEQ`] is set in `idx_flags`.
+    /// The device's seq; meaningful only when [`HAS_SEQ`] is set in `next_flags`.
     seq: u64,
-    /// Index of the reading in its generation (`rid = gen << 32 | idx`), with [`HAS_SEQ`] in
-    /// the top bit. A generation holds far fewer than 2^31 readings: it is sealed at
-    /// `storage.journal_seal_readings` or 1 GiB of arena, and a reading takes at least 20 bytes.
-    idx_flags: u32,
-    /// Offset of the reading's encoding in the generation's arena.
-    pub off: u32,
+    /// Offset of the reading's record in the generation's arena.
+    off: u32,
+    /// Index of the device's next reading in this generation ([`END`] for none), with
+    /// [`HAS_SEQ`] in the top bit. A generation holds far fewer than 2^31 readings: it is
+    /// sealed at `storage.journal_seal_readings` or 1 GiB of arena, and a record takes at
+    /// least 4 bytes.
+    next_flags: u32,
 }
 
-/// The bit of [`Entry::idx_flags`] that says the reading has a seq.
+/// The bit of [`Entry::next_flags`] that says the reading has a seq.
 const HAS_SEQ: u32 = 1 << 31;
+/// The link of a device's last reading in a generation.
+const END: u32 = !HAS_SEQ;
 
 impl Entry {
-    fn new(ts_ms: i64, seq: Option<u64>, idx: u32, off: u32) -> Self {
-        debug_assert!(idx < HAS_SEQ, "generation index {idx} out of range");
-        Self {
-            ts_ms,
-            seq: seq.unwrap_or(0),
-            idx_flags: idx | if seq.is_some() { HAS_SEQ } else { 0 },
-            off,
-        }
-    }
-
-    /// Index of the reading in its generation.
-    pub fn idx(&self) -> u32 {
-        self.idx_flags & !HAS_SEQ
-    }
-
     /// The device's seq, if it gave one.
     pub fn seq(&self) -> Option<u64> {
-        (self.idx_flags & HAS_SEQ != 0).then_some(self.seq)
+        (self.next_flags & HAS_SEQ != 0).then_some(self.seq)
+    }
+
+    /// The index of the device's next reading in this generation.
+    fn next(&self) -> u32 {
+        self.next_flags & !HAS_SEQ
     }
 }
 
-/// What one generation holds for one device.
-#[derive(Debug, Default, Clone)]
-pub struct DeviceEntries {
-    /// Readings in arrival order.
-    pub entries: Vec<Entry>,
-    /// Commit time (server clock, epoch ms) of this device's newest reading here.
-    pub last_seen_ms: i64,
+/// One device of a generation: where its name is and its first and last readings.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Offset of its name in [`Gen::names`].
+    name_off: u32,
+    /// Index of its first reading.
+    first: u32,
+    /// Index of its last reading (whose link is appended to).
+    last: u32,
+    /// Length of its name in bytes (device ids are at most 128).
+    name_len: u8,
+    /// Commit time (server clock, epoch ms) of its newest reading here.
+    last_seen_ms: i64,
 }
 
 /// A generation: the readings of one journal segment, in memory.
+///
+/// A segment's frames are not kept as they are. Each reading becomes a *record* in one
+/// arena, without what is kept elsewhere (its device, time and seq, which its [`Entry`]
+/// holds) and with metric names replaced by their index in the generation's dictionary:
+///
+/// ```text
+/// record = slot (varint) | metrics (u16 n, (name id varint, value) × n)
+///          | tags (u8 n, (u8 len, key, u16 len, value) × n)
+/// ```
+///
+/// With the simulator's four metrics a record is about 40 bytes, against 100 in the frame.
+/// Per reading, memory holds its record, its 24-byte [`Entry`] and a share of its device's
+/// 24-byte slot, name and table entry: what bounds RSS when compaction falls behind.
 #[derive(Debug, Default)]
 pub struct Gen {
     /// Generation number; also the segment file's name. Readings get `rid = id << 32 | idx`.
     pub id: u64,
-    /// Encoded readings, back to back (the frame bodies without their headers).
-    pub arena: Vec<u8>,
-    /// Device id → its readings in this generation.
-    pub devices: foldhash::HashMap<String, DeviceEntries>,
     /// Readings held.
     pub readings: u32,
+    /// Records, back to back in index order.
+    arena: Vec<u8>,
+    /// Per reading, by index.
+    entries: Vec<Entry>,
+    /// Per device, in order of first arrival.
+    slots: Vec<Slot>,
+    /// Device names, back to back.
+    names: String,
+    /// Slot indices, by device name.
+    by_name: HashTable<u32>,
+    /// Metric names, by id.
+    metric_names: Vec<Box<str>>,
+    /// Metric ids, by name.
+    metric_ids: HashTable<u32>,
+    /// The metric id at each position of the last reading filed: consecutive readings
+    /// usually name the same metrics in the same order, so most names are matched by one
+    /// comparison instead of a hash lookup.
+    recent: Vec<u32>,
+    /// Seeded per generation, so that chosen device ids cannot collide on purpose.
+    hasher: foldhash::fast::RandomState,
+}
+
+/// A device's readings in one generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Device<'g> {
+    gen: &'g Gen,
+    slot: &'g Slot,
+}
+
+impl<'g> Device<'g> {
+    /// The device id.
+    pub fn name(&self) -> &'g str {
+        self.gen.slot_name(self.slot)
+    }
+
+    /// Commit time (server clock, epoch ms) of the device's newest reading here.
+    pub fn last_seen_ms(&self) -> i64 {
+        self.slot.last_seen_ms
+    }
+
+    /// Its readings in arrival order: `(index in the generation, entry)`.
+    pub fn entries(&self) -> Entries<'g> {
+        Entries {
+            entries: &self.gen.entries,
+            next: self.slot.first,
+        }
+    }
+}
+
+/// Iterator over a device's readings in a generation; see [`Device::entries`].
+pub struct Entries<'g> {
+    entries: &'g [Entry],
+    next: u32,
+}
+
+impl Iterator for Entries<'_> {
+    type Item = (u32, Entry);
+
+    fn next(&mut self) -> Option<(u32, Entry)> {
+        let idx = self.next;
+        let e = *self.entries.get(idx as usize)?;
+        self.next = e.next();
+        Some((idx, e))
+    }
 }
 
 impl Gen {
@@ -115,69 +193,238 @@ impl Gen {
         (self.id << 32) | u64::from(idx)
     }
 
-    /// Decodes the reading at `e` (its device is the key it is filed under).
-    pub fn row(&self, e: &Entry) -> Result<StoredRow, StoreError> {
-        let mut d = Dec::new(&self.arena[e.off as usize..]);
-        let n = d.u8()? as usize;
-        d.take(n)?; // the device: the caller knows it
-        decode_row(&mut d, self.rid(e.idx()))
+    /// Bytes of records held (what the seal limit on the arena counts).
+    pub fn arena_len(&self) -> usize {
+        self.arena.len()
     }
 
-    /// The encoded bytes of the reading at `e` (to decode later, outside a lock).
-    pub fn bytes(&self, e: &Entry) -> Result<&[u8], StoreError> {
+    fn slot_name(&self, s: &Slot) -> &str {
+        let start = s.name_off as usize;
+        self.names
+            .get(start..start + usize::from(s.name_len))
+            .unwrap_or("")
+    }
+
+    /// The device's readings here, if it has any.
+    pub fn device(&self, name: &str) -> Option<Device<'_>> {
+        let h = self.hasher.hash_one(name);
+        let &i = self
+            .by_name
+            .find(h, |&i| self.slot_name(&self.slots[i as usize]) == name)?;
+        Some(Device {
+            gen: self,
+            slot: &self.slots[i as usize],
+        })
+    }
+
+    /// Every device with readings here, in order of first arrival.
+    pub fn devices(&self) -> impl Iterator<Item = Device<'_>> {
+        self.slots
+            .iter()
+            .map(move |slot| Device { gen: self, slot })
+    }
+
+    /// The record of reading `idx`, after its slot.
+    fn record(&self, idx: u32) -> Result<(Entry, Dec<'_>), StoreError> {
+        let e = *self
+            .entries
+            .get(idx as usize)
+            .ok_or_else(|| corrupt("reading index beyond the generation"))?;
         let rest = self
             .arena
             .get(e.off as usize..)
-            .ok_or_else(|| corrupt("entry offset beyond the arena"))?;
+            .ok_or_else(|| corrupt("record offset beyond the arena"))?;
         let mut d = Dec::new(rest);
-        skip_reading(&mut d)?;
-        Ok(&rest[..d.pos])
+        d.varint()?;
+        Ok((e, d))
+    }
+
+    fn metric_name(&self, id: u32) -> Result<&str, StoreError> {
+        self.metric_names
+            .get(id as usize)
+            .map(|n| &**n)
+            .ok_or_else(|| corrupt("unknown metric id"))
+    }
+
+    /// Decodes reading `idx`.
+    pub fn row(&self, idx: u32) -> Result<StoredRow, StoreError> {
+        let (e, mut d) = self.record(idx)?;
+        let n = d.u16()? as usize;
+        let mut metrics = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = self.metric_name(d.varint()?)?.to_owned();
+            metrics.push((name, d.value()?));
+        }
+        Ok(StoredRow {
+            rid: self.rid(idx),
+            ts_ms: e.ts_ms,
+            seq: e.seq(),
+            metrics,
+            tags: decode_tags(&mut d)?,
+        })
+    }
+
+    /// Appends reading `idx` to `out` in a form that needs nothing of this generation, for
+    /// [`decode_bytes`] to decode later, outside the journal lock.
+    pub fn copy_row(&self, idx: u32, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let (e, mut d) = self.record(idx)?;
+        put_head(out, e.ts_ms, e.seq());
+        let n = d.u16()?;
+        out.extend_from_slice(&n.to_le_bytes());
+        for _ in 0..n {
+            put_str8(out, self.metric_name(d.varint()?)?);
+            put_value(out, d.value()?);
+        }
+        let tags = d.pos;
+        skip_tags(&mut d)?;
+        out.extend_from_slice(&d.b[tags..d.pos]);
+        Ok(())
     }
 
     /// Readings in commit order from index `idx`, at most `max`, each with its device, for
-    /// the NATS outbox. The arena holds readings back to back in index order, so `off` (the
-    /// arena offset of reading `idx`, if the caller kept it from an earlier call) saves a
-    /// scan from the start. Returns the readings and the arena offset just past the last.
-    pub fn in_order(
-        &self,
-        idx: u32,
-        off: Option<usize>,
-        max: usize,
-    ) -> Result<(Vec<(String, StoredRow)>, usize), StoreError> {
-        let mut d = Dec::new(&self.arena);
-        match off {
-            Some(off) => d.pos = off,
-            None => {
-                for _ in 0..idx {
-                    skip_reading(&mut d)?;
-                }
-            }
-        }
+    /// the NATS outbox.
+    pub fn in_order(&self, idx: u32, max: usize) -> Result<Vec<(String, StoredRow)>, StoreError> {
         let end = self.readings.min(idx.saturating_add(max as u32));
         let mut out = Vec::with_capacity(end.saturating_sub(idx) as usize);
         for i in idx..end {
-            out.push(decode_reading(&mut d, self.rid(i))?);
+            let e = self.entries[i as usize];
+            let mut d = Dec::new(self.arena.get(e.off as usize..).unwrap_or_default());
+            let slot = self
+                .slots
+                .get(d.varint()? as usize)
+                .ok_or_else(|| corrupt("unknown device slot"))?;
+            out.push((self.slot_name(slot).to_owned(), self.row(i)?));
         }
-        Ok((out, d.pos))
+        Ok(out)
     }
 
     /// Whether this generation holds `(device, seq)`.
     pub fn contains(&self, device: &str, seq: u64) -> bool {
-        self.devices
-            .get(device)
-            .is_some_and(|d| d.entries.iter().any(|e| e.seq() == Some(seq)))
+        self.device(device)
+            .is_some_and(|d| d.entries().any(|(_, e)| e.seq() == Some(seq)))
     }
 
-    /// Files one encoded reading (already in the arena at `off`).
-    fn file(&mut self, device: &str, ts_ms: i64, seq: Option<u64>, off: u32, commit_ms: i64) {
+    /// The metric id of `name`, the `pos`-th metric of the reading being filed.
+    fn metric_id(&mut self, pos: usize, name: &str) -> u32 {
+        if let Some(&id) = self.recent.get(pos) {
+            if &*self.metric_names[id as usize] == name {
+                return id;
+            }
+        }
+        let Self {
+            metric_names,
+            metric_ids,
+            hasher,
+            recent,
+            ..
+        } = self;
+        let h = hasher.hash_one(name);
+        let id = match metric_ids.find(h, |&i| &*metric_names[i as usize] == name) {
+            Some(&i) => i,
+            None => {
+                let i = metric_names.len() as u32;
+                metric_names.push(name.into());
+                metric_ids.insert_unique(h, i, |&j| hasher.hash_one(&*metric_names[j as usize]));
+                i
+            }
+        };
+        if pos < recent.len() {
+            recent[pos] = id;
+        } else if pos == recent.len() {
+            recent.push(id);
+        }
+        id
+    }
+
+    /// Files one reading that is durable in the segment.
+    fn file<'a>(
+        &mut self,
+        device: &str,
+        ts_ms: i64,
+        seq: Option<u64>,
+        metrics: impl Iterator<Item = (&'a str, MetricValue)>,
+        tags: impl Iterator<Item = (&'a str, &'a str)>,
+        commit_ms: i64,
+    ) {
         let idx = self.readings;
         self.readings += 1;
-        let slot = match self.devices.get_mut(device) {
-            Some(s) => s,
-            None => self.devices.entry(device.to_owned()).or_default(),
+        let h = self.hasher.hash_one(device);
+        let found = {
+            let (slots, names) = (&self.slots, &self.names);
+            self.by_name
+                .find(h, |&i| {
+                    let s = &slots[i as usize];
+                    let start = s.name_off as usize;
+                    names.get(start..start + usize::from(s.name_len)) == Some(device)
+                })
+                .copied()
         };
-        slot.entries.push(Entry::new(ts_ms, seq, idx, off));
-        slot.last_seen_ms = slot.last_seen_ms.max(commit_ms);
+        let slot = match found {
+            Some(i) => {
+                let s = &mut self.slots[i as usize];
+                let last = s.last as usize;
+                s.last = idx;
+                s.last_seen_ms = s.last_seen_ms.max(commit_ms);
+                let link = &mut self.entries[last].next_flags;
+                *link = (*link & HAS_SEQ) | idx;
+                i
+            }
+            None => {
+                let i = self.slots.len() as u32;
+                let name = &device.as_bytes()[..device.len().min(255)];
+                let name = std::str::from_utf8(name).unwrap_or(device);
+                self.slots.push(Slot {
+                    name_off: self.names.len() as u32,
+                    first: idx,
+                    last: idx,
+                    name_len: name.len() as u8,
+                    last_seen_ms: commit_ms,
+                });
+                self.names.push_str(name);
+                let Self {
+                    by_name,
+                    slots,
+                    names,
+                    hasher,
+                    ..
+                } = self;
+                by_name.insert_unique(h, i, |&j| {
+                    let s = &slots[j as usize];
+                    let start = s.name_off as usize;
+                    hasher.hash_one(&names[start..start + usize::from(s.name_len)])
+                });
+                i
+            }
+        };
+        let off = self.arena.len() as u32;
+        put_varint(&mut self.arena, slot);
+        let count_at = self.arena.len();
+        self.arena.extend_from_slice(&[0, 0]);
+        let mut n = 0u16;
+        for (pos, (name, value)) in metrics.enumerate() {
+            let id = self.metric_id(pos, name);
+            put_varint(&mut self.arena, id);
+            put_value(&mut self.arena, value);
+            n += 1;
+        }
+        self.arena[count_at..count_at + 2].copy_from_slice(&n.to_le_bytes());
+        let tags_at = self.arena.len();
+        self.arena.push(0);
+        let mut t = 0u8;
+        for (k, v) in tags {
+            put_str8(&mut self.arena, k);
+            self.arena
+                .extend_from_slice(&(v.len() as u16).to_le_bytes());
+            self.arena.extend_from_slice(v.as_bytes());
+            t += 1;
+        }
+        self.arena[tags_at] = t;
+        self.entries.push(Entry {
+            ts_ms,
+            seq: seq.unwrap_or(0),
+            off,
+            next_flags: END | if seq.is_some() { HAS_SEQ } else { 0 },
+        });
     }
 }
 
@@ -289,14 +536,11 @@ pub struct FrameBuilder {
     buf: Vec<u8>,
     /// Readings encoded so far.
     count: u32,
-    /// Per reading: (device, ts, seq, offset of its encoding within `buf`).
-    filed: Vec<(usize, i64, Option<u64>, usize)>,
+    /// The batch position of each reading encoded, in order.
+    filed: Vec<usize>,
     /// The commit's server time: every reading's `last_seen`.
     commit_ms: i64,
 }
-
-/// Where the body's readings start within a frame buffer.
-const BODY_READINGS: usize = HEADER + 16;
 
 impl FrameBuilder {
     /// An empty frame for a commit at `commit_ms` whose first reading is `first_idx`.
@@ -317,9 +561,8 @@ impl FrameBuilder {
 
     /// Appends a reading; `pos` is its position in the batch (to find its device later).
     pub fn push(&mut self, pos: usize, r: &Reading) {
-        let off = self.buf.len();
         encode_reading(&mut self.buf, r);
-        self.filed.push((pos, r.ts_ms, r.seq, off));
+        self.filed.push(pos);
         self.count += 1;
     }
 
@@ -338,14 +581,19 @@ impl FrameBuilder {
         &self.buf
     }
 
-    /// Files the frame's readings into `gen` (after the frame is durable). `device(pos)` gives
-    /// the device id of the batch's reading at `pos`.
-    pub fn apply<'a>(&self, gen: &mut Gen, device: impl Fn(usize) -> &'a str) {
-        let base = gen.arena.len();
-        gen.arena.extend_from_slice(&self.buf[BODY_READINGS..]);
-        for &(pos, ts, seq, off) in &self.filed {
-            let at = (base + off - BODY_READINGS) as u32;
-            gen.file(device(pos), ts, seq, at, self.commit_ms);
+    /// Files the frame's readings into `gen` (after the frame is durable). `reading(pos)`
+    /// gives the batch's reading at `pos`.
+    pub fn apply<'a>(&self, gen: &mut Gen, reading: impl Fn(usize) -> &'a Reading) {
+        for &pos in &self.filed {
+            let r = reading(pos);
+            gen.file(
+                r.device_id.as_str(),
+                r.ts_ms,
+                r.seq,
+                r.metrics.iter().map(|(n, v)| (n.as_str(), *v)),
+                r.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                self.commit_ms,
+            );
         }
     }
 }
@@ -442,14 +690,32 @@ fn file_body(gen: &mut Gen, body: &[u8]) -> Result<(), StoreError> {
     if first_idx != gen.readings {
         return Err(corrupt("frame out of order"));
     }
-    let base = gen.arena.len();
-    let readings = &body[16..];
-    gen.arena.extend_from_slice(readings);
-    let mut d = Dec::new(readings);
+    let mut metrics: Vec<(&str, MetricValue)> = Vec::new();
+    let mut tags: Vec<(&str, &str)> = Vec::new();
     for _ in 0..count {
-        let off = d.pos;
-        let (device, row) = decode_reading(&mut d, 0)?;
-        gen.file(&device, row.ts_ms, row.seq, (base + off) as u32, commit_ms);
+        let device = d.str8()?;
+        let (ts_ms, seq) = decode_head(&mut d)?;
+        metrics.clear();
+        for _ in 0..d.u16()? {
+            let name = d.str8()?;
+            metrics.push((name, d.value()?));
+        }
+        tags.clear();
+        for _ in 0..d.u8()? {
+            let k = d.str8()?;
+            let len = d.u16()? as usize;
+            let v =
+                std::str::from_utf8(d.take(len)?).map_err(|_| corrupt("tag value is not UTF-8"))?;
+            tags.push((k, v));
+        }
+        gen.file(
+            device,
+            ts_ms,
+            seq,
+            metrics.iter().copied(),
+            tags.iter().copied(),
+            commit_ms,
+        );
     }
     Ok(())
 }
@@ -461,14 +727,7 @@ fn corrupt(what: &str) -> StoreError {
 /// Appends one reading's encoding.
 fn encode_reading(buf: &mut Vec<u8>, r: &Reading) {
     put_str8(buf, r.device_id.as_str());
-    buf.extend_from_slice(&r.ts_ms.to_le_bytes());
-    match r.seq {
-        Some(s) => {
-            buf.push(1);
-            buf.extend_from_slice(&s.to_le_bytes());
-        }
-        None => buf.push(0),
-    }
+    put_head(buf, r.ts_ms, r.seq);
     buf.extend_from_slice(&(r.metrics.len() as u16).to_le_bytes());
     for (name, value) in &r.metrics {
         put_str8(buf, name);
@@ -482,53 +741,50 @@ fn encode_reading(buf: &mut Vec<u8>, r: &Reading) {
     }
 }
 
-/// Decodes one reading's bytes as [`Gen::bytes`] gave them.
-pub fn decode_bytes(b: &[u8], rid: u64) -> Result<StoredRow, StoreError> {
-    decode_reading(&mut Dec::new(b), rid).map(|(_, row)| row)
+/// Appends a reading's time and seq as frames encode them.
+fn put_head(buf: &mut Vec<u8>, ts_ms: i64, seq: Option<u64>) {
+    buf.extend_from_slice(&ts_ms.to_le_bytes());
+    match seq {
+        Some(s) => {
+            buf.push(1);
+            buf.extend_from_slice(&s.to_le_bytes());
+        }
+        None => buf.push(0),
+    }
 }
 
-/// Moves past one reading without building it.
-fn skip_reading(d: &mut Dec<'_>) -> Result<(), StoreError> {
-    let n = d.u8()? as usize;
-    d.take(n + 8)?;
-    if d.u8()? == 1 {
-        d.take(8)?;
-    }
-    for _ in 0..d.u16()? {
-        let n = d.u8()? as usize;
-        d.take(n)?;
-        let width = if d.u8()? == 3 { 1 } else { 8 };
-        d.take(width)?;
-    }
-    for _ in 0..d.u8()? {
-        let n = d.u8()? as usize;
-        d.take(n)?;
-        let n = d.u16()? as usize;
-        d.take(n)?;
-    }
-    Ok(())
-}
-
-/// Decodes one reading: its device and the row (with `rid`).
-fn decode_reading(d: &mut Dec<'_>, rid: u64) -> Result<(String, StoredRow), StoreError> {
-    let device = d.str8()?.to_owned();
-    Ok((device, decode_row(d, rid)?))
-}
-
-/// Decodes a reading's encoding after its device.
-fn decode_row(d: &mut Dec<'_>, rid: u64) -> Result<StoredRow, StoreError> {
+/// Reads what [`put_head`] wrote.
+fn decode_head(d: &mut Dec<'_>) -> Result<(i64, Option<u64>), StoreError> {
     let ts_ms = d.i64()?;
     let seq = match d.u8()? {
         0 => None,
         1 => Some(d.u64()?),
         _ => return Err(corrupt("bad seq flag")),
     };
+    Ok((ts_ms, seq))
+}
+
+/// Decodes one reading as [`Gen::copy_row`] wrote it (a frame's reading after its device).
+pub fn decode_bytes(b: &[u8], rid: u64) -> Result<StoredRow, StoreError> {
+    let mut d = Dec::new(b);
+    let (ts_ms, seq) = decode_head(&mut d)?;
     let n = d.u16()? as usize;
     let mut metrics = Vec::with_capacity(n.min(256));
     for _ in 0..n {
         let name = d.str8()?.to_owned();
         metrics.push((name, d.value()?));
     }
+    Ok(StoredRow {
+        rid,
+        ts_ms,
+        seq,
+        metrics,
+        tags: decode_tags(&mut d)?,
+    })
+}
+
+/// Decodes a tag section: `u8 n, (str8 key, u16 len, value) × n`.
+fn decode_tags(d: &mut Dec<'_>) -> Result<Vec<(String, String)>, StoreError> {
     let n = d.u8()? as usize;
     let mut tags = Vec::with_capacity(n);
     for _ in 0..n {
@@ -539,13 +795,27 @@ fn decode_row(d: &mut Dec<'_>, rid: u64) -> Result<StoredRow, StoreError> {
             .to_owned();
         tags.push((k, v));
     }
-    Ok(StoredRow {
-        rid,
-        ts_ms,
-        seq,
-        metrics,
-        tags,
-    })
+    Ok(tags)
+}
+
+/// Moves past a tag section.
+fn skip_tags(d: &mut Dec<'_>) -> Result<(), StoreError> {
+    for _ in 0..d.u8()? {
+        let n = d.u8()? as usize;
+        d.take(n)?;
+        let n = d.u16()? as usize;
+        d.take(n)?;
+    }
+    Ok(())
+}
+
+/// Appends `v` as LEB128: seven bits per byte, low first, the top bit set on all but the last.
+fn put_varint(buf: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
 }
 
 /// Appends a string of at most 255 bytes with a one-byte length.
@@ -635,6 +905,18 @@ impl<'a> Dec<'a> {
     pub fn i64(&mut self) -> Result<i64, StoreError> {
         Ok(i64::from_le_bytes(self.arr()?))
     }
+    /// A LEB128 integer as [`put_varint`] wrote it (at most five bytes).
+    pub fn varint(&mut self) -> Result<u32, StoreError> {
+        let mut v = 0u32;
+        for shift in (0..35).step_by(7) {
+            let b = self.u8()?;
+            v |= u32::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
     /// A string with a one-byte length.
     pub fn str8(&mut self) -> Result<&'a str, StoreError> {
         let n = self.u8()? as usize;
@@ -681,7 +963,7 @@ mod tests {
             f.push(i, r);
         }
         seg.append(f.finish()).expect("append");
-        f.apply(&mut gen, |i| batch[i].device_id.as_str());
+        f.apply(&mut gen, |i| &batch[i]);
         let good = seg.len();
         // A second frame that is only half written.
         let mut f2 = FrameBuilder::new(6, 2);
@@ -703,12 +985,28 @@ mod tests {
             good
         );
         for dev in ["a", "b"] {
-            let e = &back.devices[dev].entries[0];
-            let e2 = &gen.devices[dev].entries[0];
-            assert_eq!(back.row(e).expect("row"), gen.row(e2).expect("row"));
-            assert_eq!(back.devices[dev].last_seen_ms, 5);
+            let (i, _) = back
+                .device(dev)
+                .expect("device")
+                .entries()
+                .next()
+                .expect("entry");
+            let (i2, _) = gen
+                .device(dev)
+                .expect("device")
+                .entries()
+                .next()
+                .expect("entry");
+            assert_eq!(back.row(i).expect("row"), gen.row(i2).expect("row"));
+            assert_eq!(back.device(dev).expect("device").last_seen_ms(), 5);
         }
-        let row = back.row(&back.devices["b"].entries[0]).expect("row");
+        let (i, _) = back
+            .device("b")
+            .expect("b")
+            .entries()
+            .next()
+            .expect("entry");
+        let row = back.row(i).expect("row");
         let MetricValue::Float(f) = row.metrics[0].1 else {
             panic!("float expected")
         };
@@ -716,6 +1014,73 @@ mod tests {
         assert_eq!(row.rid, (7 << 32) | 1);
         assert!(back.contains("a", 1));
         assert!(!back.contains("a", 2));
+    }
+
+    #[test]
+    fn each_device_links_its_readings_and_every_path_reads_them_back() {
+        let batch: Vec<Reading> = (0..500u64)
+            .map(|i| {
+                let seq = (i % 3 != 0).then_some(i);
+                let mut r = reading(&format!("d{}", i % 7), seq, MetricValue::Int(-(i as i64)));
+                r.ts_ms += (i as i64 * 7919) % 1000;
+                if i % 5 == 0 {
+                    r.metrics.reverse(); // the same names in another order
+                }
+                if i % 11 == 0 {
+                    r.metrics
+                        .push((format!("extra{}", i % 4), MetricValue::UInt(i)));
+                }
+                if i % 13 == 0 {
+                    r.tags.clear();
+                }
+                r
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = Segment::create(dir.path(), 3, false).expect("segment");
+        let mut gen = Gen::new(3);
+        // Two frames, as two group commits would write them.
+        for (first, part) in [(0usize, &batch[..200]), (200, &batch[200..])] {
+            let mut f = FrameBuilder::new(9 + first as i64, first as u32);
+            for i in 0..part.len() {
+                f.push(first + i, &batch[first + i]);
+            }
+            seg.append(f.finish()).expect("append");
+            f.apply(&mut gen, |i| &batch[i]);
+        }
+        let (back, cut) = replay(&segment_path(dir.path(), 3), 3, false).expect("replay");
+        assert!(!cut);
+        for g in [&gen, &back] {
+            assert_eq!(g.readings, 500);
+            assert_eq!(g.devices().count(), 7);
+            for d in 0..7u32 {
+                let dev = g.device(&format!("d{d}")).expect("device");
+                let idx: Vec<u32> = dev.entries().map(|(i, _)| i).collect();
+                let want: Vec<u32> = (0..500).filter(|i| i % 7 == d).collect();
+                assert_eq!(idx, want, "device d{d}");
+                let newest = *want.last().expect("readings");
+                assert_eq!(dev.last_seen_ms(), if newest < 200 { 9 } else { 209 });
+            }
+            for (i, r) in batch.iter().enumerate() {
+                let row = g.row(i as u32).expect("row");
+                assert_eq!(
+                    (row.rid, row.ts_ms, row.seq, &row.metrics, &row.tags),
+                    (g.rid(i as u32), r.ts_ms, r.seq, &r.metrics, &r.tags),
+                    "reading {i}"
+                );
+                let mut b = vec![0xff]; // copies append
+                g.copy_row(i as u32, &mut b).expect("copy");
+                assert_eq!(decode_bytes(&b[1..], row.rid).expect("decode"), row);
+            }
+            let tail = g.in_order(480, 50).expect("in order");
+            assert_eq!(tail.len(), 20);
+            for (k, (dev, row)) in tail.iter().enumerate() {
+                assert_eq!(dev, batch[480 + k].device_id.as_str());
+                assert_eq!(row.rid, g.rid(480 + k as u32));
+            }
+            assert!(g.contains("d1", 1) && g.contains("d2", 499));
+            assert!(!g.contains("d0", 0) && !g.contains("d1", 2) && !g.contains("nope", 1));
+        }
     }
 
     #[test]

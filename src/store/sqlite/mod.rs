@@ -29,6 +29,7 @@ pub mod outbox;
 mod reader;
 mod rollups;
 pub mod schema;
+mod seq_window;
 mod tokens;
 
 use std::collections::HashMap;
@@ -43,6 +44,7 @@ use self::journal::{FrameBuilder, Gen, Segment};
 use self::outbox::{OutboxState, SqliteOutbox};
 use self::reader::SqliteReader;
 use self::schema::DeviceRow;
+use self::seq_window::{Check, SeqWindow};
 use super::{seq_key, DeviceLatest, Store, StoreError, StoreRead};
 use crate::config::{StorageSettings, Synchronous};
 use crate::reading::{now_ms, Reading};
@@ -108,9 +110,9 @@ pub struct SqliteStore {
     segment: Segment,
     /// When the active generation received its first reading since it was created.
     active_since: Option<Instant>,
-    /// Device id → highest committed `seq` (journal and chunks). Devices that never sent a
-    /// seq are absent.
-    max_seq: foldhash::HashMap<String, u64>,
+    /// Device id → its seq window: the highest committed `seq` (journal and chunks) and
+    /// what is known of the 63 below it. Devices that never sent a seq are absent.
+    max_seq: foldhash::HashMap<String, SeqWindow>,
     /// A read connection for exact duplicate lookups in chunks.
     lookup: Connection,
     /// The sorted seqs of recently looked-up chunks (chunk id → seqs), oldest first. Chunks
@@ -376,17 +378,17 @@ impl SqliteStore {
             .collect();
         let mut replayed = 0u64;
         for gen in &sealed {
-            for (name, de) in &gen.devices {
-                let row = rows.entry(name.clone()).or_default();
-                for e in &de.entries {
-                    row.absorb(&gen.row(e)?, de.last_seen_ms);
+            for dev in gen.devices() {
+                let row = rows.entry(dev.name().to_owned()).or_default();
+                for (idx, _) in dev.entries() {
+                    row.absorb(&gen.row(idx)?, dev.last_seen_ms());
                     replayed += 1;
                 }
             }
         }
         let max_seq = rows
             .iter()
-            .filter_map(|(n, r)| r.max_seq.map(|s| (n.clone(), s)))
+            .filter_map(|(n, r)| r.max_seq.map(|s| (n.clone(), SeqWindow::restored(s))))
             .collect();
         let devices: Vec<DeviceLatest> = rows
             .into_iter()
@@ -511,7 +513,7 @@ impl SqliteStore {
     fn maybe_seal(&mut self) -> Result<(), StoreError> {
         let (readings, id, arena) = {
             let st = self.shared.read().expect("journal lock");
-            (st.active.readings, st.active.id, st.active.arena.len())
+            (st.active.readings, st.active.id, st.active.arena_len())
         };
         let old_enough = self
             .active_since
@@ -558,9 +560,10 @@ impl Store for SqliteStore {
         }
         let mut frame = FrameBuilder::new(commit_ms, first_idx);
         let mut flags = Vec::with_capacity(readings.len());
-        // Seqs taken by this batch so far, and the high-water they raise, applied on success.
+        // Seqs taken by this batch so far (recorded in the windows on success), and what
+        // exact lookups found (`(device, seq, committed)`), kept in the windows either way.
         let mut taken: foldhash::HashSet<(&str, u64)> = Default::default();
-        let mut raised: foldhash::HashMap<&str, u64> = Default::default();
+        let mut learned: Vec<(&str, u64, bool)> = Vec::new();
         {
             let shared = self.shared.clone();
             let st = shared.read().expect("journal lock");
@@ -569,19 +572,21 @@ impl Store for SqliteStore {
                     None => true,
                     Some(s) => {
                         let dev = r.device_id.as_str();
-                        let committed = self.max_seq.get(dev).copied();
-                        let new = if committed.is_none_or(|m| s > m) {
-                            // Above everything committed: only this batch can hold it.
-                            !taken.contains(&(dev, s))
-                        } else {
-                            !(taken.contains(&(dev, s))
-                                || st.contains(dev, s)
-                                || (st.maybe_only_in_chunks(dev, s) && self.in_chunks(dev, s)?))
+                        let check = self.max_seq.get(dev).map_or(Check::New, |w| w.check(s));
+                        let new = match check {
+                            // Not committed: only this batch can hold it.
+                            Check::New => !taken.contains(&(dev, s)),
+                            Check::Duplicate => false,
+                            Check::Unknown => {
+                                let committed = st.contains(dev, s)
+                                    || (st.maybe_only_in_chunks(dev, s)
+                                        && self.in_chunks(dev, s)?);
+                                learned.push((dev, s, committed));
+                                !(committed || taken.contains(&(dev, s)))
+                            }
                         };
                         if new {
                             taken.insert((dev, s));
-                            let hw = raised.entry(dev).or_insert(s);
-                            *hw = (*hw).max(s);
                         }
                         new
                     }
@@ -592,18 +597,23 @@ impl Store for SqliteStore {
                 flags.push(new);
             }
         }
+        for (dev, s, committed) in learned {
+            if let Some(w) = self.max_seq.get_mut(dev) {
+                w.learn(s, committed);
+            }
+        }
         if frame.count() > 0 {
             // The durability point: nothing below runs unless the frame is on disk.
             self.segment.append(frame.finish())?;
             let mut st = self.shared.write().expect("journal lock");
-            frame.apply(&mut st.active, |pos| readings[pos].device_id.as_str());
+            frame.apply(&mut st.active, |pos| readings[pos]);
             self.metrics.store_journal_readings.set(st.held() as i64);
             drop(st);
-            for (dev, s) in raised {
+            for (dev, s) in taken {
                 match self.max_seq.get_mut(dev) {
-                    Some(m) => *m = (*m).max(s),
+                    Some(w) => w.commit(s),
                     None => {
-                        self.max_seq.insert(dev.to_owned(), s);
+                        self.max_seq.insert(dev.to_owned(), SeqWindow::first(s));
                     }
                 }
             }

@@ -174,17 +174,6 @@ fn write_cursor(dir: &Path, pos: u64) -> Result<(), StoreError> {
     write().map_err(|e| journal::io_err(&tmp, e))
 }
 
-/// Where the publisher left off reading, to avoid rescanning a generation's arena.
-#[derive(Debug, Default)]
-struct ReadHint {
-    /// Position of the next reading the last read would have returned.
-    pos: u64,
-    /// Its offset in its generation's arena.
-    off: usize,
-    /// The outbox segment last loaded from disk.
-    loaded: Option<Arc<Gen>>,
-}
-
 /// Progress last written to disk.
 #[derive(Debug)]
 struct Persisted {
@@ -200,8 +189,8 @@ pub struct SqliteOutbox {
     state: Arc<OutboxState>,
     /// The in-memory journal.
     shared: Shared,
-    /// Read position cache.
-    hint: Mutex<ReadHint>,
+    /// The outbox segment last loaded from disk (the publisher reads it in several calls).
+    loaded: Mutex<Option<Arc<Gen>>>,
     /// Last persisted cursor.
     persisted: Mutex<Persisted>,
 }
@@ -213,18 +202,12 @@ impl SqliteOutbox {
         Self {
             state,
             shared,
-            hint: Mutex::new(ReadHint::default()),
+            loaded: Mutex::new(None),
             persisted: Mutex::new(Persisted {
                 pos,
                 at: Instant::now(),
             }),
         }
-    }
-
-    /// The arena offset for `pos` if the last read ended there.
-    fn hint(&self, pos: u64) -> Option<usize> {
-        let h = self.hint.lock().expect("outbox lock");
-        (h.pos == pos).then_some(h.off)
     }
 
     /// Writes the cursor now if it moved and `force` or [`PERSIST_EVERY`] has passed.
@@ -257,11 +240,8 @@ impl Outbox for SqliteOutbox {
             let (found, next_in_memory) = {
                 let st = self.shared.read().expect("journal lock");
                 if st.active.id == gen_id {
-                    let (rows, off) = st.active.in_order(idx, self.hint(pos), want)?;
+                    let rows = st.active.in_order(idx, want)?;
                     push(&mut out, &self.state.store_id, gen_id, idx, rows);
-                    let next = out.last().map_or(pos, |i| i.next);
-                    let mut h = self.hint.lock().expect("outbox lock");
-                    (h.pos, h.off) = (next, off);
                     return Ok(out);
                 }
                 let sealed = st.sealed.iter().find(|g| g.id == gen_id).cloned();
@@ -279,13 +259,13 @@ impl Outbox for SqliteOutbox {
                 Some(g) => g,
                 None => match self.state.file(gen_id) {
                     Some((path, _)) => {
-                        let loaded = self.hint.lock().expect("outbox lock").loaded.clone();
+                        let loaded = self.loaded.lock().expect("outbox lock").clone();
                         match loaded.filter(|g| g.id == gen_id) {
                             Some(g) => g,
                             None => {
                                 let (g, _) = journal::replay(&path, gen_id, false)?;
                                 let g = Arc::new(g);
-                                self.hint.lock().expect("outbox lock").loaded = Some(g.clone());
+                                *self.loaded.lock().expect("outbox lock") = Some(g.clone());
                                 g
                             }
                         }
@@ -308,11 +288,9 @@ impl Outbox for SqliteOutbox {
                 pos = (gen_id + 1) << 32;
                 continue;
             }
-            let (rows, off) = gen.in_order(idx, self.hint(pos), want)?;
+            let rows = gen.in_order(idx, want)?;
             push(&mut out, &self.state.store_id, gen_id, idx, rows);
             pos = out.last().map_or(pos, |i| i.next);
-            let mut h = self.hint.lock().expect("outbox lock");
-            (h.pos, h.off) = (pos, off);
         }
         Ok(out)
     }

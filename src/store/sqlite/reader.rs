@@ -100,10 +100,10 @@ impl SqliteReader {
             gens.insert(st.active.id);
             if let Some(picked) = pick(&st.active, q) {
                 known = true;
-                for e in picked {
-                    let b = st.active.bytes(e)?;
-                    copied.push((st.active.rid(e.idx()), bytes.len(), bytes.len() + b.len()));
-                    bytes.extend_from_slice(b);
+                for (idx, _) in picked {
+                    let start = bytes.len();
+                    st.active.copy_row(idx, &mut bytes)?;
+                    copied.push((st.active.rid(idx), start, bytes.len()));
                 }
             }
             st.sealed.clone()
@@ -116,8 +116,8 @@ impl SqliteReader {
             gens.insert(gen.id);
             if let Some(picked) = pick(gen, q) {
                 known = true;
-                for e in picked {
-                    rows.push(gen.row(e)?);
+                for (idx, _) in picked {
+                    rows.push(gen.row(idx)?);
                 }
             }
         }
@@ -127,15 +127,14 @@ impl SqliteReader {
 
 /// The device's entries of `gen` that the query can use (`None` if the device is not in it):
 /// those in its time range and past its cursor, and without a metric filter only the `limit` first in its order.
-fn pick<'g>(gen: &'g Gen, q: &ReadingsQuery) -> Option<Vec<&'g Entry>> {
-    let de = gen.devices.get(&q.device_id)?;
-    let mut c: Vec<&Entry> = de
-        .entries
-        .iter()
-        .filter(|e| q.wanted(e.ts_ms, gen.rid(e.idx())))
+fn pick(gen: &Gen, q: &ReadingsQuery) -> Option<Vec<(u32, Entry)>> {
+    let mut c: Vec<(u32, Entry)> = gen
+        .device(&q.device_id)?
+        .entries()
+        .filter(|(idx, e)| q.wanted(e.ts_ms, gen.rid(*idx)))
         .collect();
     if q.metric.is_none() && c.len() > q.limit {
-        let key = |e: &&Entry| (e.ts_ms, e.idx());
+        let key = |(idx, e): &(u32, Entry)| (e.ts_ms, *idx);
         match q.order {
             Order::Asc => c.select_nth_unstable_by_key(q.limit, key),
             Order::Desc => c.select_nth_unstable_by_key(q.limit, |e| std::cmp::Reverse(key(e))),
