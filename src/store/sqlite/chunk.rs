@@ -501,7 +501,9 @@ fn encode_tags(rows: &[StoredRow], out: &mut Vec<u8>) {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` as LEB128: seven bits per byte, low first, the top bit set on all but the last.
+/// Chunks, rollup rows and the journal's in-memory records all use it.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use hashbrown::HashTable;
 
+use super::chunk::put_varint;
 use crate::reading::{MetricValue, Reading};
 use crate::store::{StoreError, StoredRow};
 
@@ -397,13 +398,13 @@ impl Gen {
             }
         };
         let off = self.arena.len() as u32;
-        put_varint(&mut self.arena, slot);
+        put_varint(&mut self.arena, u64::from(slot));
         let count_at = self.arena.len();
         self.arena.extend_from_slice(&[0, 0]);
         let mut n = 0u16;
         for (pos, (name, value)) in metrics.enumerate() {
             let id = self.metric_id(pos, name);
-            put_varint(&mut self.arena, id);
+            put_varint(&mut self.arena, u64::from(id));
             put_value(&mut self.arena, value);
             n += 1;
         }
@@ -809,15 +810,6 @@ fn skip_tags(d: &mut Dec<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Appends `v` as LEB128: seven bits per byte, low first, the top bit set on all but the last.
-fn put_varint(buf: &mut Vec<u8>, mut v: u32) {
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
-}
-
 /// Appends a string of at most 255 bytes with a one-byte length.
 pub fn put_str8(buf: &mut Vec<u8>, s: &str) {
     let b = &s.as_bytes()[..s.len().min(255)];
@@ -905,7 +897,7 @@ impl<'a> Dec<'a> {
     pub fn i64(&mut self) -> Result<i64, StoreError> {
         Ok(i64::from_le_bytes(self.arr()?))
     }
-    /// A LEB128 integer as [`put_varint`] wrote it (at most five bytes).
+    /// A LEB128 `u32` as [`put_varint`] wrote it (at most five bytes).
     pub fn varint(&mut self) -> Result<u32, StoreError> {
         let mut v = 0u32;
         for shift in (0..35).step_by(7) {

@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use super::chunk::put_varint;
 use super::schema::decode_chunk;
 use crate::config::rollups::RollupSettings;
 use crate::reading::MetricValue;
@@ -473,14 +474,6 @@ fn decode_rows(d: &mut Reader<'_>, start_ms: i64, out: &mut Aggs) -> Option<()> 
         ));
     }
     Some(())
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 fn put_value(out: &mut Vec<u8>, v: MetricValue) {
