@@ -835,28 +835,34 @@ fn sqlite_retention_drops_old_chunks() {
     });
     let mut s = b.open().store;
     let now = sluice::reading::now_ms();
-    let old = reading(
-        "r",
-        Some(1000),
-        now - 2 * 3600 * 1000,
-        vec![("v", MetricValue::Int(1))],
-    );
-    let new = reading("r", Some(2000), now, vec![("v", MetricValue::Int(2))]);
-    commit(&mut *s, std::slice::from_ref(&old));
+    let at = |seq: u64, ts: i64| reading("r", Some(seq), ts, vec![("v", MetricValue::Int(1))]);
+    let two_hours_ago = now - 2 * 3600 * 1000;
+    commit(&mut *s, &[at(1000, two_hours_ago), at(1001, two_hours_ago)]);
     b.settle(&mut *s);
-    commit(&mut *s, std::slice::from_ref(&new));
+    commit(&mut *s, &[at(1002, now)]);
     b.settle(&mut *s);
-    wait_until(|| b.metrics.retention_deleted.get() >= 1);
+    wait_until(|| b.metrics.retention_deleted.get() >= 2);
     assert_eq!(
         seqs(&query(&*s, "r", Order::Asc, 10).expect("known")),
-        [2000]
+        [1002]
     );
-    // Never stored: new, although below the dropped seq 1000 (a counter that restarted).
-    let restarted = reading("r", Some(1), now + 1, vec![("v", MetricValue::Int(3))]);
-    assert_eq!(commit(&mut *s, &[restarted, new]), [true, false]);
+    // Never stored, or no longer: new, although below the high-water (a counter that
+    // restarted). 1001 is inside the writer's seq window, which knew it as committed until
+    // retention deleted it.
+    assert_eq!(
+        commit(&mut *s, &[at(1, now + 1), at(1001, now + 2), at(1002, now)]),
+        [true, true, false]
+    );
     assert_eq!(
         seqs(&query(&*s, "r", Order::Asc, 10).expect("known")),
-        [2000, 1]
+        [1002, 1, 1001]
+    );
+    // After a restart the same holds for 1000, and 1001 is stored again.
+    drop(s);
+    let mut s = b.open().store;
+    assert_eq!(
+        commit(&mut *s, &[at(1000, now + 3), at(1001, now + 4)]),
+        [true, false]
     );
 }
 

@@ -420,6 +420,8 @@ impl Worker {
         self.metrics.rollup_retention_deleted.inc_by(rollup_rows);
         if dropped > 0 {
             tracing::info!(deleted = dropped, "retention dropped chunks");
+            // The writer's seq windows may hold a deleted seq as committed.
+            self.shared.write().expect("journal lock").retention_epoch += 1;
         }
         self.metrics.retention_deleted.inc_by(dropped as u64);
         Ok(dropped as u64)

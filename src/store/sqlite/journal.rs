@@ -57,8 +57,8 @@ pub struct Entry {
     off: u32,
     /// Index of the device's next reading in this generation ([`END`] for none), with
     /// [`HAS_SEQ`] in the top bit. A generation holds far fewer than 2^31 readings: it is
-    /// sealed at `storage.journal_seal_readings` or 1 GiB of arena, and a record takes at
-    /// least 4 bytes.
+    /// sealed at `storage.journal_seal_readings` or 1 GiB of records and device names, and a
+    /// record takes at least 4 bytes.
     next_flags: u32,
 }
 
@@ -194,9 +194,10 @@ impl Gen {
         (self.id << 32) | u64::from(idx)
     }
 
-    /// Bytes of records held (what the seal limit on the arena counts).
+    /// Bytes of records and device names held: what the seal limit counts, since both are
+    /// addressed with `u32` offsets.
     pub fn arena_len(&self) -> usize {
-        self.arena.len()
+        self.arena.len() + self.names.len()
     }
 
     fn slot_name(&self, s: &Slot) -> &str {

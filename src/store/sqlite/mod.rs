@@ -13,8 +13,10 @@
 //!   blocking thread. A group commit costs one sequential append of the bytes received
 //!   ([`journal`]), whatever the number of devices: no B-tree page is dirtied per device.
 //! - Duplicates are decided without a random write: each device's highest committed `seq` is
-//!   kept in memory (restored at start). A reading above it is new; only one at or below it
-//!   is looked up exactly, in the journal's in-memory index and then in that device's chunks.
+//!   kept in memory (restored at start) with a window of what is known below it
+//!   ([`seq_window`]). A reading above it is new; one inside the window is answered from it;
+//!   only the rest is looked up exactly, in the journal's in-memory index and then in that
+//!   device's chunks.
 //! - Compaction ([`compaction`]) moves each sealed generation into chunks in one SQLite
 //!   transaction, on its own thread and connection. Commits never wait for it: they touch no
 //!   SQLite page. The journal's size is bounded by `storage.journal_max_readings`.
@@ -53,8 +55,8 @@ use crate::telemetry::metrics::Metrics;
 /// The `store` label of this backend's metrics.
 pub const BACKEND: &str = "sqlite";
 
-/// A generation is sealed at this many bytes of readings whatever their count (entries hold
-/// u32 offsets into it).
+/// A generation is sealed at this many bytes of records and device names whatever their count
+/// (entries and slots hold u32 offsets into them).
 const ARENA_SEAL_BYTES: usize = 1 << 30;
 
 /// Chunks whose seq columns the duplicate lookup keeps decoded.
@@ -73,6 +75,10 @@ pub struct JournalState {
     /// that memory does not also hold, so its duplicate check needs no SQLite lookup: the
     /// common case of a fleet whose connections commit a device's readings out of order.
     pub compacted_max: foldhash::HashMap<String, u64>,
+    /// Bumped by each retention sweep that deleted chunks. When the writer sees it move, its
+    /// seq windows and chunk-seq cache forget what they knew below each high-water: a deleted
+    /// reading is no longer stored, so a resend of it is new.
+    pub retention_epoch: u64,
 }
 
 impl JournalState {
@@ -113,11 +119,12 @@ pub struct SqliteStore {
     /// Device id → its seq window: the highest committed `seq` (journal and chunks) and
     /// what is known of the 63 below it. Devices that never sent a seq are absent.
     max_seq: foldhash::HashMap<String, SeqWindow>,
+    /// The `JournalState::retention_epoch` the windows and `seq_cache` are up to date with.
+    retention_epoch: u64,
     /// A read connection for exact duplicate lookups in chunks.
     lookup: Connection,
     /// The sorted seqs of recently looked-up chunks (chunk id → seqs), oldest first. Chunks
-    /// never change once written, so entries stay right until retention drops the chunk (and
-    /// then a hit only calls a resend of a dropped reading a duplicate).
+    /// never change once written; the cache is cleared when retention drops chunks.
     seq_cache: Vec<(i64, Arc<Vec<u64>>)>,
     /// The compaction thread.
     compactor: Compactor,
@@ -406,6 +413,7 @@ impl SqliteStore {
             active: Gen::new(last_gen + 1),
             sealed: sealed.clone(),
             compacted_max,
+            retention_epoch: 0,
         }));
         metrics.store_journal_readings.set(replayed as i64);
         metrics
@@ -438,6 +446,7 @@ impl SqliteStore {
                 segment,
                 active_since: None,
                 max_seq,
+                retention_epoch: 0,
                 lookup,
                 seq_cache: Vec::new(),
                 compactor,
@@ -518,7 +527,7 @@ impl SqliteStore {
         let old_enough = self
             .active_since
             .is_some_and(|t| t.elapsed() >= self.settings.compaction_interval);
-        // Entries address the arena with u32 offsets: seal long before 4 GiB.
+        // Entries and slots address records and names with u32 offsets: seal long before 4 GiB.
         let big = readings >= self.settings.journal_seal_readings || arena >= ARENA_SEAL_BYTES;
         if readings == 0 || !(big || old_enough) {
             return Ok(());
@@ -549,10 +558,17 @@ impl Store for SqliteStore {
 
     fn commit(&mut self, readings: &[&Reading], commit_ms: i64) -> Result<Vec<bool>, StoreError> {
         self.compactor.check()?;
-        let (held, first_idx) = {
+        let (held, first_idx, epoch) = {
             let st = self.shared.read().expect("journal lock");
-            (st.held(), st.active.readings)
+            (st.held(), st.active.readings, st.retention_epoch)
         };
+        if epoch != self.retention_epoch {
+            for w in self.max_seq.values_mut() {
+                w.forget();
+            }
+            self.seq_cache.clear();
+            self.retention_epoch = epoch;
+        }
         let max = self.settings.journal_max_readings;
         if held + readings.len() as u64 > max {
             self.metrics.store_journal_full.inc();

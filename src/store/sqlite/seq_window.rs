@@ -10,8 +10,11 @@
 //! a few seqs out of order, and each of those would otherwise walk the device's journal
 //! entries to prove it absent.
 //!
-//! The window is exact only if every committed seq passes through [`SeqWindow::commit`]: the
-//! writer is the only committer of its store, and it records a batch after its frame is durable.
+//! The window is exact only if every committed seq passes through [`SeqWindow::commit`] (the
+//! writer is the only committer of its store, and it records a batch after its frame is
+//! durable), and if it forgets what it knew when retention deletes chunks ([`SeqWindow::forget`],
+//! when the writer sees `JournalState::retention_epoch` move): a deleted reading is no longer
+//! stored, so a resend of it is new.
 
 /// Bits in a window: bit `i` is seq `max - i`.
 const WIDTH: u64 = 64;
@@ -48,13 +51,20 @@ impl SeqWindow {
         }
     }
 
-    /// The window restored at start-up from a high-water: only `max` itself is known.
+    /// The window restored at start-up from a high-water: nothing below or at it is known
+    /// (retention may have deleted any committed seq, `max` included).
     pub fn restored(max: u64) -> Self {
         Self {
             max,
-            seen: 1,
-            known: 1,
+            seen: 0,
+            known: 0,
         }
+    }
+
+    /// Forgets what is known at and below the high-water, after retention deleted chunks: a
+    /// deleted reading is no longer stored, so a resend of it is new again.
+    pub fn forget(&mut self) {
+        *self = Self::restored(self.max);
     }
 
     /// What the window knows of `seq`.
@@ -171,10 +181,15 @@ mod tests {
         w.commit(u64::MAX);
         assert_eq!(w.check(u64::MAX), Check::Duplicate);
         assert_eq!(w.check(u64::MAX - 1), Check::New);
-        let r = SeqWindow::restored(5);
+        let mut r = SeqWindow::restored(5);
         assert_eq!(
             (r.check(5), r.check(4), r.check(6)),
-            (Check::Duplicate, Check::Unknown, Check::New)
+            (Check::Unknown, Check::Unknown, Check::New)
         );
+        r.commit(6);
+        r.learn(5, true);
+        assert_eq!(r.check(5), Check::Duplicate);
+        r.forget();
+        assert_eq!((r.check(6), r.check(5)), (Check::Unknown, Check::Unknown));
     }
 }
