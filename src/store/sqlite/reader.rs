@@ -84,8 +84,8 @@ impl SqliteReader {
     ///
     /// The journal lock (which the writer needs to file each commit) is held only to clone
     /// the sealed generations' `Arc`s and to copy the active generation's matching readings
-    /// (re-encoded with their metric names, [`Gen::copy_row`]); sealed generations never change, so they are read and everything is decoded after
-    /// the lock is released. Without a metric filter only the `limit` first entries in the
+    /// (re-encoded with their metric names, [`Gen::copy_row`]); sealed generations never
+    /// change, so they are read and everything is decoded after the lock is released. Without a metric filter only the `limit` first entries in the
     /// query's order can matter, so only those are copied or decoded.
     fn journal_rows(
         &self,
