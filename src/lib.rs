@@ -25,6 +25,8 @@ pub mod reading;
 pub mod services;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod test_rng;
 pub mod tls;
 
 pub use app::Application;

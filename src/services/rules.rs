@@ -1171,13 +1171,7 @@ mod tests {
         ];
         let mut fast = Evaluator::new(&rules);
         let mut full = Evaluator::new(&rules);
-        let mut seed = 7u64;
-        let mut rnd = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = crate::test_rng::xorshift(7);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let mut total = 0;
         for i in 0..2_000i64 {

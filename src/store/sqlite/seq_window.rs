@@ -120,13 +120,7 @@ mod tests {
     /// never answers wrongly, and answers most of a shuffled stream without a lookup.
     #[test]
     fn answers_agree_with_the_set_of_committed_seqs() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         for restart_at in [None, Some(500u64)] {
             let mut committed = BTreeSet::new();
             let mut w: Option<SeqWindow> = None;
