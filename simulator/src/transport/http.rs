@@ -63,7 +63,8 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
             for d in devices {
                 parts[d.index as usize % n].push(d);
             }
-            for part in parts {
+            let lanes_n = parts.len();
+            for (k, part) in parts.into_iter().enumerate() {
                 let share = part.len() as f64;
                 let source = Source {
                     pick: Pick::Own {
@@ -73,7 +74,8 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
                     per_device,
                     current: 0,
                 };
-                lanes.spawn(lane(ctx.clone(), client.clone(), source, share));
+                let phase = Phase { k, n: lanes_n };
+                lanes.spawn(lane(ctx.clone(), client.clone(), source, share, phase));
             }
         }
         DeviceMix::Random => {
@@ -89,11 +91,35 @@ pub fn spawn(ctx: &Arc<Ctx>, lanes: &mut JoinSet<()>) -> anyhow::Result<()> {
                     per_device,
                     current: 0,
                 };
-                lanes.spawn(lane(ctx.clone(), client.clone(), source, share));
+                let phase = Phase { k, n };
+                lanes.spawn(lane(ctx.clone(), client.clone(), source, share, phase));
             }
         }
     }
     Ok(())
+}
+
+/// Lane `k` of `n`: where its paced schedule starts within one batch period.
+#[derive(Clone, Copy)]
+struct Phase {
+    k: usize,
+    n: usize,
+}
+
+impl Phase {
+    /// Lane `k` starts `k / n` of a period late, the period being how often it sends: the
+    /// time its rate takes to fill a batch, or `--linger` if that is shorter. Without it every
+    /// lane fills its first batch at the same moment and keeps that step: at 100 000
+    /// readings/s, 32 lanes of 100 readings each sent all 32 requests within a millisecond
+    /// every 32 ms (3 200 readings at once) instead of one request a millisecond, and the ack
+    /// latency measured that burst, not the rate.
+    fn offset(self, rate: f64, batch: usize, linger: Duration) -> Duration {
+        if rate <= 0.0 || self.n == 0 {
+            return Duration::ZERO;
+        }
+        let period = (batch as f64 / rate).min(linger.as_secs_f64());
+        Duration::from_secs_f64(period * self.k as f64 / self.n as f64)
+    }
 }
 
 /// The seed of lane `k`'s device draws: independent of the devices' own generators.
@@ -184,13 +210,23 @@ impl Source {
     }
 }
 
-/// One sender: `share` is how many devices' worth of the fleet rate it generates.
-async fn lane(ctx: Arc<Ctx>, client: reqwest::Client, mut source: Source, share: f64) {
+/// One sender: `share` is how many devices' worth of the fleet rate it generates; `phase` staggers
+/// its paced schedule against the other lanes'.
+async fn lane(
+    ctx: Arc<Ctx>,
+    client: reqwest::Client,
+    mut source: Source,
+    share: f64,
+    phase: Phase,
+) {
     let format = ctx.cfg.format;
     let url = format!("{}{}", ctx.cfg.target, format.http_path());
     let b = ctx.cfg.batch;
     let (rate, mut generation) = ctx.rate.get();
-    let mut pacer = Pacer::new(rate * share, ctx.start);
+    let mut pacer = Pacer::new(
+        rate * share,
+        ctx.start + phase.offset(rate * share, b, ctx.cfg.linger),
+    );
     while !ctx.stop.is_cancelled() {
         if ctx.paced() {
             if ctx.rate.generation() != generation {
@@ -508,6 +544,21 @@ fn partial_write(ctx: &Ctx, items: &[Item], body: &str, latency: Duration) -> Ve
 mod tests {
     use super::*;
     use crate::fleet::{FleetProfile, FleetSpec};
+
+    #[test]
+    fn lanes_start_spread_over_one_send_period() {
+        let linger = Duration::from_millis(50);
+        // 100 000 readings/s over 32 lanes: 3 125/s each, a batch of 100 every 32 ms.
+        let at = |k| Phase { k, n: 32 }.offset(3125.0, 100, linger);
+        assert_eq!(at(0), Duration::ZERO);
+        assert_eq!(at(16), Duration::from_millis(16));
+        assert_eq!(at(31), Duration::from_millis(31));
+        // A slow lane sends at --linger, so its phase stays within that.
+        let slow = Phase { k: 2, n: 3 }.offset(20.0, 100, linger);
+        assert!(slow > Duration::from_millis(33) && slow < Duration::from_millis(34));
+        // Unpaced: no offset.
+        assert_eq!(Phase { k: 5, n: 8 }.offset(0.0, 100, linger), Duration::ZERO);
+    }
 
     fn fleet(devices: u32) -> Arc<[Mutex<Device>]> {
         FleetSpec {

@@ -539,7 +539,8 @@ impl SqliteStore {
         )?;
         let sealed = {
             let mut st = self.shared.write().expect("journal lock");
-            let gen = Arc::new(std::mem::replace(&mut st.active, Gen::new(id + 1)));
+            let next = st.active.successor();
+            let gen = Arc::new(std::mem::replace(&mut st.active, next));
             st.sealed.push(gen.clone());
             gen
         };
