@@ -557,7 +557,10 @@ mod tests {
         let slow = Phase { k: 2, n: 3 }.offset(20.0, 100, linger);
         assert!(slow > Duration::from_millis(33) && slow < Duration::from_millis(34));
         // Unpaced: no offset.
-        assert_eq!(Phase { k: 5, n: 8 }.offset(0.0, 100, linger), Duration::ZERO);
+        assert_eq!(
+            Phase { k: 5, n: 8 }.offset(0.0, 100, linger),
+            Duration::ZERO
+        );
     }
 
     fn fleet(devices: u32) -> Arc<[Mutex<Device>]> {
