@@ -20,7 +20,7 @@ use crate::access::Caller;
 use crate::reading::{check_metric_name, parse_ts, DeviceId};
 use crate::services::device_state::{DeviceState, DeviceView};
 use crate::store::rollup::{AggAnswer, AggFn, AggQuery, AggSeries, AggSource};
-use crate::store::{DeviceGlob, DevicesQuery, Order, ReadingsQuery, StoredRow};
+use crate::store::{DeviceGlob, DevicesQuery, Order, ReadingsQuery, StoreError, StoredRow};
 
 /// Default and largest `limit` of a readings query (SPEC §3).
 pub const DEFAULT_LIMIT: usize = 1000;
@@ -330,7 +330,7 @@ pub async fn readings(
         // JSON, about a millisecond of CPU that would otherwise hold an event-loop worker
         // that ingest handlers are queued on.
         let page = tokio::task::spawn_blocking(move || {
-            let Some(mut readings) = reader.readings(&q).map_err(|e| e.to_string())? else {
+            let Some(mut readings) = reader.readings(&q)? else {
                 return Ok(None);
             };
             let next = if readings.len() > limit {
@@ -346,15 +346,21 @@ pub async fn readings(
             };
             // About 140 bytes per 4-metric reading: sized up front rather than grown.
             let mut out = Vec::with_capacity(128 + body.readings.len() * 160);
-            serde_json::to_writer(&mut out, &body)
-                .map_err(|e| format!("cannot serialize the page: {e}"))?;
-            Ok::<_, String>(Some(out))
+            Ok::<_, StoreError>(Some(serde_json::to_writer(&mut out, &body).map(|()| out)))
         })
         .await
         .map_err(|e| unavailable(e.to_string()))?
-        .map_err(unavailable)?;
+        .map_err(|e| unavailable(e.to_string()))?;
         match page {
-            Some(out) => Ok((
+            // Not expected (every value is a finite number, a bool or a string); answered as
+            // axum's `Json` would, with a 500.
+            Some(Err(e)) => Err(Problem::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                format!("cannot serialize the page: {e}"),
+            )),
+            Some(Ok(out)) => Ok((
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
                 out,
             )

@@ -94,6 +94,11 @@ struct Slot {
     last_seen_ms: i64,
 }
 
+/// Most [`Gen::successor`] reserves for one buffer, as its elements' bytes (64 MiB; the
+/// device table's own overhead aside): several times what a default generation
+/// (`storage.journal_seal_readings` = 262 144) of 4-metric readings uses.
+pub const SUCCESSOR_ROOM_MAX: usize = 64 << 20;
+
 /// A generation: the readings of one journal segment, in memory.
 ///
 /// A segment's frames are not kept as they are. Each reading becomes a *record* in one
@@ -190,21 +195,25 @@ impl Gen {
     }
 
     /// The next generation, `id + 1`, empty, with room for as many readings, bytes and
-    /// devices as this one holds (plus an eighth).
+    /// devices as this one holds (plus an eighth), up to [`SUCCESSOR_ROOM_MAX`] per buffer.
     ///
-    /// Under steady load each generation looks like the last, so the active one never
-    /// reallocates while commits file into it: without this its buffers doubled in place
+    /// Under steady load each generation looks like the last, so the active one does not
+    /// reallocate while commits file into it (one that outgrows its room still grows as a
+    /// `Vec` does). Without this its buffers doubled in place
     /// (copying up to ~10 MB and faulting the new pages in) inside a commit, under the
     /// journal's write lock, a few times per generation. Capacity that is never written costs
-    /// address space, not memory.
+    /// address space, not memory; the cap keeps that modest after an unusually large
+    /// generation (one sealed at the arena's 1 GiB limit, say).
     pub fn successor(&self) -> Self {
-        let room = |n: usize| n + n / 8;
+        fn room<T>(n: usize) -> usize {
+            (n + n / 8).min(SUCCESSOR_ROOM_MAX / std::mem::size_of::<T>().max(1))
+        }
         let mut next = Self::new(self.id + 1);
-        next.arena.reserve(room(self.arena.len()));
-        next.entries.reserve(room(self.entries.len()));
-        next.slots.reserve(room(self.slots.len()));
-        next.names.reserve(room(self.names.len()));
-        next.by_name.reserve(room(self.by_name.len()), |_| 0);
+        next.arena.reserve(room::<u8>(self.arena.len()));
+        next.entries.reserve(room::<Entry>(self.entries.len()));
+        next.slots.reserve(room::<Slot>(self.slots.len()));
+        next.names.reserve(room::<u8>(self.names.len()));
+        next.by_name = HashTable::with_capacity(room::<u32>(self.by_name.len()));
         next
     }
 

@@ -537,9 +537,11 @@ impl SqliteStore {
             id + 1,
             syncs(self.settings.synchronous),
         )?;
+        // Built before the write lock, which queries wait on: only this thread (commits and
+        // seals, `&mut self`) changes the active generation, so it is still the one sized.
+        let next = self.shared.read().expect("journal lock").active.successor();
         let sealed = {
             let mut st = self.shared.write().expect("journal lock");
-            let next = st.active.successor();
             let gen = Arc::new(std::mem::replace(&mut st.active, next));
             st.sealed.push(gen.clone());
             gen
