@@ -199,11 +199,11 @@ impl Gen {
     ///
     /// Under steady load each generation looks like the last, so the active one does not
     /// reallocate while commits file into it (one that outgrows its room still grows as a
-    /// `Vec` does). Without this its buffers doubled in place
-    /// (copying up to ~10 MB and faulting the new pages in) inside a commit, under the
-    /// journal's write lock, a few times per generation. Capacity that is never written costs
-    /// address space, not memory; the cap keeps that modest after an unusually large
-    /// generation (one sealed at the arena's 1 GiB limit, say).
+    /// `Vec` does). Without this its buffers doubled in place (copying up to ~10 MB and
+    /// faulting the new pages in) inside a commit, under the journal's write lock, a few
+    /// times per generation. Capacity that is never written costs address space, not memory;
+    /// the cap keeps that modest after an unusually large generation (one sealed at the
+    /// arena's 1 GiB limit, say).
     pub fn successor(&self) -> Self {
         fn room<T>(n: usize) -> usize {
             (n + n / 8).min(SUCCESSOR_ROOM_MAX / std::mem::size_of::<T>().max(1))
