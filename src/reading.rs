@@ -138,6 +138,19 @@ pub fn format_ts(ms: i64) -> String {
         return format!("{ms} ms since the epoch");
     };
     let (y, mo, d) = (t.year(), t.month() as u8, t.day());
+    if let Ok(year) = u16::try_from(y) {
+        // Years 0 to 9999, all of them here: digits written in place, without the formatting
+        // machinery (a readings page formats one timestamp per row).
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        put_digits(&mut b[0..4], year.into());
+        put_digits(&mut b[5..7], mo.into());
+        put_digits(&mut b[8..10], d.into());
+        put_digits(&mut b[11..13], t.hour().into());
+        put_digits(&mut b[14..16], t.minute().into());
+        put_digits(&mut b[17..19], t.second().into());
+        put_digits(&mut b[20..23], t.millisecond().into());
+        return String::from_utf8_lossy(&b).into_owned();
+    }
     format!(
         "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.hour(),
@@ -145,6 +158,14 @@ pub fn format_ts(ms: i64) -> String {
         t.second(),
         t.millisecond()
     )
+}
+
+/// Writes `v` as `out.len()` decimal digits, zero-padded (`v` fits).
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for c in out.iter_mut().rev() {
+        *c = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 /// Parses an RFC 3339 string or an integer string of epoch milliseconds (query parameters).
@@ -570,4 +591,48 @@ pub fn check_metric_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `format_ts` as the formatting machinery writes it, for every year.
+    fn reference(ms: i64) -> String {
+        let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) else {
+            return format!("{ms} ms since the epoch");
+        };
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
+
+    #[test]
+    fn timestamps_written_in_place_match_the_formatting_machinery() {
+        let mut below = crate::test_rng::xorshift(0x5eed);
+        let span = 253_402_300_800_000u64; // 0001-01-01 .. 9999-12-31 after the epoch
+        let mut cases: Vec<i64> = vec![
+            0,
+            -1,
+            999,
+            1_796_058_000_123,
+            -62_167_219_200_000, // 0000-01-01T00:00:00.000Z
+            -62_167_219_200_001, // the year before 0: written by the machinery
+            253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+            253_402_300_800_000, // year 10000: none
+            i64::MIN,
+            i64::MAX,
+        ];
+        cases.extend((0..20_000).map(|_| below(span) as i64 - 62_167_219_200_000));
+        for ms in cases {
+            assert_eq!(format_ts(ms), reference(ms), "{ms}");
+        }
+    }
 }

@@ -32,8 +32,70 @@ use crate::reading::{
 /// One leading byte-order mark is ignored.
 pub fn parse_json_batch(body: &str, ctx: &ParseContext<'_>) -> Result<ParsedBatch, BatchError> {
     let body = strip_bom(body);
-    let malformed = |e| malformed(body, e);
     let first = body.bytes().find(|b| !b.is_ascii_whitespace());
+    if first == Some(b'[') {
+        if let Some(batch) = parse_array_one_pass(body, ctx) {
+            return Ok(batch);
+        }
+    }
+    parse_json_batch_by_element(body, first, ctx)
+}
+
+/// The common case in one pass over the bytes: an array whose every element deserializes
+/// (each may still fail validation, which is a per-index rejection either way). `None` when
+/// any element does not deserialize, the body is not well-formed JSON, or it holds more than
+/// `ctx.max_readings` elements: [`parse_json_batch_by_element`] then parses the body again and
+/// gives the exact answer, per-index errors and all. Either path gives the same
+/// [`ParsedBatch`] for a body the one pass takes (a differential test checks it); the one
+/// pass only skips the pass that splits the array into raw elements first.
+fn parse_array_one_pass(body: &str, ctx: &ParseContext<'_>) -> Option<ParsedBatch> {
+    struct Batch<'c, 'x>(&'c ParseContext<'x>);
+
+    impl<'de> Visitor<'de> for Batch<'_, '_> {
+        type Value = Option<ParsedBatch>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of readings")
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = ParsedBatch {
+                readings: Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0.max_readings)),
+                rejected: Vec::new(),
+            };
+            let failed_field = RefCell::new(None);
+            let mut index = 0usize;
+            while let Some(wire) = seq.next_element_seed(WireSeed {
+                failed_field: &failed_field,
+            })? {
+                if index == self.0.max_readings {
+                    // Too many: the other path counts them all and names the number.
+                    return Ok(None);
+                }
+                match wire.validate(self.0) {
+                    Ok(r) => out.readings.push(r),
+                    Err(error) => out.rejected.push(Rejection { index, error }),
+                }
+                index += 1;
+            }
+            Ok(Some(out))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(body);
+    let batch = de.deserialize_seq(Batch(ctx)).ok()??;
+    de.end().ok()?;
+    Some(batch)
+}
+
+/// Parses a JSON body element by element: the array is first split into raw elements, so
+/// that an element that does not deserialize is rejected by index while the others go on.
+fn parse_json_batch_by_element(
+    body: &str,
+    first: Option<u8>,
+    ctx: &ParseContext<'_>,
+) -> Result<ParsedBatch, BatchError> {
+    let malformed = |e| malformed(body, e);
     let raws: Vec<&RawValue> = match first {
         Some(b'[') => serde_json::from_str(body).map_err(malformed)?,
         Some(b'{') => vec![serde_json::from_str::<&RawValue>(body).map_err(malformed)?],
@@ -929,6 +991,70 @@ mod tests {
             .error
             .to_string()
             .starts_with("metrics.x: integer -9223372036854775809"));
+    }
+
+    #[test]
+    fn the_one_pass_and_the_element_by_element_parse_agree() {
+        let good = r#"{"device_id":"g-1","seq":7,"ts":1794999999000,"metrics":{"t":21.5,"n":-3,"u":18446744073709551615,"b":true},"tags":{"site":"nörth"}}"#;
+        let invalid = [
+            r#"{"device_id":"bad id","metrics":{"x":1}}"#, // validation: device id
+            r#"{"device_id":"old","ts":1,"metrics":{"x":1}}"#, // validation: ts window
+            r#"{"device_id":"none","metrics":{}}"#,        // validation: no metrics
+        ];
+        let undeserializable = [
+            r#"{"device_id":"a","metrics":{"x":"s"}}"#,
+            r#"{"device_id":"a","metrics":{"x":1},"extra":1}"#,
+            r#"{"device_id":"a","metrics":{"x":1e999}}"#,
+            r#"{"device_id":"a","seq":-1,"metrics":{"x":1}}"#,
+            "5",
+            "[]",
+        ];
+        let c2 = ParseContext {
+            max_readings: 2,
+            ..ctx()
+        };
+        let mut below = crate::test_rng::xorshift(11);
+        let mut bodies: Vec<(String, bool)> = vec![
+            ("[]".into(), true),
+            (" \n[ ]\t".into(), true),
+            (format!("[{good}]"), true),
+            (format!("[{good}, {}]", invalid[0]), true),
+            (format!("[{good}] x"), false),
+            (format!("[{good},]"), false),
+            (format!("[{good}"), false),
+        ];
+        for _ in 0..300 {
+            let n = below(6) as usize;
+            let mut parts = Vec::new();
+            let mut one_pass = true;
+            for _ in 0..n {
+                parts.push(match below(10) {
+                    0..=5 => good.to_string(),
+                    6..=7 => invalid[below(3) as usize].to_string(),
+                    _ => {
+                        one_pass = false;
+                        undeserializable[below(6) as usize].to_string()
+                    }
+                });
+            }
+            bodies.push((format!("[{}]", parts.join(",")), one_pass));
+        }
+        let mut taken = 0;
+        for (body, one_pass) in &bodies {
+            for c in [ctx(), c2.clone()] {
+                let first = body.bytes().find(|b| !b.is_ascii_whitespace());
+                let fast = parse_array_one_pass(body, &c);
+                let fits = body.matches("device_id").count() <= c.max_readings;
+                assert_eq!(fast.is_some(), *one_pass && fits, "{body}");
+                taken += usize::from(fast.is_some());
+                assert_eq!(
+                    format!("{:?}", parse_json_batch(body, &c)),
+                    format!("{:?}", parse_json_batch_by_element(body, first, &c)),
+                    "{body}"
+                );
+            }
+        }
+        assert!(taken > 100, "the one pass took only {taken} bodies");
     }
 
     #[test]

@@ -245,6 +245,11 @@ impl SqliteReader {
             let mut stmt = conn.prepare_cached(sql)?;
             let (from_ms, to_ms) = q.ts_range();
             let mut chunks = stmt.query(params![device, from_ms, to_ms])?;
+            // Whether `rows` is `q.finish`'s output. Chunks' rows are gathered unsorted and
+            // finished (filtered, sorted, cut to `limit`) only once `limit` rows may be in
+            // hand, and at the end: the same rows as finishing after every chunk, with one
+            // sort instead of one per chunk.
+            let mut finished = true;
             while let Some(c) = chunks.next()? {
                 let gen: i64 = c.get(1)?;
                 if in_memory.contains(&(gen as u64)) {
@@ -255,6 +260,10 @@ impl SqliteReader {
                 let (t_min, t_max): (i64, i64) = (c.get(2)?, c.get(3)?);
                 // Once `limit` rows are in hand, a chunk entirely beyond the worst of them
                 // cannot contribute, nor can any later one (the visit is ordered).
+                if rows.len() >= q.limit && !finished {
+                    rows = q.finish(rows);
+                    finished = true;
+                }
                 if rows.len() >= q.limit {
                     let worst = rows.last().map(|r| r.ts_ms).unwrap_or_default();
                     let beyond = match q.order {
@@ -271,6 +280,9 @@ impl SqliteReader {
                     .as_blob()
                     .map_err(|e| StoreError::Corrupt(format!("chunk {id}: {e}")))?;
                 rows.extend(decode_chunk(id, data)?);
+                finished = false;
+            }
+            if !finished {
                 rows = q.finish(rows);
             }
             // A device with a row is known, even with nothing in range (or all retired).
