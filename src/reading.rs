@@ -130,8 +130,9 @@ impl<V: Serialize> Serialize for PairsAsMap<'_, V> {
     }
 }
 
-/// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC; a time beyond
-/// the years 0000..=9999 is written as `<ms> ms since the epoch`.
+/// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC. A year before 0
+/// (down to -9999) keeps its minus sign, as ISO 8601's expanded years do (RFC 3339 has none);
+/// a time beyond the years ±9999 is written as `<ms> ms since the epoch`.
 pub fn format_ts(ms: i64) -> String {
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) else {
         // Beyond the years ±9999 that RFC 3339 can write: the number itself, never a wrong date.
@@ -617,7 +618,8 @@ mod tests {
     #[test]
     fn timestamps_written_in_place_match_the_formatting_machinery() {
         let mut below = crate::test_rng::xorshift(0x5eed);
-        let span = 253_402_300_800_000u64; // 0001-01-01 .. 9999-12-31 after the epoch
+        // 0000-01-01 to 9999-12-31: 10 000 years of milliseconds.
+        let span = 315_569_520_000_000u64;
         let mut cases: Vec<i64> = vec![
             0,
             -1,
