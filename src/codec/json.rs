@@ -15,6 +15,10 @@
 //! (a cheap syntax scan), then each element deserialised on its own, so that one bad reading
 //! fails alone, with its field named, while its neighbours are still taken. Both ways give the
 //! same answer for a body the one pass takes; a body with a bad element costs about two passes.
+//! So does a body refused whole after a good start (bytes after the array, one reading over
+//! the limit): the one pass has built and validated every reading before it finds out, which
+//! for a 3.8 MB body of 10 000 readings took ~110 ms against ~20 ms for the scan alone. That is
+//! what a valid body of the same size costs, so it is no more than the old worst case.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
