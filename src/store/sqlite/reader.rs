@@ -246,9 +246,10 @@ impl SqliteReader {
             let (from_ms, to_ms) = q.ts_range();
             let mut chunks = stmt.query(params![device, from_ms, to_ms])?;
             // Whether `rows` is `q.finish`'s output. Chunks' rows are gathered unsorted and
-            // finished (filtered, sorted, cut to `limit`) only once `limit` rows may be in
-            // hand, and at the end: the same rows as finishing after every chunk, with one
-            // sort instead of one per chunk.
+            // finished (filtered, sorted, cut to `limit`) only when `limit` rows may be in
+            // hand, before the next chunk is looked at, and at the end: the same rows as
+            // finishing after every chunk, with no sort for the chunks that fill the first
+            // `limit` rows (usually the next chunk then lies beyond them, and the visit ends).
             let mut finished = true;
             while let Some(c) = chunks.next()? {
                 let gen: i64 = c.get(1)?;
