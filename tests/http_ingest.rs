@@ -65,15 +65,15 @@ async fn round_trip_json_ndjson_gzip_and_device_state() {
     assert_eq!(res.json::<Value>().await.unwrap()["accepted"], 2);
 
     // Read back: values as given, ts as RFC 3339, tags kept.
-    let (status, body) = app.get_json("/v1/devices/greenhouse-7/readings").await;
-    assert_eq!(status, 200);
     let res = app
         .client
         .get(app.url("/v1/devices/greenhouse-7/readings"))
         .send()
         .await
         .unwrap();
+    assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/json");
+    let body: Value = res.json().await.unwrap();
     let readings = body["readings"].as_array().unwrap();
     assert_eq!(readings.len(), 3);
     assert_eq!(readings[0]["ts"], "2026-11-24T12:00:00.123Z");
