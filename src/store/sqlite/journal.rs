@@ -19,9 +19,9 @@
 //! segment: it was never synced, so nothing it held was acknowledged, and recovery truncates it.
 //!
 //! In memory, a [`Gen`] (generation: one segment) keeps each reading as a compact record in
-//! one arena (metric names replaced by a per-generation dictionary id), an [`Entry`] per
-//! reading with its time, seq and a link to its device's next reading, and one slot per
-//! device. Queries and duplicate lookups follow a device's links; compaction turns sealed
+//! one arena (its seq, and metric names replaced by a per-generation dictionary id), an
+//! [`Entry`] per reading with its time and a link to its device's next reading, and one slot
+//! per device. Queries and duplicate lookups follow a device's links; compaction turns sealed
 //! generations into chunks, after which their segment files are deleted.
 
 use std::fs::{File, OpenOptions};
@@ -43,16 +43,16 @@ const HEADER: usize = 12;
 /// could make it allocate.
 const MAX_FRAME: usize = 1 << 30;
 
-/// One reading of a generation: 24 bytes. Entries are kept in arrival order (a reading's
+/// One reading of a generation: 16 bytes. Entries are kept in arrival order (a reading's
 /// index in its generation is its position), and each links to its device's next reading in
 /// the generation. A per-device `Vec` would cost more than the readings at 100 000 devices,
-/// which hold about three readings each per generation.
+/// which hold about three readings each per generation. The reading's seq is in its record
+/// (see [`Gen`]), not here: only duplicate lookups that the seq window cannot answer read it,
+/// and the entry is held for every reading until compaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     /// Device timestamp, epoch ms.
     pub ts_ms: i64,
-    /// The device's seq; meaningful only when [`HAS_SEQ`] is set in `next_flags`.
-    seq: u64,
     /// Offset of the reading's record in the generation's arena.
     off: u32,
     /// Index of the device's next reading in this generation ([`END`] for none), with
@@ -68,9 +68,9 @@ const HAS_SEQ: u32 = 1 << 31;
 const END: u32 = !HAS_SEQ;
 
 impl Entry {
-    /// The device's seq, if it gave one.
-    pub fn seq(&self) -> Option<u64> {
-        (self.next_flags & HAS_SEQ != 0).then_some(self.seq)
+    /// Whether the reading has a seq (in its record).
+    fn has_seq(&self) -> bool {
+        self.next_flags & HAS_SEQ != 0
     }
 
     /// The index of the device's next reading in this generation.
@@ -106,12 +106,13 @@ pub const SUCCESSOR_ROOM_MAX: usize = 64 << 20;
 /// holds) and with metric names replaced by their index in the generation's dictionary:
 ///
 /// ```text
-/// record = slot (varint) | metrics (u16 n, (name id varint, value) × n)
+/// record = slot (varint) | seq (varint, only if the entry says it has one)
+///          | metrics (u16 n, (name id varint, value) × n)
 ///          | tags (u8 n, (u8 len, key, u16 len, value) × n)
 /// ```
 ///
 /// With the simulator's four metrics a record is about 40 bytes, against 100 in the frame.
-/// Per reading, memory holds its record, its 24-byte [`Entry`] and a share of its device's
+/// Per reading, memory holds its record, its 16-byte [`Entry`] and a share of its device's
 /// 24-byte slot, name and table entry: what bounds RSS when compaction falls behind.
 #[derive(Debug, Default)]
 pub struct Gen {
@@ -254,19 +255,30 @@ impl Gen {
             .map(move |slot| Device { gen: self, slot })
     }
 
-    /// The record of reading `idx`, after its slot.
-    fn record(&self, idx: u32) -> Result<(Entry, Dec<'_>), StoreError> {
+    /// The entry of reading `idx`, its seq, and its record after the seq.
+    fn record(&self, idx: u32) -> Result<(Entry, Option<u64>, Dec<'_>), StoreError> {
         let e = *self
             .entries
             .get(idx as usize)
             .ok_or_else(|| corrupt("reading index beyond the generation"))?;
+        let (seq, d) = self.seq_of(e)?;
+        Ok((e, seq, d))
+    }
+
+    /// The seq in `e`'s record, and the record after it.
+    fn seq_of(&self, e: Entry) -> Result<(Option<u64>, Dec<'_>), StoreError> {
         let rest = self
             .arena
             .get(e.off as usize..)
             .ok_or_else(|| corrupt("record offset beyond the arena"))?;
         let mut d = Dec::new(rest);
         d.varint()?;
-        Ok((e, d))
+        let seq = if e.has_seq() {
+            Some(d.varint64()?)
+        } else {
+            None
+        };
+        Ok((seq, d))
     }
 
     fn metric_name(&self, id: u32) -> Result<&str, StoreError> {
@@ -278,7 +290,7 @@ impl Gen {
 
     /// Decodes reading `idx`.
     pub fn row(&self, idx: u32) -> Result<StoredRow, StoreError> {
-        let (e, mut d) = self.record(idx)?;
+        let (e, seq, mut d) = self.record(idx)?;
         let n = d.u16()? as usize;
         let mut metrics = Vec::with_capacity(n);
         for _ in 0..n {
@@ -288,7 +300,7 @@ impl Gen {
         Ok(StoredRow {
             rid: self.rid(idx),
             ts_ms: e.ts_ms,
-            seq: e.seq(),
+            seq,
             metrics,
             tags: decode_tags(&mut d)?,
         })
@@ -297,8 +309,8 @@ impl Gen {
     /// Appends reading `idx` to `out` in a form that needs nothing of this generation, for
     /// [`decode_bytes`] to decode later, outside the journal lock.
     pub fn copy_row(&self, idx: u32, out: &mut Vec<u8>) -> Result<(), StoreError> {
-        let (e, mut d) = self.record(idx)?;
-        put_head(out, e.ts_ms, e.seq());
+        let (e, seq, mut d) = self.record(idx)?;
+        put_head(out, e.ts_ms, seq);
         let n = d.u16()?;
         out.extend_from_slice(&n.to_le_bytes());
         for _ in 0..n {
@@ -330,8 +342,10 @@ impl Gen {
 
     /// Whether this generation holds `(device, seq)`.
     pub fn contains(&self, device: &str, seq: u64) -> bool {
-        self.device(device)
-            .is_some_and(|d| d.entries().any(|(_, e)| e.seq() == Some(seq)))
+        self.device(device).is_some_and(|d| {
+            d.entries()
+                .any(|(_, e)| e.has_seq() && matches!(self.seq_of(e), Ok((Some(s), _)) if s == seq))
+        })
     }
 
     /// The metric id of `name`, the `pos`-th metric of the reading being filed.
@@ -428,6 +442,9 @@ impl Gen {
         };
         let off = self.arena.len() as u32;
         put_varint(&mut self.arena, u64::from(slot));
+        if let Some(s) = seq {
+            put_varint(&mut self.arena, s);
+        }
         let count_at = self.arena.len();
         self.arena.extend_from_slice(&[0, 0]);
         let mut n = 0u16;
@@ -451,7 +468,6 @@ impl Gen {
         self.arena[tags_at] = t;
         self.entries.push(Entry {
             ts_ms,
-            seq: seq.unwrap_or(0),
             off,
             next_flags: END | if seq.is_some() { HAS_SEQ } else { 0 },
         });
@@ -938,6 +954,18 @@ impl<'a> Dec<'a> {
         }
         Err(corrupt("varint too long"))
     }
+    /// A LEB128 `u64` as [`put_varint`] wrote it (at most ten bytes).
+    pub fn varint64(&mut self) -> Result<u64, StoreError> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
     /// A string with a one-byte length.
     pub fn str8(&mut self) -> Result<&'a str, StoreError> {
         let n = self.u8()? as usize;
@@ -1123,6 +1151,38 @@ mod tests {
             }
             assert!(g.contains("d1", 1) && g.contains("d2", 499));
             assert!(!g.contains("d0", 0) && !g.contains("d1", 2) && !g.contains("nope", 1));
+        }
+    }
+
+    /// Seqs are kept in the records as varints: the largest read back exactly, from memory
+    /// and after replay, and duplicate lookups find them.
+    #[test]
+    fn seqs_of_every_size_read_back_and_are_found() {
+        let seqs = [0, 1, 127, 128, 1 << 32, 1 << 63, u64::MAX - 1, u64::MAX];
+        let mut batch: Vec<Reading> = seqs
+            .iter()
+            .map(|&s| reading("big", Some(s), MetricValue::UInt(s)))
+            .collect();
+        batch.push(reading("big", None, MetricValue::Int(0)));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = Segment::create(dir.path(), 5, false).expect("segment");
+        let mut gen = Gen::new(5);
+        let mut f = FrameBuilder::new(1, 0);
+        for (i, r) in batch.iter().enumerate() {
+            f.push(i, r);
+        }
+        seg.append(f.finish()).expect("append");
+        f.apply(&mut gen, |i| &batch[i]);
+        let (back, _) = replay(&segment_path(dir.path(), 5), 5, false).expect("replay");
+        for g in [&gen, &back] {
+            for (i, r) in batch.iter().enumerate() {
+                let row = g.row(i as u32).expect("row");
+                assert_eq!((row.seq, &row.metrics), (r.seq, &r.metrics), "reading {i}");
+            }
+            for s in seqs {
+                assert!(g.contains("big", s), "seq {s}");
+            }
+            assert!(!g.contains("big", 2) && !g.contains("big", u64::MAX - 2));
         }
     }
 
