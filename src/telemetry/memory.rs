@@ -1,5 +1,5 @@
 //! Handing free memory back to the OS, beside the flow: called by each tokio worker when it
-//! parks, and by the store writer's blocking task after each commit.
+//! parks, and by the store writer's thread after each store call.
 //!
 //! mimalloc keeps a heap per thread. A block freed by another thread goes back to its owner's
 //! heap, and the owner frees the emptied pages, and purges them (returns them to the OS), only
@@ -7,13 +7,14 @@
 //! - **tokio workers** that went idle: after 10 000 WebSocket connections closed, an idle
 //!   process kept 190 MiB of free memory resident; with a collect on park, 42 MiB 30 s later
 //!   (README, Benchmarks: `ws-rss-10k`);
-//! - **blocking-pool threads.** The store writer runs each commit with `spawn_blocking`, on
-//!   whichever pool thread is idle, so once a burst has grown the pool (1 000 token lookups on
-//!   a cold cache, a burst of queries), every commit's buffers are spread over all its threads,
-//!   each keeping the pages the others freed: with 16 extra pool threads, RSS under load was
-//!   806 MiB against 211 MiB with 7 threads (2026-12-01, `sluice-sim` per-device shape with
-//!   tokens). A collect at most every 200 ms per thread bounds that: 237 MiB, and 156 MiB
-//!   without the burst, at the same throughput.
+//! - **the store writer's thread**, whose commit buffers are freed by the ingest threads that
+//!   take the acks. When each commit ran with `spawn_blocking`, on whichever pool thread was
+//!   idle, a burst that had grown the pool (1 000 token lookups on a cold cache, a burst of
+//!   queries) spread the commits' buffers over all its threads, each keeping the pages the
+//!   others freed: with 16 extra pool threads, RSS under load was 806 MiB against 211 MiB with
+//!   7 threads (2026-12-01, `sluice-sim` per-device shape with tokens). A collect at most every
+//!   200 ms per thread bounded that: 237 MiB, and 156 MiB without the burst, at the same
+//!   throughput. The writer now has one thread of its own, which collects the same way.
 //!
 //! mimalloc can only collect the calling thread's heap, hence hooks on the threads themselves
 //! rather than a task.
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 /// How often, at most, a tokio worker collects when it parks.
 pub const WORKER_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How often, at most, a blocking-pool thread collects after a store commit.
+/// How often, at most, the store writer's thread collects after a store call.
 pub const BLOCKING_INTERVAL: Duration = Duration::from_millis(200);
 
 /// A forced `mi_collect` on the calling thread, at most once per `interval` on that thread:

@@ -93,7 +93,8 @@ pub struct TaskMonitors {
     pub ingest: TaskFamily,
     /// The batcher task (`task="batcher"`).
     pub batcher: TaskFamily,
-    /// The store writer task (`task="store"`).
+    /// The store writer's task (`task="store"`): it starts the writer thread, which does the
+    /// commits off the event loop, and ticks its upkeep once a second.
     pub store: TaskFamily,
     /// The MQTT source's tasks (`task="mqtt"`).
     pub mqtt: TaskFamily,
