@@ -944,15 +944,7 @@ impl<'a> Dec<'a> {
     }
     /// A LEB128 `u32` as [`put_varint`] wrote it (at most five bytes).
     pub fn varint(&mut self) -> Result<u32, StoreError> {
-        let mut v = 0u32;
-        for shift in (0..35).step_by(7) {
-            let b = self.u8()?;
-            v |= u32::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(corrupt("varint too long"))
+        u32::try_from(self.varint64()?).map_err(|_| corrupt("varint too large for 32 bits"))
     }
     /// A LEB128 `u64` as [`put_varint`] wrote it (at most ten bytes).
     pub fn varint64(&mut self) -> Result<u64, StoreError> {
@@ -998,6 +990,17 @@ mod tests {
         }
     }
 
+    /// Appends all of `batch` as one frame committed at `commit_ms` (to an empty `gen`), and
+    /// files it, as a group commit does.
+    fn append_all(seg: &mut Segment, gen: &mut Gen, commit_ms: i64, batch: &[Reading]) {
+        let mut f = FrameBuilder::new(commit_ms, 0);
+        for (i, r) in batch.iter().enumerate() {
+            f.push(i, r);
+        }
+        seg.append(f.finish()).expect("append");
+        f.apply(gen, |i| &batch[i]);
+    }
+
     #[test]
     fn a_successor_is_empty_with_room_for_its_predecessor() {
         let batch: Vec<Reading> = (0..300)
@@ -1029,12 +1032,7 @@ mod tests {
             reading("b", None, MetricValue::Float(-0.0)),
         ];
         let mut gen = Gen::new(7);
-        let mut f = FrameBuilder::new(5, 0);
-        for (i, r) in batch.iter().enumerate() {
-            f.push(i, r);
-        }
-        seg.append(f.finish()).expect("append");
-        f.apply(&mut gen, |i| &batch[i]);
+        append_all(&mut seg, &mut gen, 5, &batch);
         let good = seg.len();
         // A second frame that is only half written.
         let mut f2 = FrameBuilder::new(6, 2);
@@ -1167,12 +1165,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut seg = Segment::create(dir.path(), 5, false).expect("segment");
         let mut gen = Gen::new(5);
-        let mut f = FrameBuilder::new(1, 0);
-        for (i, r) in batch.iter().enumerate() {
-            f.push(i, r);
-        }
-        seg.append(f.finish()).expect("append");
-        f.apply(&mut gen, |i| &batch[i]);
+        append_all(&mut seg, &mut gen, 1, &batch);
         let (back, _) = replay(&segment_path(dir.path(), 5), 5, false).expect("replay");
         for g in [&gen, &back] {
             for (i, r) in batch.iter().enumerate() {
