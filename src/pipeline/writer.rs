@@ -102,8 +102,9 @@ pub async fn run(rx: mpsc::Receiver<Batch>, ctx: Ctx, idle: Arc<Notify>) {
             let _ = done_tx.send(());
         });
     match spawned {
-        // An error here means the thread panicked; the panic has been printed.
         Ok(_) => {
+            // Dropped unsent only if the thread panicked outside a store call (the panic
+            // hook has printed it).
             if done_rx.await.is_err() {
                 tracing::error!("store writer thread stopped unexpectedly");
             }
@@ -139,18 +140,20 @@ fn write_loop(
                 let next = rt.block_on(async {
                     tokio::select! {
                         biased;
-                        batch = rx.recv() => Some(batch),
-                        tick = ticks.recv(), if ticking => {
-                            ticking = tick.is_some();
-                            None
-                        }
+                        batch = rx.recv() => Woke::Batch(batch),
+                        tick = ticks.recv(), if ticking => Woke::Tick(tick.is_some()),
                     }
                 });
                 match next {
-                    Some(Some(batch)) => Some(batch),
-                    Some(None) => break,
-                    None => {
+                    Woke::Batch(Some(batch)) => Some(batch),
+                    Woke::Batch(None) => break,
+                    Woke::Tick(true) => {
                         store = tick(ctx, store);
+                        continue;
+                    }
+                    // The ticker is gone (the runtime is being dropped): wait for batches only.
+                    Woke::Tick(false) => {
+                        ticking = false;
                         continue;
                     }
                 }
@@ -173,6 +176,23 @@ fn write_loop(
             }
         }
     }
+}
+
+/// What woke the writer thread when no batch was queued.
+enum Woke {
+    /// The batch channel: a batch, or `None` once the batcher has stopped.
+    Batch(Option<Batch>),
+    /// The tick channel: `true` for a tick, `false` once the ticker is gone.
+    Tick(bool),
+}
+
+/// The message of a caught panic, when it is a string (as `panic!` makes it).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Once a second: upkeep for an open store, a probe for a down one, and a new open when
@@ -198,9 +218,12 @@ fn guarded<T>(
     crate::telemetry::memory::give_back(crate::telemetry::memory::BLOCKING_INTERVAL);
     match out {
         Ok(out) => (Some(store), Some(out)),
-        Err(_) => {
+        Err(payload) => {
             drop(store);
-            let e = StoreError::Corrupt("a store call panicked; reopening".into());
+            let e = StoreError::Corrupt(format!(
+                "a store call panicked ({}); reopening",
+                panic_text(&*payload)
+            ));
             store_failed(ctx, "call", &e);
             (None, None)
         }
@@ -256,9 +279,9 @@ fn open(ctx: &Ctx) -> Option<Boxed> {
             store_failed(ctx, "open", &e);
             None
         }
-        Err(_) => {
+        Err(payload) => {
             // Say why in /readyz too, not only "not opened yet".
-            let e = StoreError::Corrupt("store open panicked".into());
+            let e = StoreError::Corrupt(format!("store open panicked: {}", panic_text(&*payload)));
             store_failed(ctx, "open", &e);
             None
         }

@@ -555,13 +555,11 @@ fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     }
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match d.as_mut() {
-            Some(d) => d.decompress(payload, capacity),
-            None => zstd::bulk::decompress(payload, capacity),
-        }
+        let d = match &mut *d {
+            Some(d) => d,
+            slot @ None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(payload, capacity)
     })
 }
 

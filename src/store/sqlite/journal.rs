@@ -102,8 +102,9 @@ pub const SUCCESSOR_ROOM_MAX: usize = 64 << 20;
 /// A generation: the readings of one journal segment, in memory.
 ///
 /// A segment's frames are not kept as they are. Each reading becomes a *record* in one
-/// arena, without what is kept elsewhere (its device, time and seq, which its [`Entry`]
-/// holds) and with metric names replaced by their index in the generation's dictionary:
+/// arena, without what is kept elsewhere (its device, which its slot names, and its time,
+/// which its [`Entry`] holds) and with metric names replaced by their index in the
+/// generation's dictionary:
 ///
 /// ```text
 /// record = slot (varint) | seq (varint, only if the entry says it has one)
