@@ -132,40 +132,35 @@ fn write_loop(
     let mut ticking = true;
     loop {
         let batch = match rx.try_recv() {
-            Ok(batch) => Some(batch),
+            Ok(batch) => batch,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                // Channels only: their wakers need no driver, so this works on any runtime
-                // flavour and returns once the batcher is gone.
-                let next = rt.block_on(async {
-                    tokio::select! {
-                        biased;
-                        batch = rx.recv() => Woke::Batch(batch),
-                        tick = ticks.recv(), if ticking => Woke::Tick(tick.is_some()),
-                    }
-                });
-                match next {
-                    Woke::Batch(Some(batch)) => Some(batch),
-                    Woke::Batch(None) => break,
-                    Woke::Tick(true) => {
-                        store = tick(ctx, store);
-                        continue;
-                    }
-                    // The ticker is gone (the runtime is being dropped): wait for batches only.
-                    Woke::Tick(false) => {
-                        ticking = false;
-                        continue;
-                    }
+            // Channels only: their wakers need no driver, so this works on any runtime
+            // flavour and returns once the batcher is gone.
+            Err(mpsc::error::TryRecvError::Empty) => match rt.block_on(async {
+                tokio::select! {
+                    biased;
+                    batch = rx.recv() => Woke::Batch(batch),
+                    tick = ticks.recv(), if ticking => Woke::Tick(tick.is_some()),
                 }
-            }
+            }) {
+                Woke::Batch(Some(batch)) => batch,
+                Woke::Batch(None) => break,
+                Woke::Tick(true) => {
+                    store = tick(ctx, store);
+                    continue;
+                }
+                // The ticker is gone (the runtime is being dropped): wait for batches only.
+                Woke::Tick(false) => {
+                    ticking = false;
+                    continue;
+                }
+            },
         };
-        if let Some(batch) = batch {
-            store_depth.set(rx.len() as i64);
-            store = commit(ctx, store, batch);
-            if rx.is_empty() {
-                // Tell the batcher to flush what it has gathered now, not at its deadline.
-                idle.notify_one();
-            }
+        store_depth.set(rx.len() as i64);
+        store = commit(ctx, store, batch);
+        if rx.is_empty() {
+            // Tell the batcher to flush what it has gathered now, not at its deadline.
+            idle.notify_one();
         }
         // Under load the channel is never empty: ticks are taken between batches.
         if ticking {
