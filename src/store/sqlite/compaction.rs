@@ -3,8 +3,9 @@
 //!
 //! Compacting a sealed generation, or a batch of them (those that queued up while the last
 //! compaction ran, oldest first; see [`MAX_BATCH_GENS`]), is one SQLite transaction:
-//! 1. for each device of the batch (in name order), decode its readings from every generation
-//!    of the batch, sort them by `(ts, rid)`, and insert them as chunks
+//! 1. for each device of the batch (in name order: each generation's devices are grouped and
+//!    sorted by `Gen::by_device`, and the batch's lists merged), decode its readings from
+//!    every generation of the batch, sort them by `(ts, rid)`, and insert them as chunks
 //!    (`schema::insert_chunks`), each naming the batch's first generation;
 //! 2. fold them into the device's row: seq high-water, true `last_seen`, newest `ts`, latest
 //!    value of every metric;
@@ -275,39 +276,48 @@ impl Worker {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Every device of the batch once, in name order, with its readings from each
-        // generation.
-        let mut names: Vec<&str> = if let [gen] = batch {
-            gen.devices().map(|d| d.name()).collect()
-        } else {
-            let set: foldhash::HashSet<&str> = batch
-                .iter()
-                .flat_map(|g| g.devices().map(|d| d.name()))
-                .collect();
-            set.into_iter().collect()
+        // generation: a merge of the generations' device lists, each sorted by name.
+        let grouped = batch
+            .iter()
+            .map(|g| g.by_device())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut heads = vec![0usize; batch.len()];
+        // The device at the head of generation `pos`'s list, if any is left.
+        let head = |heads: &[usize], pos: usize| {
+            grouped[pos]
+                .by_name()
+                .get(heads[pos])
+                .and_then(|&slot| Some((slot, batch[pos].device_at(slot)?)))
         };
-        names.sort_unstable();
+        let mut devices = 0usize;
         let mut chunks = 0usize;
         // Per device, the highest seq this batch moves into chunks.
         let mut maxima: Vec<(&str, u64)> = Vec::new();
         self.rollups.begin();
         let mut rollup_rows = 0u64;
         let mut rows = Vec::new();
-        for name in &names {
+        while let Some(name) = (0..batch.len())
+            .filter_map(|pos| head(&heads, pos).map(|(_, d)| d.name()))
+            .min()
+        {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(Abandoned::Stopping);
             }
-            let (id, mut state) = DeviceRow::load_or_create(&tx, name)?;
+            devices += 1;
             rows.clear();
             let mut last_seen_ms = i64::MIN;
-            for gen in batch {
-                let Some(dev) = gen.device(name) else {
+            for pos in 0..batch.len() {
+                let Some((slot, dev)) = head(&heads, pos) else {
                     continue;
                 };
-                for (idx, _) in dev.entries() {
-                    rows.push(gen.row(idx)?);
+                if dev.name() != name {
+                    continue;
                 }
+                batch[pos].rows_into(grouped[pos].slot(slot as usize), &mut rows)?;
                 last_seen_ms = last_seen_ms.max(dev.last_seen_ms());
+                heads[pos] += 1;
             }
+            let (id, mut state) = DeviceRow::load_or_create(&tx, name)?;
             rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
             for r in &rows {
                 state.absorb(r, last_seen_ms);
@@ -394,7 +404,7 @@ impl Worker {
         tracing::debug!(
             gens = ?batch.iter().map(|g| g.id).collect::<Vec<_>>(),
             readings,
-            devices = names.len(),
+            devices,
             chunks,
             elapsed_ms = elapsed.as_millis() as u64,
             "journal generations compacted"

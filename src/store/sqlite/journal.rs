@@ -21,8 +21,9 @@
 //! In memory, a [`Gen`] (generation: one segment) keeps each reading as a compact record in
 //! one arena (its seq, and metric names replaced by a per-generation dictionary id), an
 //! [`Entry`] per reading with its time and a link to its device's next reading, and one slot
-//! per device. Queries and duplicate lookups follow a device's links; compaction turns sealed
-//! generations into chunks, after which their segment files are deleted.
+//! per device. Queries and duplicate lookups follow a device's links; compaction groups a
+//! sealed generation's readings by device in two sequential passes instead
+//! ([`Gen::by_device`]), turns them into chunks, and then the segment files are deleted.
 
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
@@ -249,6 +250,14 @@ impl Gen {
         })
     }
 
+    /// The device in slot `slot` (see [`ByDevice`]), if there is one.
+    pub fn device_at(&self, slot: u32) -> Option<Device<'_>> {
+        Some(Device {
+            gen: self,
+            slot: self.slots.get(slot as usize)?,
+        })
+    }
+
     /// Every device with readings here, in order of first arrival.
     pub fn devices(&self) -> impl Iterator<Item = Device<'_>> {
         self.slots
@@ -287,6 +296,75 @@ impl Gen {
             .get(id as usize)
             .map(|n| &**n)
             .ok_or_else(|| corrupt("unknown metric id"))
+    }
+
+    /// The readings grouped by device, and the devices in name order, for compaction: see
+    /// [`ByDevice`].
+    ///
+    /// Two passes in index order: one reads each record's slot (the head of the record, and
+    /// records lie back to back in index order, so both `entries` and `arena` are read
+    /// sequentially) and counts the readings per slot; the other places each index in its
+    /// slot's range (a counting sort). Following each device's links instead is one cache miss
+    /// per reading once a generation outgrows the cache (~16 MB at 262 144 readings): that
+    /// walk was 12 % of the compaction thread's time at 1 000 devices, and looking each
+    /// device's slot up by name in every generation of a batch 8 % at 100 000.
+    pub fn by_device(&self) -> Result<ByDevice, StoreError> {
+        let mut starts = vec![0u32; self.slots.len() + 1];
+        let mut order = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
+            let head = self
+                .arena
+                .get(e.off as usize..)
+                .ok_or_else(|| corrupt("record offset beyond the arena"))?;
+            let slot = Dec::new(head).varint()?;
+            *starts
+                .get_mut(slot as usize + 1)
+                .ok_or_else(|| corrupt("record names a slot beyond the generation"))? += 1;
+            // The slot for now; replaced by the index below.
+            order.push(slot);
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut placed = vec![0u32; order.len()];
+        for (idx, &slot) in order.iter().enumerate() {
+            // In range: every slot was counted above, so its cursor stays below its end.
+            let at = &mut next[slot as usize];
+            placed[*at as usize] = idx as u32;
+            *at += 1;
+        }
+        let mut by_name: Vec<u32> = (0..self.slots.len() as u32).collect();
+        by_name.sort_unstable_by(|&a, &b| {
+            self.slot_name(&self.slots[a as usize])
+                .cmp(self.slot_name(&self.slots[b as usize]))
+        });
+        Ok(ByDevice {
+            order: placed,
+            starts,
+            by_name,
+        })
+    }
+
+    /// Decodes readings `idxs` onto `out`, in that order. The indices usually lie far apart
+    /// in a large generation: each entry is prefetched [`PREFETCH_AHEAD`] × 2 readings ahead,
+    /// and its record once its entry is at hand, so that the cache misses overlap instead of
+    /// being waited out one by one.
+    pub fn rows_into(&self, idxs: &[u32], out: &mut Vec<StoredRow>) -> Result<(), StoreError> {
+        out.reserve(idxs.len());
+        for (k, &idx) in idxs.iter().enumerate() {
+            if let Some(&far) = idxs.get(k + 2 * PREFETCH_AHEAD) {
+                prefetch(self.entries.as_ptr().wrapping_add(far as usize));
+            }
+            if let Some(e) = idxs
+                .get(k + PREFETCH_AHEAD)
+                .and_then(|&near| self.entries.get(near as usize))
+            {
+                prefetch(self.arena.as_ptr().wrapping_add(e.off as usize));
+            }
+            out.push(self.row(idx)?);
+        }
+        Ok(())
     }
 
     /// Decodes reading `idx`.
@@ -767,6 +845,51 @@ fn file_body(gen: &mut Gen, body: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How many readings ahead [`Gen::rows_into`] prefetches records (and twice as far, entries).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to bring the cache line at `p` in; a hint only, on x86-64 (elsewhere
+/// nothing). `p` may point anywhere, even past an allocation: a prefetch never faults.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetch` reads nothing and cannot fault, whatever the address; SSE, which it
+    // needs, is part of every x86-64 CPU.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// A generation's reading indices grouped by device slot ([`Gen::by_device`]): slot `s`'s
+/// readings, in arrival order, are `order[starts[s]..starts[s + 1]]`; and its slots in
+/// device name order. 4 bytes per reading plus 8 per device, held only while a compaction
+/// runs.
+pub struct ByDevice {
+    /// Reading indices, slot by slot.
+    order: Vec<u32>,
+    /// Where each slot's indices begin in `order`, plus the end.
+    starts: Vec<u32>,
+    /// Slot indices, sorted by device name.
+    by_name: Vec<u32>,
+}
+
+impl ByDevice {
+    /// Slot indices in device name order.
+    pub fn by_name(&self) -> &[u32] {
+        &self.by_name
+    }
+
+    /// Slot `slot`'s reading indices, in arrival order (empty for a slot out of range).
+    pub fn slot(&self, slot: usize) -> &[u32] {
+        match (self.starts.get(slot), self.starts.get(slot + 1)) {
+            (Some(&a), Some(&b)) => self.order.get(a as usize..b as usize).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+}
+
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("journal: {what}"))
 }
@@ -1150,6 +1273,55 @@ mod tests {
             }
             assert!(g.contains("d1", 1) && g.contains("d2", 499));
             assert!(!g.contains("d0", 0) && !g.contains("d1", 2) && !g.contains("nope", 1));
+        }
+    }
+
+    /// Compaction's grouping (a counting sort over the records) gives each device exactly the
+    /// readings its links give, in the same order, with devices in name order; and
+    /// `rows_into` decodes them as `row` does, however far apart they lie.
+    #[test]
+    fn grouping_by_device_matches_the_links_and_names_sort() {
+        // 2 000 readings over 300 devices, arriving in a scrambled order, some devices once.
+        let batch: Vec<Reading> = (0..2000u64)
+            .map(|i| {
+                let d = (i * 7919 + i / 3) % 300;
+                let mut r = reading(&format!("dev-{d:03}"), Some(i), MetricValue::UInt(i));
+                r.ts_ms += i as i64;
+                r
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = Segment::create(dir.path(), 2, false).expect("segment");
+        let mut gen = Gen::new(2);
+        append_all(&mut seg, &mut gen, 5, &batch);
+        let (back, _) = replay(&segment_path(dir.path(), 2), 2, false).expect("replay");
+        for g in [&gen, &back] {
+            let grouped = g.by_device().expect("grouping");
+            let names: Vec<&str> = grouped
+                .by_name()
+                .iter()
+                .map(|&s| g.device_at(s).expect("slot").name())
+                .collect();
+            let mut sorted: Vec<&str> = g.devices().map(|d| d.name()).collect();
+            sorted.sort_unstable();
+            assert_eq!(names, sorted);
+            let mut seen = 0;
+            for &slot in grouped.by_name() {
+                let dev = g.device_at(slot).expect("slot");
+                let linked: Vec<u32> = dev.entries().map(|(i, _)| i).collect();
+                assert_eq!(grouped.slot(slot as usize), &linked[..], "{}", dev.name());
+                let mut rows = Vec::new();
+                g.rows_into(&linked, &mut rows).expect("rows");
+                let want = linked
+                    .iter()
+                    .map(|&i| g.row(i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("row");
+                assert_eq!(rows, want);
+                seen += linked.len();
+            }
+            assert_eq!(seen, 2000);
+            assert!(g.device_at(300).is_none() && grouped.slot(300).is_empty());
         }
     }
 
