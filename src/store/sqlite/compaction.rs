@@ -272,15 +272,16 @@ impl Worker {
         };
         let started = Instant::now();
         let readings: u64 = batch.iter().map(|g| u64::from(g.readings)).sum();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Every device of the batch once, in name order, with its readings from each
-        // generation: a merge of the generations' device lists, each sorted by name.
+        // generation: a merge of the generations' device lists, each sorted by name. Grouped
+        // before the transaction: it needs nothing of SQLite, whose write lock others wait for.
         let grouped = batch
             .iter()
             .map(|g| g.by_device())
             .collect::<Result<Vec<_>, _>>()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut heads = vec![0usize; batch.len()];
         // The device at the head of generation `pos`'s list, if any is left.
         let head = |heads: &[usize], pos: usize| {
