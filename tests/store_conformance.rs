@@ -760,18 +760,36 @@ fn sqlite_nothing_committed_on_error() {
     );
 }
 
+/// The embedded store with generations of 10 readings that queue up: each compaction takes
+/// at least 2 × 150 ms, so generations committed in a few ms wait behind the first.
+fn batching_sqlite() -> Sqlite {
+    Sqlite::with(|s| {
+        s.compaction_pause = Duration::from_millis(150);
+        s.journal_seal_readings = 10;
+        s.compaction_interval = Duration::from_secs(3600);
+    })
+}
+
+/// Waits until all `gens` generations of 10 readings are compacted, and asserts that some
+/// were compacted together.
+fn compacted_in_batches(b: &Sqlite, s: &mut dyn Store, gens: u64) {
+    b.settle(s);
+    // The journal gauge drops before a compaction's counters are updated: wait for the
+    // counter of compacted readings (updated last) to reach every reading.
+    wait_until(|| b.metrics.store_compacted_readings.get() == gens * 10);
+    let compactions = b.metrics.store_compaction_seconds.get_sample_count();
+    assert!(
+        compactions < gens,
+        "{compactions} compactions for {gens} queued generations: none was batched"
+    );
+}
+
 /// Generations that queue up behind a slow compaction are compacted together, in one
 /// transaction, and the answer is the same as one by one: every reading once, in order,
 /// duplicates found in the merged chunks, and device state from every generation.
 #[test]
 fn sqlite_compacts_queued_generations_together() {
-    let b = Sqlite::with(|s| {
-        // Each compaction takes at least 2 × 150 ms; sealing every 10 readings makes six
-        // generations in a few ms, so five of them wait behind the first.
-        s.compaction_pause = Duration::from_millis(150);
-        s.journal_seal_readings = 10;
-        s.compaction_interval = Duration::from_secs(3600);
-    });
+    let b = batching_sqlite();
     let mut s = b.open().store;
     let gens = 6u64;
     // Three devices; each generation holds readings of all three, and device "q2" takes its
@@ -790,15 +808,7 @@ fn sqlite_compacts_queued_generations_together() {
             .collect();
         assert!(commit(&mut *s, &batch).iter().all(|&new| new));
     }
-    b.settle(&mut *s);
-    // The journal gauge drops before a compaction's counters are updated: wait for the
-    // counter of compacted readings (updated last) to reach every reading.
-    wait_until(|| b.metrics.store_compacted_readings.get() == gens * 10);
-    let compactions = b.metrics.store_compaction_seconds.get_sample_count();
-    assert!(
-        compactions < gens,
-        "{compactions} compactions for {gens} queued generations: none was batched"
-    );
+    compacted_in_batches(&b, &mut *s, gens);
     let expect = |d: u64| -> Vec<u64> { (1..=gens * 10).filter(|q| q % 3 == d).collect() };
     for d in 0..3 {
         let rows = query(&*s, &format!("q{d}"), Order::Asc, 1000).expect("known");
@@ -830,11 +840,7 @@ fn sqlite_compacts_queued_generations_together() {
 /// merged device by device: every reading once, in order, under the right device.
 #[test]
 fn sqlite_batched_compaction_merges_different_device_sets() {
-    let b = Sqlite::with(|s| {
-        s.compaction_pause = Duration::from_millis(150);
-        s.journal_seal_readings = 10;
-        s.compaction_interval = Duration::from_secs(3600);
-    });
+    let b = batching_sqlite();
     let mut s = b.open().store;
     let pattern = |g: u64, i: u64| -> &'static str {
         let pick = |names: &[&'static str]| names[(i as usize) % names.len()];
@@ -867,13 +873,7 @@ fn sqlite_batched_compaction_merges_different_device_sets() {
             .collect();
         assert!(commit(&mut *s, &batch).iter().all(|&new| new));
     }
-    b.settle(&mut *s);
-    wait_until(|| b.metrics.store_compacted_readings.get() == gens * 10);
-    let compactions = b.metrics.store_compaction_seconds.get_sample_count();
-    assert!(
-        compactions < gens,
-        "{compactions} compactions for {gens} queued generations: none was batched"
-    );
+    compacted_in_batches(&b, &mut *s, gens);
     assert_eq!(want.len(), 6);
     for (dev, seqs_wanted) in &want {
         let rows = query(&*s, dev, Order::Asc, 1000).expect("known");
