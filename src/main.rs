@@ -43,6 +43,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Before the allocations that last: see `memory::disable_transparent_huge_pages`.
+    let thp = memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -64,6 +66,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(&settings.log);
+    match thp {
+        Ok(off) => tracing::debug!(transparent_huge_pages_off = off, "memory"),
+        Err(e) => tracing::warn!("cannot turn transparent huge pages off ({e}): RSS may be higher"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-worker")
