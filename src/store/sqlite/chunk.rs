@@ -113,7 +113,7 @@ const KIND_MIXED: u8 = 4;
 const FLOAT_XOR: u8 = 0xFF;
 /// `10^k` for the decimal float scales. All are exact in f64, so the encoder's check and the
 /// decoder's division compute the very same value.
-const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
+pub(super) const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
 /// Scaled decimals must stay below 2^53 so the integer → f64 conversion is exact.
 const MAX_SCALED: f64 = 9_007_199_254_740_992.0;
 
@@ -422,7 +422,7 @@ fn put_ints(out: &mut Vec<u8>, ints: impl Iterator<Item = i64>) {
 }
 
 /// `f` as an integer scaled by `10^k`, if that reproduces `f` bit for bit.
-fn scaled(f: f64, k: usize) -> Option<i64> {
+pub(super) fn scaled(f: f64, k: usize) -> Option<i64> {
     let x = (f * POW10[k]).round();
     if x.is_nan() || x.abs() >= MAX_SCALED {
         return None;
@@ -432,7 +432,7 @@ fn scaled(f: f64, k: usize) -> Option<i64> {
 }
 
 /// The decoder's side of [`scaled`]; the encoder checks exactly this expression.
-fn unscaled(i: i64, k: usize) -> f64 {
+pub(super) fn unscaled(i: i64, k: usize) -> f64 {
     i as f64 / POW10[k]
 }
 
@@ -532,11 +532,13 @@ fn put_bitmap(out: &mut Vec<u8>, bits: impl Iterator<Item = bool>) {
     }
 }
 
-fn zigzag(v: i64) -> u64 {
+/// Signed to unsigned for varints: 0, -1, 1, -2, … → 0, 1, 2, 3, ….
+pub(super) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(u: u64) -> i64 {
+/// The inverse of [`zigzag`].
+pub(super) fn unzigzag(u: u64) -> i64 {
     ((u >> 1) as i64) ^ -((u & 1) as i64)
 }
 
