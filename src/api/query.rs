@@ -346,7 +346,10 @@ pub async fn readings(
             };
             // About 140 bytes per 4-metric reading: sized up front rather than grown.
             let mut out = Vec::with_capacity(128 + body.readings.len() * 160);
-            Ok::<_, StoreError>(Some(serde_json::to_writer(&mut out, &body).map(|()| out)))
+            let page = serde_json::to_writer(&mut out, &body).map(|()| out);
+            drop(body);
+            crate::telemetry::memory::give_back(crate::telemetry::memory::BLOCKING_INTERVAL);
+            Ok::<_, StoreError>(Some(page))
         })
         .await
         .map_err(|e| unavailable(e.to_string()))?

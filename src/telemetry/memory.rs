@@ -1,9 +1,10 @@
 //! Handing free memory back to the OS, beside the flow: called by each tokio worker when it
-//! parks, and by the store writer's thread after each store call.
+//! parks, by the store writer's thread after each store call, and by the blocking thread that
+//! read a page of `GET /v1/devices/{id}/readings`.
 //!
 //! mimalloc keeps a heap per thread. A block freed by another thread goes back to its owner's
 //! heap, and the owner frees the emptied pages, and purges them (returns them to the OS), only
-//! when it allocates again or calls `mi_collect`. Two kinds of thread sit on such memory:
+//! when it allocates again or calls `mi_collect`. Three kinds of thread sit on such memory:
 //! - **tokio workers** that went idle: after 10 000 WebSocket connections closed, an idle
 //!   process kept 190 MiB of free memory resident; with a collect on park, 42 MiB 30 s later
 //!   (README, Benchmarks: `ws-rss-10k`);
@@ -15,6 +16,12 @@
 //!   7 threads (2026-12-01, `sluice-sim` per-device shape with tokens). A collect at most every
 //!   200 ms per thread bounded that: 237 MiB, and 156 MiB without the burst, at the same
 //!   throughput. The writer now has one thread of its own, which collects the same way.
+//! - **blocking threads that read query pages**: a page of 10 000 readings decodes whole
+//!   chunks into rows, several megabytes that the thread keeps after the answer has gone. A
+//!   client reading a fleet back 8 devices at a time (`sluice-sim --verify` after 15 s of
+//!   fleet-1k) took peak RSS to 216 and 168 MiB, and 3 s later RSS was 161 and 137 MiB; with
+//!   a collect after each page (at most every 200 ms per thread), 165 and 153 MiB, then 122
+//!   and 118 MiB (2026-12-02).
 //!
 //! mimalloc can only collect the calling thread's heap, hence hooks on the threads themselves
 //! rather than a task.
@@ -51,6 +58,7 @@ pub fn give_back(interval: Duration) {
 
 /// The environment variable that, when set, leaves transparent huge pages to mimalloc's own
 /// option of that name (`1` allows them; `0` disables them, as Sluice does by default).
+/// mimalloc reads its options' names in any case, and so does Sluice.
 pub const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
 
 /// Turns transparent huge pages (THP) off for this process, unless [`ALLOW_THP_ENV`] is set:
@@ -64,19 +72,28 @@ pub const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
 /// RSS (`VmHWM`) 271 and 274 MiB with huge pages, 227 and 213 MiB without, at the same
 /// throughput.
 ///
-/// Returns whether THP is now off for this process.
+/// Returns whether THP is now off for this process: with [`ALLOW_THP_ENV`] set, as mimalloc
+/// (which reads it before `main`) or the parent process left it.
 ///
 /// # Errors
 /// The `prctl` error (e.g. on a kernel without it); Sluice then runs as before.
 pub fn disable_transparent_huge_pages() -> std::io::Result<bool> {
-    if std::env::var_os(ALLOW_THP_ENV).is_some() {
-        return Ok(false);
-    }
+    let left_to_mimalloc = std::env::vars_os().any(|(k, _)| {
+        k.to_str()
+            .is_some_and(|k| k.eq_ignore_ascii_case(ALLOW_THP_ENV))
+    });
     #[cfg(target_os = "linux")]
     {
-        nix::sys::prctl::set_thp_disable(true).map_err(std::io::Error::from)?;
+        use nix::sys::prctl;
+        if left_to_mimalloc {
+            return prctl::get_thp_disable().map_err(std::io::Error::from);
+        }
+        prctl::set_thp_disable(true).map_err(std::io::Error::from)?;
         Ok(true)
     }
     #[cfg(not(target_os = "linux"))]
-    Ok(false)
+    {
+        let _ = left_to_mimalloc;
+        Ok(false)
+    }
 }

@@ -115,8 +115,8 @@ pub const SUCCESSOR_ROOM_MAX: usize = 64 << 20;
 ///
 /// Values take a type byte and a varint where they can ([`put_record_value`]): a float with
 /// at most six decimals, as sensors send them, is its scaled integer. With the simulator's
-/// four metrics a record is about 22 bytes (48 with every value in 9 bytes), against 100 in
-/// the frame.
+/// four metrics a record is about 22 bytes (about 40 with every number in 9 bytes), against
+/// 100 in the frame.
 /// Per reading, memory holds its record, its 16-byte [`Entry`] and a share of its device's
 /// 24-byte slot, name and table entry: what bounds RSS when compaction falls behind.
 #[derive(Debug, Default)]
@@ -1020,7 +1020,8 @@ pub fn put_value(buf: &mut Vec<u8>, v: MetricValue) {
 mod record_type {
     /// `i64`, zigzag varint.
     pub const INT: u8 = 0;
-    /// `u64`, varint.
+    /// `u64`, its 8 bytes little-endian (the parsers give `UInt` only above `i64::MAX`, where
+    /// a varint would take 10).
     pub const UINT: u8 = 1;
     /// `f64`, its 8 bytes little-endian.
     pub const FLOAT: u8 = 2;
@@ -1034,8 +1035,8 @@ mod record_type {
 }
 
 /// Appends a metric value to an in-memory record: a type byte ([`record_type`]) and, for
-/// numbers, a varint where one fits. `21.37` takes 3 bytes, an integer below 64 takes 2; a
-/// float with more than six decimals keeps its 9. Memory-only: frames on disk keep
+/// numbers, a varint where one fits. `21.37` takes 3 bytes, an integer between -64 and 63
+/// takes 2; a float with more than six decimals, and a `u64` above `i64::MAX`, keep their 9. Memory-only: frames on disk keep
 /// [`put_value`]'s fixed layout, so no file changes format.
 pub fn put_record_value(buf: &mut Vec<u8>, v: MetricValue) {
     use record_type::*;
@@ -1046,7 +1047,7 @@ pub fn put_record_value(buf: &mut Vec<u8>, v: MetricValue) {
         }
         MetricValue::UInt(u) => {
             buf.push(UINT);
-            put_varint(buf, u);
+            buf.extend_from_slice(&u.to_le_bytes());
         }
         MetricValue::Float(f) => {
             match (0..POW10.len()).find_map(|k| scaled(f, k).map(|m| (k, m))) {
@@ -1148,7 +1149,7 @@ impl<'a> Dec<'a> {
         use record_type::*;
         Ok(match self.u8()? {
             INT => MetricValue::Int(unzigzag(self.varint64()?)),
-            UINT => MetricValue::UInt(self.varint64()?),
+            UINT => MetricValue::UInt(self.u64()?),
             FLOAT => MetricValue::Float(f64::from_bits(self.u64()?)),
             FALSE => MetricValue::Bool(false),
             TRUE => MetricValue::Bool(true),
@@ -1239,6 +1240,7 @@ mod tests {
         assert_eq!(record_round_trip(Float(0.125)), 3);
         assert_eq!(record_round_trip(Int(5)), 2);
         assert_eq!(record_round_trip(Bool(true)), 1);
+        assert_eq!(record_round_trip(UInt(u64::MAX)), 9);
         // More than six decimals, or -0.0, keep all 8 bytes of the float.
         assert_eq!(record_round_trip(Float(0.1234567)), 9);
         assert_eq!(record_round_trip(Float(-0.0)), 9);
