@@ -737,7 +737,8 @@ impl FrameBuilder {
 /// which was never acknowledged. So a bad frame with nothing valid after it is cut off (the
 /// file truncated there, if `repair`). A bad frame *followed* by valid frames is damage to
 /// acknowledged data: it is refused with [`StoreError::Corrupt`], naming the file and
-/// offset, and the file is left as it is. Returns the generation and whether it was cut.
+/// offset, and the file is left as it is. So is a frame that passes its checksum but does
+/// not decode (written whole, so acknowledged). Returns the generation and whether it was cut.
 pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreError> {
     let mut bytes = Vec::new();
     File::open(path)
@@ -749,9 +750,17 @@ pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreEr
     while pos < bytes.len() {
         match parse_frame(&bytes[pos..]) {
             Some((body, total)) => {
-                if file_body(&mut gen, body).is_err() {
-                    cut = true;
-                    break;
+                // A torn write fails the checksum. A frame that passes it was written whole
+                // and synced, so its readings were acknowledged: one that does not decode is
+                // damage or a bug, never a tail to cut (nor half-filed: the generation goes).
+                if let Err(e) = file_body(&mut gen, body) {
+                    return Err(StoreError::Corrupt(format!(
+                        "journal segment {}: the frame at byte {pos} passes its checksum but \
+                         cannot be decoded ({e}); its readings were acknowledged. Sluice will \
+                         not start on it: restore the file, or move it out of the journal \
+                         directory to start without its readings",
+                        path.display()
+                    )));
                 }
                 pos += total;
             }
@@ -764,7 +773,10 @@ pub fn replay(path: &Path, id: u64, repair: bool) -> Result<(Gen, bool), StoreEr
     if cut {
         if let Some(next) = next_valid_frame(&bytes, pos + 1) {
             return Err(StoreError::Corrupt(format!(
-                "journal segment {}: the frame at byte {pos} is damaged but valid frames follow                  (at byte {next}); cutting it would lose acknowledged readings. Sluice will not                  start on it: restore the file, or move it out of the journal directory to                  start without its readings",
+                "journal segment {}: the frame at byte {pos} is damaged but valid frames follow \
+                 (at byte {next}); cutting it would lose acknowledged readings. Sluice will not \
+                 start on it: restore the file, or move it out of the journal directory to \
+                 start without its readings",
                 path.display()
             )));
         }
@@ -1297,6 +1309,52 @@ mod tests {
         assert!(next.slots.capacity() >= gen.slots.len());
         assert!(next.names.capacity() >= gen.names.len());
         assert!(next.by_name.capacity() >= gen.by_name.len());
+    }
+
+    /// Found by a review: a frame that passed its checksum but failed to decode partway was
+    /// treated as a torn tail, so its first readings stayed filed in memory (and could be
+    /// compacted) while the file was cut before them. Such a frame was written whole, so its
+    /// readings were acknowledged: replay refuses it, naming the offset, and leaves the file.
+    #[test]
+    fn a_checksummed_frame_that_does_not_decode_is_refused_not_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = Segment::create(dir.path(), 4, true).expect("segment");
+        let r = reading("a", Some(1), MetricValue::Float(21.5));
+        let mut gen = Gen::new(4);
+        append_all(&mut seg, &mut gen, 5, std::slice::from_ref(&r));
+        let good = seg.len();
+        // A second frame of two readings whose second one lost its last 3 bytes, with the
+        // checksum computed over what is left: the first reading decodes, the second cannot.
+        let mut f = FrameBuilder::new(6, 1);
+        f.push(0, &r);
+        f.push(1, &reading("b", Some(2), MetricValue::Int(7)));
+        let whole = f.finish().to_vec();
+        let body = &whole[HEADER..whole.len() - 3];
+        let mut frame = MAGIC.to_vec();
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        frame.extend_from_slice(body);
+        let path = segment_path(dir.path(), 4);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(&frame))
+            .expect("append");
+        let len = std::fs::metadata(&path).expect("meta").len();
+
+        let err = replay(&path, 4, true).expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains(&format!("frame at byte {good}")), "{text}");
+        assert!(
+            text.contains("passes its checksum but cannot be decoded"),
+            "{text}"
+        );
+        assert!(!text.contains("  "), "one space between words: {text}");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            len,
+            "file untouched"
+        );
     }
 
     #[test]
