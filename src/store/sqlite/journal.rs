@@ -1206,6 +1206,31 @@ mod tests {
         }
     }
 
+    /// Varints of every length read back and advance past exactly their bytes; ten bytes
+    /// with the continuation bit set, or a varint cut short, are errors.
+    #[test]
+    fn varints_of_every_length_read_back_and_bad_ones_are_errors() {
+        let mut values: Vec<u64> = (0..64).map(|b| 1u64 << b).collect();
+        values.extend((0..64).map(|b| (1u64 << b) - 1));
+        values.push(u64::MAX);
+        for v in values {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            b.push(0xAB); // the next field, which must stay unread
+            let mut d = Dec::new(&b);
+            assert_eq!(d.varint64().expect("decodes"), v);
+            assert_eq!(d.pos, b.len() - 1, "{v}: consumed its own bytes only");
+            let mut cut = Dec::new(&b[..b.len() - 2]);
+            assert!(cut.varint64().is_err(), "{v}: truncated");
+        }
+        let long = [0x80u8; 11];
+        let err = Dec::new(&long).varint64().expect_err("too long");
+        assert!(err.to_string().contains("varint too long"), "{err}");
+        let mut at_end = Dec::new(&[0x01]);
+        at_end.varint64().expect("one byte");
+        assert!(at_end.varint64().is_err(), "nothing left");
+    }
+
     /// Writes `v` as a record value and reads it back; returns the bytes it took.
     fn record_round_trip(v: MetricValue) -> usize {
         let mut b = Vec::new();
