@@ -306,6 +306,22 @@ impl Worker {
             }
             devices += 1;
             rows.clear();
+            // Warm the devices to come in each generation: the records of the one after the
+            // head (its entries were warmed an iteration ago) and the entries of the next.
+            for (pos, g) in batch.iter().enumerate() {
+                let ahead = |k: usize| {
+                    let names = grouped[pos].by_name();
+                    names
+                        .get(heads[pos] + k)
+                        .map(|&slot| grouped[pos].slot(slot as usize))
+                };
+                if let Some(idxs) = ahead(1) {
+                    g.prefetch_rows(idxs, true);
+                }
+                if let Some(idxs) = ahead(2) {
+                    g.prefetch_rows(idxs, false);
+                }
+            }
             let mut last_seen_ms = i64::MIN;
             for pos in 0..batch.len() {
                 let Some((slot, dev)) = head(&heads, pos) else {
