@@ -378,9 +378,10 @@ impl Gen {
     /// Prefetches the entries of readings `idxs` and, with `records`, their records too
     /// (reading the entries for their offsets: call it once the entries were prefetched
     /// before). For compaction at many devices, where one device's readings are too few for
-    /// [`Gen::rows_into`]'s own look-ahead: it warms the devices to come.
+    /// [`Gen::rows_into`]'s own look-ahead: it warms the devices to come. Only the first
+    /// `2 × PREFETCH_AHEAD` readings: past them, `rows_into` looks ahead itself.
     pub fn prefetch_rows(&self, idxs: &[u32], records: bool) {
-        for &idx in idxs {
+        for &idx in idxs.iter().take(2 * PREFETCH_AHEAD) {
             let entry = self.entries.as_ptr().wrapping_add(idx as usize);
             match self.entries.get(idx as usize) {
                 Some(e) if records => prefetch(self.arena.as_ptr().wrapping_add(e.off as usize)),
