@@ -1063,8 +1063,8 @@ mod record_type {
 
 /// Appends a metric value to an in-memory record: a type byte ([`record_type`]) and, for
 /// numbers, a varint where one fits. `21.37` takes 3 bytes, an integer between -64 and 63
-/// takes 2; a float with more than six decimals, and a `u64` above `i64::MAX`, keep their 9. Memory-only: frames on disk keep
-/// [`put_value`]'s fixed layout, so no file changes format.
+/// takes 2; a float with more than six decimals, and a `u64` above `i64::MAX`, keep their 9.
+/// Memory-only: frames on disk keep [`put_value`]'s fixed layout, so no file changes format.
 pub fn put_record_value(buf: &mut Vec<u8>, v: MetricValue) {
     use record_type::*;
     match v {
