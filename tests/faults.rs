@@ -244,11 +244,11 @@ async fn config_errors_exit_2_and_check_config_prints_the_effective_config() {
     assert!(!text.contains("hunter2"), "secrets are redacted");
 }
 
-/// `THP_enabled` of the running process's /proc status (Linux 5.0+): `0` once it turned
-/// transparent huge pages off with `PR_SET_THP_DISABLE`.
-fn thp_enabled(p: &SluiceProcess) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
-        .expect("/proc status of sluice");
+/// `THP_enabled` in `/proc/<pid>/status` (Linux 5.0+; `pid` may be `self`): `0` once the
+/// process turned transparent huge pages off with `PR_SET_THP_DISABLE`.
+fn thp_enabled(pid: &str) -> String {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status readable");
     status
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
@@ -264,14 +264,11 @@ fn thp_enabled(p: &SluiceProcess) -> String {
 fn transparent_huge_pages_are_off_unless_mimalloc_is_told_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let sluice = SluiceProcess::start(dir.path(), &[]);
-    assert_eq!(thp_enabled(&sluice), "0");
+    assert_eq!(thp_enabled(&sluice.child.id().to_string()), "0");
     drop(sluice);
-    let inherited = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .map(|v| v.trim().to_owned())
-        .expect("THP_enabled of the test runner");
     let sluice = SluiceProcess::start(dir.path(), &[("MIMALLOC_ALLOW_THP", "1".into())]);
-    assert_eq!(thp_enabled(&sluice), inherited);
+    assert_eq!(
+        thp_enabled(&sluice.child.id().to_string()),
+        thp_enabled("self")
+    );
 }

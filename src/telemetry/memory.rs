@@ -1,6 +1,6 @@
 //! Handing free memory back to the OS, beside the flow: called by each tokio worker when it
 //! parks, by the store writer's thread after each store call, and by the blocking thread that
-//! read a page of `GET /v1/devices/{id}/readings`.
+//! answered a query (`api::query`).
 //!
 //! mimalloc keeps a heap per thread. A block freed by another thread goes back to its owner's
 //! heap, and the owner frees the emptied pages, and purges them (returns them to the OS), only
@@ -16,7 +16,7 @@
 //!   7 threads (2026-12-01, `sluice-sim` per-device shape with tokens). A collect at most every
 //!   200 ms per thread bounded that: 237 MiB, and 156 MiB without the burst, at the same
 //!   throughput. The writer now has one thread of its own, which collects the same way.
-//! - **blocking threads that read query pages**: a page of 10 000 readings decodes whole
+//! - **blocking threads that answer queries**: a page of 10 000 readings decodes whole
 //!   chunks into rows, several megabytes that the thread keeps after the answer has gone. A
 //!   client reading a fleet back 8 devices at a time (`sluice-sim --verify` after 15 s of
 //!   fleet-1k) took peak RSS to 216 and 168 MiB, and 3 s later RSS was 161 and 137 MiB; with
