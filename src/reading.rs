@@ -134,31 +134,44 @@ impl<V: Serialize> Serialize for PairsAsMap<'_, V> {
 /// (down to -9999) keeps its minus sign, as ISO 8601's expanded years do (RFC 3339 has none);
 /// a time beyond the years ±9999 is written as `<ms> ms since the epoch`.
 pub fn format_ts(ms: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_ts(&mut out, ms);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends [`format_ts`]'s text for `ms` to `out` (UTF-8, no quotes), without an allocation of
+/// its own: a readings page writes one timestamp per row straight into its body.
+pub fn write_ts(out: &mut Vec<u8>, ms: i64) {
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) else {
         // Beyond the years ±9999 that RFC 3339 can write: the number itself, never a wrong date.
-        return format!("{ms} ms since the epoch");
+        out.extend_from_slice(format!("{ms} ms since the epoch").as_bytes());
+        return;
     };
     let (y, mo, d) = (t.year(), t.month() as u8, t.day());
-    if let Ok(year) = u16::try_from(y) {
-        // Years 0 to 9999, all of them here: digits written in place, without the formatting
-        // machinery (a readings page formats one timestamp per row).
-        let mut b = *b"0000-00-00T00:00:00.000Z";
-        put_digits(&mut b[0..4], year.into());
-        put_digits(&mut b[5..7], mo.into());
-        put_digits(&mut b[8..10], d.into());
-        put_digits(&mut b[11..13], t.hour().into());
-        put_digits(&mut b[14..16], t.minute().into());
-        put_digits(&mut b[17..19], t.second().into());
-        put_digits(&mut b[20..23], t.millisecond().into());
-        return String::from_utf8_lossy(&b).into_owned();
-    }
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    let Ok(year) = u16::try_from(y) else {
+        out.extend_from_slice(
+            format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
+            .as_bytes(),
+        );
+        return;
+    };
+    // Years 0 to 9999, all of them in practice: digits written in place, without the
+    // formatting machinery.
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    put_digits(&mut b[0..4], year.into());
+    put_digits(&mut b[5..7], mo.into());
+    put_digits(&mut b[8..10], d.into());
+    put_digits(&mut b[11..13], t.hour().into());
+    put_digits(&mut b[14..16], t.minute().into());
+    put_digits(&mut b[17..19], t.second().into());
+    put_digits(&mut b[20..23], t.millisecond().into());
+    out.extend_from_slice(&b);
 }
 
 /// Writes `v` as `out.len()` decimal digits, zero-padded (`v` fits).

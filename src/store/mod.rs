@@ -603,9 +603,12 @@ impl ReadingsQuery {
                 }
             })
             .collect();
-        rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid));
-        if self.order == Order::Desc {
-            rows.reverse();
+        // Sorted straight into the asked order: rows gathered already in it (a reader's
+        // chunks visited in that order, each in it) are then one run, which the sort
+        // recognises in a single pass.
+        match self.order {
+            Order::Asc => rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid)),
+            Order::Desc => rows.sort_unstable_by_key(|r| std::cmp::Reverse((r.ts_ms, r.rid))),
         }
         rows.truncate(self.limit);
         rows

@@ -280,7 +280,13 @@ impl SqliteReader {
                     .get_ref(4)?
                     .as_blob()
                     .map_err(|e| StoreError::Corrupt(format!("chunk {id}: {e}")))?;
-                rows.extend(decode_chunk(id, data)?);
+                let mut decoded = decode_chunk(id, data)?;
+                if q.order == Order::Desc {
+                    // A chunk is in ascending `(ts, rid)` order: reversed, the chunks visited
+                    // newest first follow on from each other (see `ReadingsQuery::finish`).
+                    decoded.reverse();
+                }
+                rows.extend(decoded);
                 finished = false;
             }
             if !finished {
