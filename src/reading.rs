@@ -131,8 +131,9 @@ impl<V: Serialize> Serialize for PairsAsMap<'_, V> {
 }
 
 /// Formats epoch milliseconds as RFC 3339 with millisecond precision, in UTC. A year before 0
-/// (down to -9999) keeps its minus sign, as ISO 8601's expanded years do (RFC 3339 has none);
-/// a time beyond the years ±9999 is written as `<ms> ms since the epoch`.
+/// (down to -9999) keeps its minus sign within four places (year -1 is `-001`, not ISO
+/// 8601's expanded `-0001`; RFC 3339 has no such years); a time beyond the years ±9999 is
+/// written as `<ms> ms since the epoch`.
 pub fn format_ts(ms: i64) -> String {
     let mut out = Vec::with_capacity(24);
     write_ts(&mut out, ms);

@@ -372,7 +372,7 @@ fn readings_query(id: DeviceId, p: ReadingsParams) -> Result<ReadingsQuery, Prob
 /// the answer because it takes milliseconds: before it, it delayed every query that was due
 /// one (at 50 queries/s during fleet-1k load, a tenth of them by more than 2.6 ms).
 ///
-/// Errors: the read's panic, as text.
+/// Errors: the read's panic, or its cancellation when the runtime shuts down, as text.
 async fn read_blocking<T: Send + 'static>(
     read: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
@@ -713,8 +713,10 @@ impl TsText {
             let start = out.len();
             crate::reading::write_ts(out, ms);
             let text = &out[start..];
-            // Only four-digit years have the fast path (a longer text, or the rare 24-byte
-            // "<ms> ms since the epoch" beyond them, is written in full every time).
+            // The fast path needs the 24-byte form, whose time digits sit at fixed places:
+            // years 0 to 9999, and -999 to -1 (`-001`). Longer years are written in full
+            // every time (the `<ms> ms since the epoch` of a time beyond them is 34 bytes
+            // or more).
             self.day = None;
             if text.len() == 24 && text[10] == b'T' {
                 self.last.copy_from_slice(text);
@@ -854,6 +856,19 @@ mod tests {
                 1_796_058_000_123 - 86_399_999,
                 None,
                 vec![("t", MetricValue::Float(3.5))],
+            ),
+            // Two on one day of the year -1 (`-001-…`, the fast path too).
+            row(
+                9,
+                -62_180_000_000_000,
+                None,
+                vec![("t", MetricValue::Int(1))],
+            ),
+            row(
+                10,
+                -62_179_999_998_766,
+                None,
+                vec![("t", MetricValue::Int(2))],
             ),
         ];
         for (device, rows, next) in [

@@ -603,9 +603,10 @@ impl ReadingsQuery {
                 }
             })
             .collect();
-        // Sorted straight into the asked order: rows gathered already in it (a reader's
-        // chunks visited in that order, each in it) are then one run, which the sort
-        // recognises in a single pass.
+        // Sorted straight into the asked order: rows gathered already in it are one run,
+        // which the sort passes over once. That is the newest-first page of the SQLite
+        // reader (its journal rows, usually the newest, then chunks newest first, each
+        // reversed); an ascending page with journal rows is not, and is sorted in full.
         match self.order {
             Order::Asc => rows.sort_unstable_by_key(|r| (r.ts_ms, r.rid)),
             Order::Desc => rows.sort_unstable_by_key(|r| std::cmp::Reverse((r.ts_ms, r.rid))),
