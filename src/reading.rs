@@ -188,9 +188,17 @@ pub fn parse_ts(s: &str) -> Option<i64> {
     if let Ok(ms) = s.parse::<i64>() {
         return Some(ms);
     }
-    OffsetDateTime::parse(s, &Rfc3339)
-        .ok()
-        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+    rfc3339_ms(s)
+}
+
+/// An RFC 3339 timestamp as Unix epoch milliseconds, digits below the millisecond cut toward
+/// the past (floor), before 1970 as after it: `1969-12-31T23:59:59.9995Z` is -1, as
+/// `…59.999Z` is. `None` if it is not RFC 3339 or is beyond `i64` milliseconds. Readings'
+/// `ts` (SPEC §1) and the query API's `from` and `to` (SPEC §3) both read this way, so a
+/// range given with the text a reading was sent with holds that reading.
+pub fn rfc3339_ms(s: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
 }
 
 /// The current time in epoch milliseconds.
@@ -483,16 +491,13 @@ impl<'a> WireReading<'a> {
         let ts_ms = match self.ts {
             None => ctx.now_ms,
             Some(WireTs::Millis(ms)) => ms,
-            Some(WireTs::Text(s)) => OffsetDateTime::parse(&s, &Rfc3339)
-                .ok()
-                .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
-                .ok_or_else(|| {
-                    ReadingError::new(
-                        "ts",
-                        format!("`{s}` is not an RFC 3339 timestamp"),
-                        InvalidTs,
-                    )
-                })?,
+            Some(WireTs::Text(s)) => rfc3339_ms(&s).ok_or_else(|| {
+                ReadingError::new(
+                    "ts",
+                    format!("`{s}` is not an RFC 3339 timestamp"),
+                    InvalidTs,
+                )
+            })?,
         };
         let skew = ctx.max_future_skew.as_millis() as i64;
         if ts_ms > ctx.now_ms.saturating_add(skew) {
@@ -627,6 +632,26 @@ mod tests {
             t.second(),
             t.millisecond()
         )
+    }
+
+    /// Found by a breaking session: truncating nanoseconds toward zero stored
+    /// `1969-12-31T23:59:59.9995Z` as 1970-01-01T00:00:00.000Z, another second, day and year.
+    #[test]
+    fn digits_below_the_millisecond_are_cut_toward_the_past() {
+        for (text, ms) in [
+            ("1970-01-01T00:00:00.0005Z", 0),
+            ("1969-12-31T23:59:59.9995Z", -1),
+            ("1969-12-31T23:59:59.999Z", -1),
+            ("1969-12-31T23:59:59.000000001Z", -1000),
+            ("1950-06-15T12:00:00.0001Z", -616_852_800_000),
+            ("1950-06-15T11:59:59.9999Z", -616_852_800_001),
+            ("2026-12-01T23:59:59.9999Z", 1_796_169_599_999),
+        ] {
+            assert_eq!(rfc3339_ms(text), Some(ms), "{text}");
+            assert_eq!(parse_ts(text), Some(ms), "{text}");
+        }
+        assert_eq!(rfc3339_ms("1969-13-01T00:00:00Z"), None);
+        assert_eq!(format_ts(-1), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]
