@@ -262,30 +262,36 @@ fn write_page(
             Some(seq) => serde_json::to_writer(&mut *out, &seq)?,
             None => out.extend_from_slice(b"null"),
         }
-        out.extend_from_slice(b",\"metrics\":{");
-        for (k, (name, value)) in row.metrics.iter().enumerate() {
-            if k > 0 {
-                out.push(b',');
-            }
-            write_str(out, name)?;
-            out.push(b':');
-            serde_json::to_writer(&mut *out, value)?;
-        }
-        out.extend_from_slice(b"},\"tags\":{");
-        for (k, (key, value)) in row.tags.iter().enumerate() {
-            if k > 0 {
-                out.push(b',');
-            }
-            write_str(out, key)?;
-            out.push(b':');
-            write_str(out, value)?;
-        }
-        out.extend_from_slice(b"}}");
+        out.extend_from_slice(b",\"metrics\":");
+        write_pairs(out, &row.metrics, |out, v| serde_json::to_writer(out, v))?;
+        out.extend_from_slice(b",\"tags\":");
+        write_pairs(out, &row.tags, |out, v| write_str(out, v))?;
+        out.push(b'}');
     }
     out.push(b']');
     if let Some(next) = next {
         out.extend_from_slice(b",\"next\":");
         write_str(out, next)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// `(name, value)` pairs as a JSON object, in order: names by [`write_str`], values by
+/// `value`.
+fn write_pairs<V>(
+    out: &mut Vec<u8>,
+    pairs: &[(String, V)],
+    mut value: impl FnMut(&mut Vec<u8>, &V) -> serde_json::Result<()>,
+) -> serde_json::Result<()> {
+    out.push(b'{');
+    for (k, (name, v)) in pairs.iter().enumerate() {
+        if k > 0 {
+            out.push(b',');
+        }
+        write_str(out, name)?;
+        out.push(b':');
+        value(out, v)?;
     }
     out.push(b'}');
     Ok(())
